@@ -1,0 +1,3 @@
+from dubhe.cli import main
+
+main()

@@ -1,0 +1,94 @@
+"""The ASGI application: ``/v1`` goes to the raw-ASGI gateway, everything else to the web app.
+
+One instance per worker process. Startup opens the database engine, the upstream session, the key
+cache and the usage recorder; shutdown writes what is still queued before closing them.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+
+from dubhe.catalog import Catalog, load_catalog
+from dubhe.database import create_engine, create_sessionmaker
+from dubhe.gateway.app import GatewayApp, GatewayState
+from dubhe.gateway.asgi import Receive, Scope, Send, new_request_id, send_json
+from dubhe.gateway.models_list import ModelListings
+from dubhe.keys.cache import KeyCache
+from dubhe.providers import UpstreamPool
+from dubhe.settings import Settings, load_settings
+from dubhe.usage.recorder import UsageRecorder
+
+log = logging.getLogger(__name__)
+
+
+class DubheApp:
+    def __init__(self, settings: Settings, catalog: Catalog) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.engine = create_engine(settings.resolved_database_url)
+        self.sessionmaker = create_sessionmaker(self.engine)
+        self.gateway: GatewayApp | None = None
+        self._state: GatewayState | None = None
+
+    async def startup(self) -> None:
+        keys = KeyCache(self.sessionmaker, self.settings.resolved_secret)
+        upstreams = UpstreamPool(self.catalog)
+        await upstreams.start()
+        recorder = UsageRecorder(self.sessionmaker, self.engine.dialect.name)
+        recorder.start()
+        keys.start()
+        self._state = GatewayState(
+            catalog=self.catalog,
+            keys=keys,
+            upstreams=upstreams,
+            recorder=recorder,
+            listings=ModelListings(self.catalog),
+        )
+        self.gateway = GatewayApp(self._state)
+
+    async def shutdown(self) -> None:
+        if self._state is not None:
+            await self._state.keys.stop()
+            await self._state.recorder.stop()
+            await self._state.upstreams.close()
+        await self.engine.dispose()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            path: str = scope["path"]
+            if path.startswith("/v1/") or path == "/v1":
+                assert self.gateway is not None
+                await self.gateway(scope, receive, send)
+            elif path == "/healthz":
+                await send_json(send, 200, b'{"status":"ok"}', new_request_id())
+            else:
+                body = orjson.dumps({"detail": f"Not Found: {path}"})
+                await send_json(send, 404, body, new_request_id())
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:
+                    log.exception("startup failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+def create_app(settings: Settings | None = None, catalog: Any = None) -> DubheApp:
+    """The uvicorn factory: settings from the environment, the catalog from DUBHE_CONFIG."""
+    settings = settings or load_settings()
+    return DubheApp(settings, catalog or load_catalog(settings.config))

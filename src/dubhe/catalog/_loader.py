@@ -1,0 +1,134 @@
+from __future__ import annotations
+
+import tomllib
+from decimal import Decimal, InvalidOperation
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from dubhe.catalog._types import Catalog, ModelSpec, PlanSpec, UpstreamSpec
+
+UPSTREAM_KINDS = frozenset({"openai", "sim"})
+
+
+class CatalogError(Exception):
+    """The catalog configuration is invalid; the message names the offending entry."""
+
+
+def load_catalog(path: Path | None = None) -> Catalog:
+    """The shipped defaults, with the tables of the operator's file at ``path`` replacing them."""
+    raw = tomllib.loads(resources.files("dubhe.catalog").joinpath("defaults.toml").read_text())
+    if path is not None and path.exists():
+        try:
+            operator = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise CatalogError(f"{path}: not valid TOML: {exc}") from exc
+        for table in ("models", "plans", "upstreams"):
+            if table in operator:
+                raw[table] = operator[table]
+        raw["defaults"] = {**raw.get("defaults", {}), **operator.get("defaults", {})}
+    return _build(raw)
+
+
+def _build(raw: dict[str, Any]) -> Catalog:
+    defaults = raw.get("defaults", {})
+    default_max_tokens = int(defaults.get("default_max_tokens", 4096))
+    created = int(defaults.get("model_created", 1735689600))
+    models: dict[str, ModelSpec] = {}
+    for model_id, entry in raw.get("models", {}).items():
+        where = f"models.{model_id}"
+        status = entry.get("status", "available")
+        if status not in ("available", "maintenance"):
+            raise CatalogError(f"{where}.status must be 'available' or 'maintenance'")
+        models[model_id] = ModelSpec(
+            id=model_id,
+            name=str(entry.get("name", model_id)),
+            context_window=_positive_int(entry, "context_window", where),
+            streaming=bool(entry.get("streaming", True)),
+            function_calling=bool(entry.get("function_calling", False)),
+            vision=bool(entry.get("vision", False)),
+            input_price_uusd_per_mtok=_usd_to_micro(entry, "input_price_usd_per_mtok", where),
+            output_price_uusd_per_mtok=_usd_to_micro(entry, "output_price_usd_per_mtok", where),
+            default_max_tokens=int(entry.get("default_max_tokens", default_max_tokens)),
+            created=int(entry.get("created", created)),
+            status=status,
+        )
+    plans: dict[str, PlanSpec] = {}
+    for code, entry in raw.get("plans", {}).items():
+        where = f"plans.{code}"
+        listed = frozenset(entry.get("models", []))
+        unknown = listed - models.keys()
+        if unknown:
+            raise CatalogError(f"{where}.models names unknown models: {sorted(unknown)}")
+        plans[code] = PlanSpec(
+            code=code,
+            name=str(entry.get("name", code)),
+            price_cents=_usd_to_micro(entry, "price_usd", where) // 10_000,
+            models=listed,
+            included_tokens=int(entry.get("included_tokens", 0)),
+            requests_per_minute=_positive_int(entry, "requests_per_minute", where),
+            tokens_per_minute=_positive_int(entry, "tokens_per_minute", where),
+            concurrent_requests=_positive_int(entry, "concurrent_requests", where),
+        )
+    if not plans:
+        raise CatalogError("the catalog defines no plans")
+    upstreams = tuple(_upstream(entry, models) for entry in raw.get("upstreams", []))
+    return Catalog(
+        models=models,
+        plans=plans,
+        upstreams=upstreams,
+        upstream_timeout_seconds=float(defaults.get("upstream_timeout_seconds", 600)),
+        upstream_connect_timeout_seconds=float(
+            defaults.get("upstream_connect_timeout_seconds", 10)
+        ),
+        max_request_bytes=int(defaults.get("max_request_bytes", 16 * 1024 * 1024)),
+    )
+
+
+def _upstream(entry: dict[str, Any], models: dict[str, ModelSpec]) -> UpstreamSpec:
+    name = entry.get("name")
+    if not isinstance(name, str) or not name:
+        raise CatalogError("every [[upstreams]] entry needs a name")
+    where = f"upstreams.{name}"
+    kind = entry.get("kind", "openai")
+    if kind not in UPSTREAM_KINDS:
+        raise CatalogError(f"{where}.kind must be one of {sorted(UPSTREAM_KINDS)}, not {kind!r}")
+    base_url = entry.get("base_url")
+    if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
+        raise CatalogError(f"{where}.base_url must be an http(s) URL")
+    served = tuple(entry.get("models", []))
+    unknown = set(served) - models.keys()
+    if unknown:
+        raise CatalogError(f"{where}.models names unknown models: {sorted(unknown)}")
+    model_map = dict(entry.get("model_map", {}))
+    if set(model_map) - set(served):
+        raise CatalogError(f"{where}.model_map renames models it does not serve")
+    return UpstreamSpec(
+        name=name,
+        kind=kind,
+        base_url=base_url.rstrip("/"),
+        models=served,
+        model_map=model_map,
+        api_key_env=entry.get("api_key_env"),
+    )
+
+
+def _positive_int(entry: dict[str, Any], key: str, where: str) -> int:
+    value = entry.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise CatalogError(f"{where}.{key} must be a positive integer")
+    return value
+
+
+def _usd_to_micro(entry: dict[str, Any], key: str, where: str) -> int:
+    """Parse a USD amount given as a string (or int) into integer micro-dollars, exactly."""
+    value = entry.get(key, "0")
+    if isinstance(value, float):
+        raise CatalogError(f'{where}.{key}: write money as a string ("0.20"), not a float')
+    try:
+        micro = Decimal(str(value)) * 1_000_000
+    except InvalidOperation as exc:
+        raise CatalogError(f"{where}.{key}: {value!r} is not an amount") from exc
+    if micro < 0 or micro != micro.to_integral_value():
+        raise CatalogError(f"{where}.{key}: {value!r} must be >= 0 with at most 6 decimals")
+    return int(micro)

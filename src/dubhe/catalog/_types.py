@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    id: str
+    name: str
+    context_window: int
+    streaming: bool
+    function_calling: bool
+    vision: bool
+    # Integer micro-dollars per million tokens: money never touches a float.
+    input_price_uusd_per_mtok: int
+    output_price_uusd_per_mtok: int
+    default_max_tokens: int
+    created: int
+    status: str = "available"  # available | maintenance
+
+
+@dataclass(frozen=True, slots=True)
+class PlanSpec:
+    code: str
+    name: str
+    price_cents: int
+    models: frozenset[str]
+    included_tokens: int
+    requests_per_minute: int
+    tokens_per_minute: int
+    concurrent_requests: int
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSpec:
+    name: str
+    kind: str  # "openai" (any OpenAI-compatible server) or "sim" (the built-in simulator)
+    base_url: str
+    models: tuple[str, ...]
+    model_map: dict[str, str] = field(default_factory=dict)
+    api_key_env: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Catalog:
+    models: dict[str, ModelSpec]
+    plans: dict[str, PlanSpec]
+    upstreams: tuple[UpstreamSpec, ...]
+    upstream_timeout_seconds: float
+    upstream_connect_timeout_seconds: float
+    max_request_bytes: int
+
+    def plans_including(self, model_id: str) -> list[PlanSpec]:
+        return [plan for plan in self.plans.values() if model_id in plan.models]
+
+    def upstreams_for(self, model_id: str) -> list[UpstreamSpec]:
+        return [upstream for upstream in self.upstreams if model_id in upstream.models]

@@ -1,0 +1,226 @@
+"""The operator's command line: ``dubhe serve | migrate | users | keys | upstream-sim``.
+
+Scripts depend on these exact forms. Bad input prints one line on stderr and exits non-zero,
+with nothing half-written: every command that writes does so in one transaction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import atexit
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, NoReturn
+from urllib.parse import urlsplit
+
+from dubhe.catalog import Catalog, CatalogError, load_catalog
+from dubhe.errors import DubheError
+from dubhe.settings import ConfigurationError, Settings, load_settings
+
+
+class CommandError(Exception):
+    """A command cannot do what was asked; the message is the one line the operator sees."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="dubhe", description="Dubhe, an OpenAI-compatible LLM API platform.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    serve = commands.add_parser("serve", help="run the API server")
+    serve.add_argument("--host", default=None)
+    serve.add_argument("--port", type=int, default=None)
+    serve.add_argument("--workers", type=int, default=1)
+
+    commands.add_parser("migrate", help="apply database migrations")
+
+    users = commands.add_parser("users", help="manage users").add_subparsers(
+        dest="users_command", required=True, parser_class=_Parser
+    )
+    create_user = users.add_parser("create", help="create a user")
+    create_user.add_argument("email")
+    create_user.add_argument("--password", required=True)
+    create_user.add_argument("--plan", default="free")
+    create_user.add_argument("--admin", action="store_true")
+
+    keys = commands.add_parser("keys", help="manage API keys").add_subparsers(
+        dest="keys_command", required=True, parser_class=_Parser
+    )
+    create_key = keys.add_parser("create", help="create an API key; prints it, alone, once")
+    create_key.add_argument("email")
+    create_key.add_argument("--name", default="default")
+
+    sim = commands.add_parser("upstream-sim", help="run the OpenAI-compatible upstream simulator")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=9100)
+    sim.add_argument("--tokens-per-second", type=float, default=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    try:
+        _COMMANDS[args.command](args)
+    except (CommandError, ConfigurationError, CatalogError) as exc:
+        _fail(str(exc))
+    except DubheError as exc:
+        _fail(exc.message)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"dubhe: error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def _context() -> tuple[Settings, Catalog]:
+    settings = load_settings()
+    return settings, load_catalog(settings.config)
+
+
+def _migrate(settings: Settings) -> None:
+    from dubhe.migrations import upgrade
+
+    upgrade(settings.resolved_database_url)
+
+
+def _run_in_session(settings: Settings, work: Callable[[Any], Awaitable[Any]]) -> Any:
+    """Run ``work(session)`` in one transaction: it all lands, or nothing does."""
+    from dubhe.database import create_engine, create_sessionmaker
+
+    async def run() -> Any:
+        engine = create_engine(settings.resolved_database_url)
+        try:
+            async with create_sessionmaker(engine)() as session, session.begin():
+                return await work(session)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(run())
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+def _cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    settings, catalog = _context()
+    settings.resolved_secret  # noqa: B018 - fail now, before workers start, if it is missing
+    if args.workers < 1:
+        raise CommandError("--workers must be at least 1")
+    _migrate(settings)
+    for upstream in catalog.upstreams:
+        if upstream.kind == "sim":
+            _start_builtin_sim(upstream.name, upstream.base_url)
+    host = args.host or settings.host
+    port = args.port or settings.port
+    print(f"dubhe: serving the API on http://{host}:{port}/v1", file=sys.stderr)
+    uvicorn.run(
+        "dubhe.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=args.workers,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_level=settings.log_level,
+        timeout_keep_alive=75,
+        backlog=4096,
+    )
+
+
+def _start_builtin_sim(name: str, base_url: str) -> None:
+    parts = urlsplit(base_url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    print(
+        f"dubhe: upstream '{name}' is the built-in simulator (dubhe upstream-sim) on "
+        f"{host}:{port}; it answers with generated text, not a real model. Configure "
+        "[[upstreams]] in dubhe.toml to serve real models.",
+        file=sys.stderr,
+    )
+    if _port_open(host, port):
+        return  # one is already running (a previous serve, or started by hand)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dubhe.sim", "--host", host, "--port", str(port)]
+    )
+    atexit.register(process.terminate)
+    deadline = time.monotonic() + 15
+    while not _port_open(host, port):
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise CommandError(f"the built-in simulator did not start on {host}:{port}")
+        time.sleep(0.05)
+
+
+def _port_open(host: str, port: int) -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(0.2)
+        return probe.connect_ex((host, port)) == 0
+
+
+def _cmd_migrate(args: argparse.Namespace) -> None:
+    settings, _ = _context()
+    _migrate(settings)
+    print("dubhe: database is up to date", file=sys.stderr)
+
+
+def _cmd_users(args: argparse.Namespace) -> None:
+    from dubhe.accounts.service import create_user
+
+    settings, catalog = _context()
+    _migrate(settings)
+    if args.users_command == "create":
+
+        async def work(session: Any) -> Any:
+            return await create_user(
+                session,
+                args.email,
+                args.password,
+                catalog=catalog,
+                plan=args.plan,
+                is_admin=args.admin,
+            )
+
+        user = _run_in_session(settings, work)
+        print(f"dubhe: created user {user.email} on plan {user.plan_code}", file=sys.stderr)
+
+
+def _cmd_keys(args: argparse.Namespace) -> None:
+    from dubhe.keys.service import create_key
+
+    settings, _ = _context()
+    _migrate(settings)
+    if args.keys_command == "create":
+        secret = settings.resolved_secret
+
+        async def work(session: Any) -> Any:
+            return await create_key(session, args.email, secret=secret, name=args.name)
+
+        created = _run_in_session(settings, work)
+        print(created.secret)
+
+
+def _cmd_upstream_sim(args: argparse.Namespace) -> None:
+    from dubhe.sim import serve
+
+    serve(args.host, args.port, tokens_per_second=args.tokens_per_second)
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
+    "serve": _cmd_serve,
+    "migrate": _cmd_migrate,
+    "users": _cmd_users,
+    "keys": _cmd_keys,
+    "upstream-sim": _cmd_upstream_sim,
+}

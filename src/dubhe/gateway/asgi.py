@@ -1,0 +1,79 @@
+"""The few raw-ASGI primitives the hot path needs, without a framework's per-request objects."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Awaitable, Callable, MutableMapping
+
+from dubhe.errors import DubheError, InvalidRequest
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+JSON_CONTENT_TYPE = (b"content-type", b"application/json")
+
+
+def new_request_id() -> str:
+    return "req_" + os.urandom(12).hex()
+
+
+def header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value  # type: ignore[no-any-return]
+    return None
+
+
+async def read_body(receive: Receive, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                raise InvalidRequest(
+                    f"The request body is larger than the limit of {limit} bytes; send a "
+                    "shorter prompt.",
+                    code="request_too_large",
+                )
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class ClientGone(Exception):
+    """The client disconnected before the request was complete."""
+
+
+async def send_json(
+    send: Send,
+    status: int,
+    body: bytes,
+    request_id: str,
+    extra_headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    headers = [
+        JSON_CONTENT_TYPE,
+        (b"content-length", str(len(body)).encode()),
+        (b"x-request-id", request_id.encode()),
+    ]
+    if extra_headers:
+        headers.extend(extra_headers)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def send_error(send: Send, error: DubheError, request_id: str) -> None:
+    await send_json(
+        send,
+        error.status_code,
+        error.body(),
+        request_id,
+        [(name.encode(), value.encode()) for name, value in error.headers.items()],
+    )

@@ -1,0 +1,144 @@
+"""The hot path's view of API keys: a per-worker map from key HMAC to who is calling.
+
+A warm key costs one HMAC and one dict lookup. A miss reads the database once. Every second a
+refresh reads the keys and users changed since the last refresh, so a revocation or a plan change
+made on any instance reaches every worker within about a second without a query per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from dubhe.errors import AuthenticationFailed
+from dubhe.keys.format import hash_key, is_well_formed
+from dubhe.keys.repository import ApiKeyRepository
+from dubhe.models import ApiKey
+
+log = logging.getLogger(__name__)
+
+# Clocks of different instances drift; re-read a little of the past on every refresh.
+_REFRESH_OVERLAP = timedelta(seconds=5)
+_NEGATIVE_CACHE_LIMIT = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class KeyIdentity:
+    key_id: int
+    user_id: int
+    plan_code: str
+    expires_at: float | None  # epoch seconds
+    revoked: bool
+
+
+def _identity(key: ApiKey, plan_code: str) -> KeyIdentity:
+    return KeyIdentity(
+        key_id=key.id,
+        user_id=key.user_id,
+        plan_code=plan_code,
+        expires_at=key.expires_at.timestamp() if key.expires_at else None,
+        revoked=key.revoked_at is not None,
+    )
+
+
+class KeyCache:
+    def __init__(
+        self,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        secret: bytes,
+        *,
+        refresh_seconds: float = 1.0,
+    ) -> None:
+        self._sessionmaker = sessionmaker
+        self._secret = secret
+        self._refresh_seconds = refresh_seconds
+        self._by_hash: dict[str, KeyIdentity] = {}
+        self._unknown: set[str] = set()
+        self._watermark = datetime.now(UTC)
+        self._task: asyncio.Task[None] | None = None
+
+    async def authenticate(self, authorization: bytes | None) -> KeyIdentity:
+        if not authorization:
+            raise AuthenticationFailed(
+                "You didn't provide an API key. Send it in the Authorization header as "
+                "'Authorization: Bearer sk-dubhe-...'; create one in the dashboard.",
+                code="missing_api_key",
+            )
+        scheme, _, token = authorization.decode("latin-1").partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise AuthenticationFailed(
+                "The Authorization header must be 'Bearer <your API key>'.", code="invalid_api_key"
+            )
+        if not is_well_formed(token):
+            raise _invalid_key()
+        key_hash = hash_key(self._secret, token)
+        identity = self._by_hash.get(key_hash)
+        if identity is None:
+            if key_hash in self._unknown:
+                raise _invalid_key()
+            identity = await self._load(key_hash)
+        if identity.revoked:
+            raise _invalid_key()
+        if identity.expires_at is not None and identity.expires_at <= time.time():
+            raise AuthenticationFailed(
+                "This API key has expired. Create a new key in the dashboard.",
+                code="expired_api_key",
+            )
+        return identity
+
+    async def _load(self, key_hash: str) -> KeyIdentity:
+        async with self._sessionmaker() as session:
+            row = await ApiKeyRepository.from_session(session).identity_by_hash(key_hash)
+        if row is None:
+            if len(self._unknown) >= _NEGATIVE_CACHE_LIMIT:
+                self._unknown.clear()
+            self._unknown.add(key_hash)
+            raise _invalid_key()
+        identity = _identity(row[0], row[1])
+        self._by_hash[key_hash] = identity
+        return identity
+
+    async def refresh(self) -> None:
+        """Apply the key and user changes made since the last refresh (on any instance)."""
+        started = datetime.now(UTC)
+        async with self._sessionmaker() as session:
+            rows = await ApiKeyRepository.from_session(session).identities_changed_since(
+                self._watermark - _REFRESH_OVERLAP
+            )
+        for key, plan_code in rows:
+            if key.key_hash in self._by_hash or key.key_hash in self._unknown:
+                self._unknown.discard(key.key_hash)
+                self._by_hash[key.key_hash] = _identity(key, plan_code)
+        self._watermark = started
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._refresh_forever(), name="key-cache-refresh")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._refresh_seconds)
+            try:
+                await self.refresh()
+            except Exception:  # a database hiccup must not stop revocations for good
+                log.exception("refreshing the API key cache failed; retrying")
+
+
+def _invalid_key() -> AuthenticationFailed:
+    return AuthenticationFailed(
+        "Incorrect API key provided. Check the key, or create a new one in the dashboard.",
+        code="invalid_api_key",
+    )

@@ -1,0 +1,8 @@
+"""ORM models, one module per aggregate, imported here so metadata and Alembic see them all."""
+
+from dubhe.models.api_key import ApiKey
+from dubhe.models.base import Base
+from dubhe.models.usage import UsageRecord
+from dubhe.models.user import User
+
+__all__ = ["ApiKey", "Base", "UsageRecord", "User"]

@@ -1,0 +1,76 @@
+"""Process-wide settings: environment variables with the ``DUBHE_`` prefix.
+
+The catalog (models, plans, prices, limits, upstreams) is data, loaded from TOML by
+:mod:`dubhe.catalog`; this module only holds what differs per deployment.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ConfigurationError(Exception):
+    """The deployment's configuration cannot be used; the message says what to fix."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DUBHE_", extra="ignore")
+
+    env: Literal["development", "production"] = "development"
+    data_dir: Path = Path("data")
+    database_url: str | None = None
+    config: Path = Path("dubhe.toml")
+    # Keys API keys' HMAC and the dashboard's sessions. Generated once per data directory in
+    # development; required in production.
+    secret_key: SecretStr | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: str = "info"
+
+    @cached_property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'dubhe.db').resolve()}"
+
+    @cached_property
+    def resolved_secret(self) -> bytes:
+        if self.secret_key is not None and self.secret_key.get_secret_value():
+            value = self.secret_key.get_secret_value()
+            if len(value) < 32:
+                raise ConfigurationError("DUBHE_SECRET_KEY must be at least 32 characters long")
+            return value.encode()
+        if self.env == "production":
+            raise ConfigurationError(
+                "DUBHE_SECRET_KEY is required in production (DUBHE_ENV=production); "
+                "generate one with: python -c 'import secrets; print(secrets.token_urlsafe(48))'"
+            )
+        return _development_secret(self.data_dir)
+
+
+def _development_secret(data_dir: Path) -> bytes:
+    """A secret made once per data directory, so keys keep working across restarts."""
+    path = data_dir / "secret_key"
+    if path.exists():
+        return path.read_bytes().strip()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    value = secrets.token_urlsafe(48).encode()
+    # O_EXCL: when several workers start together, the first writer wins and the rest read it.
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_bytes().strip()
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(value)
+    return value
+
+
+def load_settings() -> Settings:
+    return Settings()
