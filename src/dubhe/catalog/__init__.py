@@ -1,7 +1,9 @@
 """The catalog: public models, plans, prices, limits and upstream deployments, as data.
 
-Loaded once at start from the shipped ``defaults.toml`` and the operator's ``dubhe.toml``; a
-top-level table in the operator's file replaces the shipped table of the same name.
+Loaded once at start from the shipped ``defaults.toml`` and the operator's ``dubhe.toml``. An
+operator's ``[models.X]`` or ``[plans.X]`` overrides the fields it names (``enabled = false``
+drops the entry, a new id adds one); ``[[upstreams]]`` and ``[defaults]`` keys replace the shipped
+ones.
 """
 
 from dubhe.catalog._loader import CatalogError, load_catalog

@@ -16,18 +16,31 @@ class CatalogError(Exception):
 
 
 def load_catalog(path: Path | None = None) -> Catalog:
-    """The shipped defaults, with the tables of the operator's file at ``path`` replacing them."""
+    """The shipped defaults with the operator's file at ``path`` laid over them."""
     raw = tomllib.loads(resources.files("dubhe.catalog").joinpath("defaults.toml").read_text())
     if path is not None and path.exists():
         try:
             operator = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as exc:
             raise CatalogError(f"{path}: not valid TOML: {exc}") from exc
-        for table in ("models", "plans", "upstreams"):
-            if table in operator:
-                raw[table] = operator[table]
+        for table in ("models", "plans"):
+            raw[table] = _merge_entries(raw.get(table, {}), operator.get(table, {}))
+        # A disabled model leaves the plans that listed it.
+        disabled = {key for key, entry in operator.get("models", {}).items() if entry.get("enabled") is False}
+        for plan in raw["plans"].values():
+            plan["models"] = [model for model in plan.get("models", []) if model not in disabled]
+        if "upstreams" in operator:
+            raw["upstreams"] = operator["upstreams"]
         raw["defaults"] = {**raw.get("defaults", {}), **operator.get("defaults", {})}
     return _build(raw)
+
+
+def _merge_entries(shipped: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """An operator's entry overrides the fields it names; ``enabled = false`` removes it."""
+    merged = {key: dict(value) for key, value in shipped.items()}
+    for key, fields in given.items():
+        merged[key] = {**merged.get(key, {}), **fields}
+    return {key: value for key, value in merged.items() if value.pop("enabled", True)}
 
 
 def _build(raw: dict[str, Any]) -> Catalog:

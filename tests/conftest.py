@@ -1,0 +1,241 @@
+"""Fixtures that run Dubhe the way an operator does: real processes, real databases, real HTTP.
+
+Each session starts two ``dubhe upstream-sim`` processes (one as fast as possible, one paced) and,
+for each database backend, one ``dubhe serve`` process configured to use them. Gateway tests run
+once per backend: ``sqlite`` (a file in a temp dir) and ``postgresql`` (a fresh database on the
+local server, dropped afterwards).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from dubhe.database import create_engine
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+POSTGRES_ADMIN_URL = os.environ.get(
+    "DUBHE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"
+)
+ALL_MODELS = ["dubhe-fast", "dubhe-vision", "dubhe-reasoning", "dubhe-code", "dubhe-agent", "dubhe-qwen"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_until_up(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{url} exited early:\n{log.read_text()}")
+        try:
+            httpx.get(url, timeout=0.5)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} did not come up:\n{log.read_text()}")
+
+
+@dataclass
+class RunningProcess:
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_process(args: list[str], log: Path, env: dict[str, str] | None = None) -> RunningProcess:
+    handle = log.open("wb")
+    process = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, env=env)
+    return RunningProcess(process, log)
+
+
+@dataclass
+class Sim:
+    base_url: str  # ends in /v1
+    running: RunningProcess
+
+    def stats(self) -> dict[str, int]:
+        root = self.base_url.removesuffix("/v1")
+        return httpx.get(f"{root}/sim/stats").json()  # type: ignore[no-any-return]
+
+
+def _start_sim(tmp: Path, name: str, *extra: str) -> Sim:
+    port = free_port()
+    log = tmp / f"{name}.log"
+    running = start_process(
+        [str(BIN / "dubhe"), "upstream-sim", "--port", str(port), *extra], log
+    )
+    wait_until_up(f"http://127.0.0.1:{port}/sim/stats", running.process, log)
+    return Sim(f"http://127.0.0.1:{port}/v1", running)
+
+
+@pytest.fixture(scope="session")
+def sims(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Sim]]:
+    tmp = tmp_path_factory.mktemp("sims")
+    started = {"fast": _start_sim(tmp, "sim-fast"), "paced": _start_sim(tmp, "sim-paced", "--tokens-per-second", "40")}
+    yield started
+    for sim in started.values():
+        sim.running.stop()
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('sqlite') / 'dubhe.db'}"
+        return
+    name = f"dubhe_test_{secrets.token_hex(6)}"
+    _psql(f'CREATE DATABASE "{name}"')
+    base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
+    yield f"{base}/{name}"
+    _psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _psql(statement: str) -> None:
+    import asyncpg
+
+    async def run() -> None:
+        connection = await asyncpg.connect(POSTGRES_ADMIN_URL)
+        try:
+            await connection.execute(statement)
+        finally:
+            await connection.close()
+
+    asyncio.run(run())
+
+
+@dataclass
+class Server:
+    base_url: str  # ends in /v1
+    env: dict[str, str]
+    database_url: str
+    data_dir: Path
+    running: RunningProcess
+    keys: dict[str, str] = field(default_factory=dict)
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [str(BIN / "dubhe"), *args], env=self.env, capture_output=True, text=True, timeout=60
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"dubhe {' '.join(args)} failed: {result.stderr}")
+        return result
+
+    def new_key(self, plan: str) -> str:
+        """A new user on ``plan`` with one key, made with the operator CLI."""
+        email = f"{plan}-{secrets.token_hex(4)}@example.com"
+        self.cli("users", "create", email, "--password", "correct-horse-battery", "--plan", plan)
+        return self.cli("keys", "create", email).stdout.strip()
+
+    def key(self, plan: str) -> str:
+        if plan not in self.keys:
+            self.keys[plan] = self.new_key(plan)
+        return self.keys[plan]
+
+
+def write_config(path: Path, sims: dict[str, Sim], dead_port: int) -> None:
+    path.write_text(
+        f"""
+[defaults]
+max_request_bytes = 1_000_000
+
+[models.dubhe-agent]
+status = "maintenance"
+
+[[upstreams]]
+name = "fast"
+kind = "openai"
+base_url = "{sims['fast'].base_url}"
+models = ["dubhe-fast", "dubhe-vision", "dubhe-reasoning"]
+
+[[upstreams]]
+name = "paced"
+kind = "openai"
+base_url = "{sims['paced'].base_url}"
+models = ["dubhe-code", "dubhe-agent"]
+model_map = {{ "dubhe-code" = "qwen2.5-coder-7b" }}
+
+[[upstreams]]
+name = "dead"
+kind = "openai"
+base_url = "http://127.0.0.1:{dead_port}/v1"
+models = ["dubhe-qwen"]
+"""
+    )
+
+
+@pytest.fixture(scope="session")
+def server(
+    database_url: str, sims: dict[str, Sim], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    data_dir = tmp_path_factory.mktemp("data")
+    config = data_dir / "dubhe.toml"
+    write_config(config, sims, dead_port=free_port())
+    env = {
+        **os.environ,
+        "DUBHE_DATA_DIR": str(data_dir),
+        "DUBHE_DATABASE_URL": database_url,
+        "DUBHE_CONFIG": str(config),
+        "DUBHE_LOG_LEVEL": "warning",
+    }
+    port = free_port()
+    log = data_dir / "serve.log"
+    running = start_process([str(BIN / "dubhe"), "serve", "--port", str(port)], log, env)
+    wait_until_up(f"http://127.0.0.1:{port}/healthz", running.process, log)
+    yield Server(f"http://127.0.0.1:{port}/v1", env, database_url, data_dir, running)
+    running.stop()
+    errors = [line for line in log.read_text().splitlines() if "Traceback" in line]
+    assert not errors, f"the server logged errors:\n{log.read_text()}"
+
+
+@pytest.fixture(scope="session")
+async def db(server: Server) -> AsyncIterator[AsyncEngine]:
+    """The server's own database, for checking what it wrote."""
+    engine = create_engine(server.database_url)
+    yield engine
+    await engine.dispose()
+
+
+async def fetch_one(engine: AsyncEngine, sql: str, **params: Any) -> Any:
+    async with engine.connect() as connection:
+        return (await connection.execute(text(sql), params)).mappings().first()
+
+
+async def execute(engine: AsyncEngine, sql: str, **params: Any) -> None:
+    async with engine.begin() as connection:
+        await connection.execute(text(sql), params)
+
+
+async def wait_for_row(engine: AsyncEngine, sql: str, timeout: float = 5, **params: Any) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        row = await fetch_one(engine, sql, **params)
+        if row is not None or time.monotonic() > deadline:
+            return row
+        await asyncio.sleep(0.05)
