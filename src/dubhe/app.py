@@ -1,7 +1,7 @@
 """The ASGI application: ``/v1`` goes to the raw-ASGI gateway, everything else to the web app.
 
 One instance per worker process. Startup opens the database engine, the upstream session, the key
-cache and the usage recorder; shutdown writes what is still queued before closing them.
+cache and the meter; shutdown writes what the meter still has queued before closing them.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 
+from dubhe.billing.meter import Meter
 from dubhe.catalog import Catalog, load_catalog
 from dubhe.database import create_engine, create_sessionmaker
 from dubhe.gateway.app import GatewayApp, GatewayState
@@ -19,7 +20,6 @@ from dubhe.gateway.models_list import ModelListings
 from dubhe.keys.cache import KeyCache
 from dubhe.providers import UpstreamPool
 from dubhe.settings import Settings, load_settings
-from dubhe.usage.recorder import UsageRecorder
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +37,14 @@ class DubheApp:
         keys = KeyCache(self.sessionmaker, self.settings.resolved_secret)
         upstreams = UpstreamPool(self.catalog)
         await upstreams.start()
-        recorder = UsageRecorder(self.sessionmaker, self.engine.dialect.name)
-        recorder.start()
+        meter = Meter(self.sessionmaker, self.catalog)
+        meter.start()
         keys.start()
         self._state = GatewayState(
             catalog=self.catalog,
             keys=keys,
             upstreams=upstreams,
-            recorder=recorder,
+            meter=meter,
             listings=ModelListings(self.catalog),
         )
         self.gateway = GatewayApp(self._state)
@@ -52,7 +52,7 @@ class DubheApp:
     async def shutdown(self) -> None:
         if self._state is not None:
             await self._state.keys.stop()
-            await self._state.recorder.stop()
+            await self._state.meter.stop()
             await self._state.upstreams.close()
         await self.engine.dispose()
 

@@ -8,9 +8,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from dubhe.accounts.passwords import MIN_PASSWORD_LENGTH, hash_password
 from dubhe.accounts.repository import UserRepository
+from dubhe.billing.service import open_new_account
 from dubhe.catalog import Catalog
 from dubhe.errors import Conflict, UnprocessableRequest
 from dubhe.models import User
+from dubhe.models.base import utcnow
 
 # Deliberately loose: one "@", something on each side, a dot in the domain. Deliverability is
 # proven by e-mail, not by a regex.
@@ -49,4 +51,5 @@ async def create_user(
     user = User(email=email, password_hash=hash_password(password), plan_code=plan, is_admin=is_admin)
     users.add(user)
     await session.flush()
+    await open_new_account(session, user_id=user.id, plan_code=plan, catalog=catalog, now=utcnow())
     return user

@@ -86,6 +86,9 @@ def _build(raw: dict[str, Any]) -> Catalog:
     if not plans:
         raise CatalogError("the catalog defines no plans")
     upstreams = tuple(_upstream(entry, models) for entry in raw.get("upstreams", []))
+    default_plan = str(defaults.get("default_plan", "free"))
+    if default_plan not in plans:
+        raise CatalogError(f"defaults.default_plan {default_plan!r} is not a plan")
     return Catalog(
         models=models,
         plans=plans,
@@ -95,6 +98,8 @@ def _build(raw: dict[str, Any]) -> Catalog:
             defaults.get("upstream_connect_timeout_seconds", 10)
         ),
         max_request_bytes=int(defaults.get("max_request_bytes", 16 * 1024 * 1024)),
+        default_plan=default_plan,
+        reservation_ttl_seconds=float(defaults.get("reservation_ttl_seconds", 120)),
     )
 
 

@@ -49,6 +49,10 @@ class Catalog:
     upstream_timeout_seconds: float
     upstream_connect_timeout_seconds: float
     max_request_bytes: int
+    # The plan of new accounts, and of paid plans whose renewal the balance cannot cover.
+    default_plan: str
+    # A held reservation not renewed for this long belongs to a crashed worker and is released.
+    reservation_ttl_seconds: float
 
     def plans_including(self, model_id: str) -> list[PlanSpec]:
         return [plan for plan in self.plans.values() if model_id in plan.models]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from dubhe.billing.meter import Meter
 from dubhe.catalog import Catalog
 from dubhe.errors import DubheError, MethodNotAllowed, NotFound
 from dubhe.gateway.asgi import Receive, Scope, Send, header, new_request_id, send_error, send_json
@@ -12,7 +13,6 @@ from dubhe.gateway.chat import chat_completions
 from dubhe.gateway.models_list import ModelListings
 from dubhe.keys.cache import KeyCache
 from dubhe.providers import UpstreamPool
-from dubhe.usage.recorder import UsageRecorder
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ class GatewayState:
     catalog: Catalog
     keys: KeyCache
     upstreams: UpstreamPool
-    recorder: UsageRecorder
+    meter: Meter
     listings: ModelListings
 
 

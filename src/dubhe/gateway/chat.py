@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import orjson
 
+from dubhe.billing.meter import Denied, SettleResult
 from dubhe.errors import (
     DubheError,
+    InsufficientQuota,
     InvalidRequest,
     NotFound,
     ServiceUnavailable,
@@ -36,7 +38,7 @@ from dubhe.gateway.asgi import (
 from dubhe.gateway.relay import StreamRelay
 from dubhe.gateway.validation import ChatRequest, validate_chat_request
 from dubhe.usage import tokens
-from dubhe.usage.recorder import UsageEvent, now
+from dubhe.usage.events import UsageEvent, now
 
 if TYPE_CHECKING:
     from dubhe.catalog import ModelSpec
@@ -55,6 +57,9 @@ _KEEPALIVE_SECONDS = 15.0
 _PING = b": ping\n\n"
 # Upstream error bodies are read for their message, never relayed whole.
 _MAX_ERROR_BODY = 64 * 1024
+# Prompts up to this many characters are counted exactly (tens of µs); longer ones are estimated
+# generously for the hold and settled on the upstream's own count.
+_EXACT_COUNT_CHARS = 16_384
 
 
 async def chat_completions(
@@ -69,7 +74,7 @@ async def chat_completions(
     body = _parse_body(raw)
     model = _resolve_model(body, identity, state)
     request = validate_chat_request(body, model)
-    _check_context(body, raw, request, model)
+    prompt_tokens = _check_context(body, request, model)
     if model.status == "maintenance":
         raise ServiceUnavailable(
             f"The model '{model.id}' is under maintenance; retry later.",
@@ -84,10 +89,52 @@ async def chat_completions(
             headers={"retry-after": "30"},
         )
     upstream = upstreams[0]
-    payload = _upstream_payload(body, raw, request, model, upstream)
+    output = request.max_tokens or min(model.default_max_tokens, model.context_window - prompt_tokens)
+    held = await state.meter.reserve(
+        user_id=identity.user_id,
+        request_id=request_id,
+        api_key_id=identity.key_id,
+        model=model.id,
+        prompt_tokens=prompt_tokens,
+        max_tokens=output * request.n,
+    )
+    if isinstance(held, Denied):
+        raise _insufficient_quota(held, prompt_tokens)
+    extra_headers = _balance_headers(held.balance.tokens_remaining, held.balance.balance_uusd)
+    if held.admission.clamped:
+        # What the account can pay for, split over the n choices (at least one token each).
+        per_choice = max(1, held.admission.max_tokens // request.n)
+        body[request.max_tokens_field] = per_choice
+        extra_headers.append((b"x-dubhe-max-tokens-clamped", str(per_choice).encode()))
+    payload = _upstream_payload(body, raw, request, model, upstream, held.admission.clamped)
     call = _Call(scope, receive, send, state, request_id, identity, model, upstream, request, body)
     call.started = started
+    call.extra_headers = extra_headers
     await call.run(payload)
+
+
+def _insufficient_quota(denied: Denied, prompt_tokens: int) -> InsufficientQuota:
+    return InsufficientQuota(
+        "Your plan's included tokens and prepaid balance cannot cover this request: you have "
+        f"{denied.balance.tokens_remaining} included tokens and "
+        f"${format_usd(denied.balance.balance_uusd)} left, and it needs at least "
+        f"{prompt_tokens + 1} tokens (the prompt plus one). Recharge your balance or upgrade "
+        "your plan in the dashboard."
+    )
+
+
+def format_usd(uusd: int) -> str:
+    """Integer micro-dollars as an exact decimal string: 1234567 -> "1.234567"."""
+    sign = "-" if uusd < 0 else ""
+    whole, micro = divmod(abs(uusd), 1_000_000)
+    return f"{sign}{whole}.{micro:06d}"
+
+
+def _balance_headers(tokens_remaining: int, balance_uusd: int) -> list[tuple[bytes, bytes]]:
+    return [
+        (b"x-dubhe-tokens-remaining", str(tokens_remaining).encode()),
+        (b"x-dubhe-balance-usd", format_usd(balance_uusd).encode()),
+    ]
 
 
 def _parse_body(raw: bytes) -> dict[str, Any]:
@@ -139,30 +186,37 @@ def _resolve_model(body: dict[str, Any], identity: KeyIdentity, state: GatewaySt
     raise NotFound(message, code="model_not_found", param="model")
 
 
-def _check_context(
-    body: dict[str, Any], raw: bytes, request: ChatRequest, model: ModelSpec
-) -> None:
-    output = request.max_tokens or 0
-    # A token is at least one byte of the body, so the body's size bounds the prompt: only a
-    # request near the limit pays for an exact count.
-    if len(raw) + output <= model.context_window:
-        return
-    prompt = tokens.count_prompt(body["messages"])
+def _check_context(body: dict[str, Any], request: ChatRequest, model: ModelSpec) -> int:
+    """The prompt's tokens (exact for ordinary prompts), refusing what cannot fit the context."""
+    messages = body["messages"]
+    if request.text_chars <= _EXACT_COUNT_CHARS:
+        prompt = tokens.count_prompt(messages)
+    else:
+        # About three characters a token for prose and code: generous for the hold.
+        prompt = request.text_chars // 3 + 4 * len(messages) + 3
+    output = request.max_tokens or 1
+    if prompt + output > model.context_window and request.text_chars > _EXACT_COUNT_CHARS:
+        prompt = tokens.count_prompt(messages)
     if prompt + output > model.context_window:
         raise UnprocessableRequest(
             f"This model's maximum context length is {model.context_window} tokens. However, "
-            f"you requested {prompt + output} tokens ({prompt} in the messages, {output} in "
-            "the completion). Shorten the messages or lower max_tokens.",
+            f"you requested {prompt + (request.max_tokens or 0)} tokens ({prompt} in the messages, "
+            f"{request.max_tokens or 0} in the completion). Shorten the messages or lower max_tokens.",
             code="context_length_exceeded",
             param="messages",
         )
+    return prompt
 
 
 def _upstream_payload(
-    body: dict[str, Any], raw: bytes, request: ChatRequest, model: ModelSpec, upstream: Upstream
+    body: dict[str, Any],
+    raw: bytes,
+    request: ChatRequest,
+    model: ModelSpec,
+    upstream: Upstream,
+    changed: bool,
 ) -> bytes:
     """The original bytes when nothing needs to change; re-serialised only when it must."""
-    changed = False
     upstream_model = upstream.upstream_model(model.id)
     if upstream_model != model.id:
         body["model"] = upstream_model
@@ -204,6 +258,7 @@ class _Call:
         self.client_gone = False
         self.finishing = False
         self.response: aiohttp.ClientResponse | None = None
+        self.extra_headers: list[tuple[bytes, bytes]] = []
 
     async def run(self, payload: bytes) -> None:
         task = asyncio.current_task()
@@ -308,10 +363,15 @@ class _Call:
             event.prompt_tokens = event.completion_tokens = None
             event.messages = self.body["messages"]
             event.response = data
-        # Metered durably before the client sees the answer.
+        # Settled durably before the client sees the answer.
         self.finishing = True
-        await self.state.recorder.record(event)
-        await send_json(self.send, 200, raw, self.request_id)
+        settled = await self.state.meter.settle(event, wait=True)
+        headers = self.extra_headers
+        if isinstance(settled, SettleResult):
+            headers = _balance_headers(settled.balance.tokens_remaining, settled.balance.balance_uusd)
+            headers.append((b"x-dubhe-cost-usd", format_usd(settled.cost_uusd).encode()))
+            headers.extend(h for h in self.extra_headers if h[0] == b"x-dubhe-max-tokens-clamped")
+        await send_json(self.send, 200, raw, self.request_id, headers)
 
     # -- streaming ---------------------------------------------------------------------------
 
@@ -322,7 +382,11 @@ class _Call:
             {
                 "type": "http.response.start",
                 "status": 200,
-                "headers": [*_SSE_HEADERS, (b"x-request-id", self.request_id.encode())],
+                "headers": [
+                    *_SSE_HEADERS,
+                    (b"x-request-id", self.request_id.encode()),
+                    *self.extra_headers,
+                ],
             }
         )
         relay = StreamRelay(
@@ -358,9 +422,11 @@ class _Call:
             )
             return
         self.finishing = True
-        await self._meter_stream(relay, "ok", 200, wait=True)
+        settled = await self._meter_stream(relay, "ok", 200, wait=True)
         tail = b""
         if self.request.include_usage and relay.usage_event is not None:
+            if isinstance(settled, SettleResult):
+                relay.usage_event["usage"]["cost_usd"] = format_usd(settled.cost_uusd)
             tail = b"data: " + orjson.dumps(relay.usage_event) + b"\n\n"
         await send({"type": "http.response.body", "body": tail + b"data: [DONE]\n\n"})
 
@@ -373,10 +439,7 @@ class _Call:
         else:
             event.messages = self.body["messages"]
             event.relayed = relay.relayed_bytes
-        if wait:
-            return self.state.recorder.record(event)
-        self.state.recorder.record_nowait(event)
-        return None
+        return self.state.meter.settle(event, wait=wait)
 
     # -- metering of requests that produced no answer ----------------------------------------
 
@@ -384,7 +447,7 @@ class _Call:
         event = self._event(outcome, status)
         event.prompt_tokens = 0
         event.completion_tokens = 0
-        self.state.recorder.record_nowait(event)
+        self.state.meter.settle(event, wait=False)
 
     def _meter_cancelled(self, *, prompt_tokens: int | None, relayed: bytes | None) -> None:
         # The client left before any answer: the upstream may have read the prompt.
@@ -392,7 +455,7 @@ class _Call:
         event.prompt_tokens = prompt_tokens
         event.completion_tokens = 0
         event.messages = self.body["messages"]
-        self.state.recorder.record_nowait(event)
+        self.state.meter.settle(event, wait=False)
 
     def _event(self, outcome: str, status: int) -> UsageEvent:
         return UsageEvent(

@@ -2,7 +2,26 @@
 
 from dubhe.models.api_key import ApiKey
 from dubhe.models.base import Base
+from dubhe.models.billing import (
+    Account,
+    LedgerEntry,
+    Payment,
+    RedemptionCode,
+    Reservation,
+    SubscriptionPeriod,
+)
 from dubhe.models.usage import UsageRecord
 from dubhe.models.user import User
 
-__all__ = ["ApiKey", "Base", "UsageRecord", "User"]
+__all__ = [
+    "Account",
+    "ApiKey",
+    "Base",
+    "LedgerEntry",
+    "Payment",
+    "RedemptionCode",
+    "Reservation",
+    "SubscriptionPeriod",
+    "UsageRecord",
+    "User",
+]

@@ -34,5 +34,8 @@ class UsageRecord(Base):
     outcome: Mapped[str] = mapped_column(String(24))
     status_code: Mapped[int] = mapped_column(Integer)
     latency_ms: Mapped[int] = mapped_column(Integer)
+    # Tokens paid from the plan's included tokens; the rest was charged at the model's price.
+    tokens_from_plan: Mapped[int] = mapped_column(BigInteger, default=0)
     cost_uusd: Mapped[int] = mapped_column(BigInteger, default=0)
+    uncollected_uusd: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

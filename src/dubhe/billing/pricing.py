@@ -1,0 +1,92 @@
+"""The integer arithmetic of billing: prices, admission sizing and settlement splits.
+
+Money is integer micro-dollars (µUSD) and prices are µUSD per million tokens, so a cost is
+``ceil(tokens × price / 1e6)`` computed on integers: nothing here touches a float. Included tokens
+pay for prompt tokens first, then completion tokens; whatever they do not cover is charged to the
+balance at the model's input and output prices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dubhe.catalog import ModelSpec
+
+MILLION = 1_000_000
+
+
+def cost_uusd(model: ModelSpec, prompt_tokens: int, completion_tokens: int) -> int:
+    """What tokens not covered by included tokens cost, rounded up to the next µUSD."""
+    numerator = (
+        prompt_tokens * model.input_price_uusd_per_mtok
+        + completion_tokens * model.output_price_uusd_per_mtok
+    )
+    return -(-numerator // MILLION)
+
+
+def split_cost(
+    model: ModelSpec, prompt_tokens: int, completion_tokens: int, plan_tokens: int
+) -> int:
+    """The balance cost of a usage once ``plan_tokens`` of it are paid by included tokens."""
+    covered_prompt = min(prompt_tokens, plan_tokens)
+    covered_completion = min(completion_tokens, plan_tokens - covered_prompt)
+    return cost_uusd(model, prompt_tokens - covered_prompt, completion_tokens - covered_completion)
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """What to hold for a request: included tokens, then balance, and the output limit it buys."""
+
+    tokens: int
+    balance_uusd: int
+    max_tokens: int
+    clamped: bool
+
+
+def size_admission(
+    model: ModelSpec,
+    *,
+    prompt_tokens: int,
+    max_tokens: int,
+    tokens_available: int,
+    balance_uusd: int,
+    may_use_balance: bool = True,
+) -> Admission | None:
+    """Hold the prompt plus ``max_tokens``; if that is unaffordable, the largest output limit
+    that is (at least 1 token); None when not even the prompt plus one token can be paid for."""
+    affordable = affordable_completion(
+        model,
+        prompt_tokens=prompt_tokens,
+        tokens_available=tokens_available,
+        balance_uusd=balance_uusd if may_use_balance else 0,
+    )
+    if affordable < 1:
+        return None
+    granted = min(max_tokens, affordable)
+    need = prompt_tokens + granted
+    plan_tokens = min(tokens_available, need)
+    money = split_cost(model, prompt_tokens, granted, plan_tokens)
+    return Admission(
+        tokens=plan_tokens, balance_uusd=money, max_tokens=granted, clamped=granted < max_tokens
+    )
+
+
+def affordable_completion(
+    model: ModelSpec, *, prompt_tokens: int, tokens_available: int, balance_uusd: int
+) -> int:
+    """The most completion tokens the account can pay for after the prompt (may be <= 0).
+
+    Very large (capped) when the completion is free for the account beyond included tokens.
+    """
+    unlimited = 1 << 62
+    if tokens_available >= prompt_tokens:
+        from_plan = tokens_available - prompt_tokens
+        budget = balance_uusd * MILLION
+    else:
+        from_plan = 0
+        budget = balance_uusd * MILLION - (prompt_tokens - tokens_available) * model.input_price_uusd_per_mtok
+        if budget < 0:
+            return -1
+    price = model.output_price_uusd_per_mtok
+    from_balance = unlimited if price == 0 else budget // price
+    return min(unlimited, from_plan + from_balance)

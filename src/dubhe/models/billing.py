@@ -1,0 +1,135 @@
+"""Money and token counters, and the facts that move them.
+
+``Account`` is a projection: every counter equals the sum of its delta column over the user's
+``LedgerEntry`` rows. Counters carry ``CHECK (... >= 0)`` as a backstop behind the guarded
+updates; every fact that must happen once has a unique key.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import BigInteger, CheckConstraint, ForeignKey, Index, String, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from dubhe.models.base import BigIntPK, Base, UTCDateTime, utcnow
+
+
+class Account(Base):
+    __tablename__ = "accounts"
+    __table_args__ = (
+        CheckConstraint("tokens_available >= 0", name="tokens_available_nonnegative"),
+        CheckConstraint("tokens_reserved >= 0", name="tokens_reserved_nonnegative"),
+        CheckConstraint("balance_uusd >= 0", name="balance_nonnegative"),
+        CheckConstraint("balance_reserved_uusd >= 0", name="balance_reserved_nonnegative"),
+        CheckConstraint("period_end > period_start", name="period_ordered"),
+    )
+
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    plan_code: Mapped[str] = mapped_column(String(32))
+    # A downgrade waits here until the period ends.
+    next_plan_code: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    period_start: Mapped[datetime] = mapped_column(UTCDateTime)
+    period_end: Mapped[datetime] = mapped_column(UTCDateTime)
+    tokens_available: Mapped[int] = mapped_column(BigInteger, default=0)
+    tokens_reserved: Mapped[int] = mapped_column(BigInteger, default=0)
+    balance_uusd: Mapped[int] = mapped_column(BigInteger, default=0)
+    balance_reserved_uusd: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Usage that exceeded what was reserved and available: recorded, never a negative balance.
+    uncollected_uusd: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class SubscriptionPeriod(Base):
+    """One row per plan period granted: the unique key makes a renewal happen once."""
+
+    __tablename__ = "subscription_periods"
+    __table_args__ = (UniqueConstraint("user_id", "period_start"),)
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    plan_code: Mapped[str] = mapped_column(String(32))
+    period_start: Mapped[datetime] = mapped_column(UTCDateTime)
+    period_end: Mapped[datetime] = mapped_column(UTCDateTime)
+    included_tokens: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Reservation(Base):
+    """Credit held for one request between admission and settlement."""
+
+    __tablename__ = "reservations"
+    __table_args__ = (
+        Index("ix_reservations_status_expires", "status", "expires_at"),
+        CheckConstraint("tokens >= 0 AND balance_uusd >= 0", name="amounts_nonnegative"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    api_key_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    model: Mapped[str] = mapped_column(String(64))
+    tokens: Mapped[int] = mapped_column(BigInteger)
+    balance_uusd: Mapped[int] = mapped_column(BigInteger)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger)
+    max_tokens: Mapped[int] = mapped_column(BigInteger)
+    # Allowance reserved in a period that has since ended expires instead of returning.
+    period_start: Mapped[datetime] = mapped_column(UTCDateTime)
+    status: Mapped[str] = mapped_column(String(16))  # held | settled | expired
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class LedgerEntry(Base):
+    """Append-only: one row per business event, with the delta it applied to each counter."""
+
+    __tablename__ = "ledger_entries"
+    __table_args__ = (
+        UniqueConstraint("kind", "ref"),
+        Index("ix_ledger_entries_user_id_id", "user_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    # grant | expire | reserve | settle | topup | redeem | credit | plan_purchase
+    kind: Mapped[str] = mapped_column(String(16))
+    ref: Mapped[str] = mapped_column(String(128))
+    tokens_available: Mapped[int] = mapped_column(BigInteger, default=0)
+    tokens_reserved: Mapped[int] = mapped_column(BigInteger, default=0)
+    balance_uusd: Mapped[int] = mapped_column(BigInteger, default=0)
+    balance_reserved_uusd: Mapped[int] = mapped_column(BigInteger, default=0)
+    uncollected_uusd: Mapped[int] = mapped_column(BigInteger, default=0)
+    description: Mapped[str] = mapped_column(String(255), default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class RedemptionCode(Base):
+    __tablename__ = "redemption_codes"
+    __table_args__ = (CheckConstraint("amount_uusd > 0", name="amount_positive"),)
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    # HMAC of the code, like API keys: a leaked database does not leak spendable codes.
+    code_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    amount_uusd: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    redeemed_by: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id", ondelete="SET NULL"), nullable=True
+    )
+    redeemed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class Payment(Base):
+    """A payment provider's event that credits balance or buys a plan, applied once per event."""
+
+    __tablename__ = "payments"
+    __table_args__ = (UniqueConstraint("provider", "event_id"),)
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    provider: Mapped[str] = mapped_column(String(16))
+    event_id: Mapped[str] = mapped_column(String(128))
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    purpose: Mapped[str] = mapped_column(String(16))  # topup | plan
+    amount_uusd: Mapped[int] = mapped_column(BigInteger)
+    plan_code: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
