@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,16 +106,25 @@ def sims(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Sim]]:
         sim.running.stop()
 
 
-@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('sqlite') / 'dubhe.db'}"
+@contextmanager
+def fresh_database(kind: str, tmp: Path) -> Iterator[str]:
+    """A new, empty database of ``kind`` (a SQLite file, or a PostgreSQL database dropped after)."""
+    if kind == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp / 'dubhe.db'}"
         return
     name = f"dubhe_test_{secrets.token_hex(6)}"
     _psql(f'CREATE DATABASE "{name}"')
     base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
-    yield f"{base}/{name}"
-    _psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    try:
+        yield f"{base}/{name}"
+    finally:
+        _psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with fresh_database(request.param, tmp_path_factory.mktemp("db")) as url:
+        yield url
 
 
 def _psql(statement: str) -> None:
@@ -159,9 +169,8 @@ class Server:
         return self.keys[plan]
 
 
-def write_config(path: Path, sims: dict[str, Sim], dead_port: int) -> None:
-    path.write_text(
-        f"""
+def gateway_config(sims: dict[str, Sim], dead_port: int) -> str:
+    return f"""
 [defaults]
 max_request_bytes = 1_000_000
 
@@ -187,7 +196,29 @@ kind = "openai"
 base_url = "http://127.0.0.1:{dead_port}/v1"
 models = ["dubhe-qwen"]
 """
-    )
+
+
+def start_server(data_dir: Path, database_url: str, config: str, **extra_env: str) -> Server:
+    """``dubhe serve`` as its own process, on ``database_url``, with ``config`` as its dubhe.toml."""
+    (data_dir / "dubhe.toml").write_text(config)
+    env = {
+        **os.environ,
+        "DUBHE_DATA_DIR": str(data_dir),
+        "DUBHE_DATABASE_URL": database_url,
+        "DUBHE_CONFIG": str(data_dir / "dubhe.toml"),
+        "DUBHE_LOG_LEVEL": "warning",
+        **extra_env,
+    }
+    port = free_port()
+    log = data_dir / "serve.log"
+    running = start_process([str(BIN / "dubhe"), "serve", "--port", str(port)], log, env)
+    wait_until_up(f"http://127.0.0.1:{port}/healthz", running.process, log)
+    return Server(f"http://127.0.0.1:{port}/v1", env, database_url, data_dir, running)
+
+
+def assert_clean_log(server: Server) -> None:
+    text = server.running.log.read_text()
+    assert "Traceback" not in text, f"the server logged errors:\n{text}"
 
 
 @pytest.fixture(scope="session")
@@ -195,23 +226,10 @@ def server(
     database_url: str, sims: dict[str, Sim], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
     data_dir = tmp_path_factory.mktemp("data")
-    config = data_dir / "dubhe.toml"
-    write_config(config, sims, dead_port=free_port())
-    env = {
-        **os.environ,
-        "DUBHE_DATA_DIR": str(data_dir),
-        "DUBHE_DATABASE_URL": database_url,
-        "DUBHE_CONFIG": str(config),
-        "DUBHE_LOG_LEVEL": "warning",
-    }
-    port = free_port()
-    log = data_dir / "serve.log"
-    running = start_process([str(BIN / "dubhe"), "serve", "--port", str(port)], log, env)
-    wait_until_up(f"http://127.0.0.1:{port}/healthz", running.process, log)
-    yield Server(f"http://127.0.0.1:{port}/v1", env, database_url, data_dir, running)
-    running.stop()
-    errors = [line for line in log.read_text().splitlines() if "Traceback" in line]
-    assert not errors, f"the server logged errors:\n{log.read_text()}"
+    running = start_server(data_dir, database_url, gateway_config(sims, dead_port=free_port()))
+    yield running
+    running.running.stop()
+    assert_clean_log(running)
 
 
 @pytest.fixture(scope="session")

