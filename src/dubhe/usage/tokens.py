@@ -58,24 +58,22 @@ def count_completion_events(events: bytes) -> int:
         except orjson.JSONDecodeError:
             continue  # the last event of a cut stream may be incomplete
         for choice in chunk.get("choices") or ():
-            delta = choice.get("delta") or {}
-            if isinstance(delta.get("content"), str):
-                texts.append(delta["content"])
-            for call in delta.get("tool_calls") or ():
-                function = call.get("function") or {}
-                texts.append(function.get("name") or "")
-                texts.append(function.get("arguments") or "")
+            _collect_text(choice.get("delta") or {}, texts)
     return count_text("".join(texts))
 
 
 def count_completion_message(response: dict[str, Any]) -> int:
     texts: list[str] = []
     for choice in response.get("choices") or ():
-        message = choice.get("message") or {}
-        if isinstance(message.get("content"), str):
-            texts.append(message["content"])
-        for call in message.get("tool_calls") or ():
-            function = call.get("function") or {}
-            texts.append(function.get("name") or "")
-            texts.append(function.get("arguments") or "")
+        _collect_text(choice.get("message") or {}, texts)
     return count_text("".join(texts))
+
+
+def _collect_text(message: dict[str, Any], texts: list[str]) -> None:
+    """The generated text of a message or a stream delta: its content and its tool calls."""
+    if isinstance(message.get("content"), str):
+        texts.append(message["content"])
+    for call in message.get("tool_calls") or ():
+        function = call.get("function") or {}
+        texts.append(function.get("name") or "")
+        texts.append(function.get("arguments") or "")
