@@ -37,7 +37,7 @@ class DubheApp:
         keys = KeyCache(self.sessionmaker, self.settings.resolved_secret)
         upstreams = UpstreamPool(self.catalog)
         await upstreams.start()
-        meter = Meter(self.sessionmaker, self.catalog)
+        meter = Meter(self.sessionmaker, self.catalog, self.settings.data_dir / "spool")
         meter.start()
         keys.start()
         self._state = GatewayState(

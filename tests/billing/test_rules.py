@@ -81,6 +81,7 @@ async def test_not_even_the_prompt_is_402_with_what_is_left(billing: Billing) ->
 async def test_renewal_raced_by_100_requests_grants_once(billing: Billing) -> None:
     key, user_id = await billing.new_account("small")
     assert ask(billing, key, "spend some [[sim:tokens=30]]").status_code == 200
+    await billing.assert_consistent(user_id)  # the worker has returned its lease
     now = datetime.now(UTC)
     async with billing.engine.begin() as connection:
         # The period ended a second ago (the clock moves; no counter is touched).

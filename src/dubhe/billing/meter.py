@@ -1,44 +1,66 @@
-"""The meter: reservations and settlements of every request, group-committed per worker.
+"""The meter: admission and settlement of every request, against credit leased per worker.
 
-Requests queue their reservation before the upstream call and their settlement after it; one
-writer task takes everything queued and applies it in ONE short transaction: the accounts it
-touches are locked in ascending order, every admission decision is made on the locked row, and
-the net change per account is written back with one guarded update (``CHECK >= 0`` behind it).
-A request waits for that commit, so a reservation is durable before the upstream is called and a
-settlement (with its usage record) is durable before the client sees the end of its answer.
+The hot path never waits on the database while credit lasts:
 
-Why this design: exactness comes from the database alone (any number of workers and instances
-share it), and the cost of a transaction is shared by every request that arrived while the last
-one committed, so under load the per-request database cost shrinks instead of queueing.
+1. **Lease.** The first request of an account (and any that finds the lease short) takes a slice
+   of the account's credit in ONE short transaction: the account row locked (``BEGIN IMMEDIATE``
+   on SQLite, ``FOR UPDATE`` on PostgreSQL), the period renewed if it ended, and a guarded update
+   moving a quarter of what is available (at least what the request needs) from available to
+   reserved. The slice shrinks as the account empties, so the last requests an account can pay for
+   are admitted against exactly what is left: never more.
+2. **Admit** in memory against the lease: the prompt plus ``max_tokens`` is held, or clamped to
+   what the lease holds, or refused.
+3. **Settle** in memory: the real usage is charged and the rest returned to the lease; the usage is
+   appended to this worker's local spool (``spool.py``) before the client sees the end of its answer.
+4. **Flush** every 100 ms: the spooled settlements go to the database in one transaction (usage
+   records, one ledger entry per request, one guarded update per account). Unused credit returns to
+   the account when the lease has been idle for ``lease_idle_seconds``, or at shutdown.
 
-Crash safety: a worker renews (heartbeats) the deadline of the reservations it holds; a sweeper in
-every worker releases held reservations whose deadline passed, i.e. those of a crashed worker.
+Crash safety: a SIGKILL loses no spooled usage (the kernel holds the written bytes; the next worker
+on the machine replays a dead worker's spool), and cannot overspend, because the lease was taken
+out of the account up front. Workers renew their leases' deadlines; a sweeper in every worker
+returns the unused part of leases whose deadline passed (``reservation_ttl_seconds``).
+
+What is given up: with several workers, a request may be refused while another worker's lease
+still holds the account's last credit, until that lease returns (idle timeout). Nothing is ever
+overspent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from dubhe.billing import service
-from dubhe.billing.pricing import Admission
+from dubhe.billing.lease import Hold, LiveLease, admit, settle
+from dubhe.billing.pricing import Admission, cost_uusd
 from dubhe.billing.repository import BillingRepository
-from dubhe.catalog import Catalog
+from dubhe.billing.spool import Spool, read_records
+from dubhe.catalog import Catalog, ModelSpec
 from dubhe.usage.events import UsageEvent
 
 log = logging.getLogger(__name__)
 
-_MAX_BATCH = 500
+_FLUSH_SECONDS = 0.1
+_FLUSH_RECORDS = 500
+# A refill takes this share of what the account has available (at least what the request needs):
+# few refills for a rich account, exact admission for the last credit of a poor one.
+_LEASE_SHARE = 4
+# After a refill finds the account empty, refuse from memory for this long.
+_EXHAUSTED_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
 class Balance:
-    """An account's spendable position right after an operation, for response headers."""
+    """An account's spendable position as this worker sees it, for response headers."""
 
     tokens_remaining: int
     balance_uusd: int
@@ -61,75 +83,311 @@ class SettleResult:
     balance: Balance
 
 
-@dataclass(slots=True)
-class _Reserve:
-    user_id: int
-    request_id: str
-    api_key_id: int | None
-    model: str
-    prompt_tokens: int
-    max_tokens: int
-    future: asyncio.Future[Reserved | Denied]
-
-
-@dataclass(slots=True)
-class _Settle:
-    user_id: int
-    event: UsageEvent
-    future: asyncio.Future[SettleResult | None] | None
-
-
 def _now() -> datetime:
     return datetime.now(UTC)
 
 
 class Meter:
-    def __init__(self, sessionmaker: async_sessionmaker[AsyncSession], catalog: Catalog) -> None:
+    def __init__(
+        self, sessionmaker: async_sessionmaker[AsyncSession], catalog: Catalog, spool_dir: Path
+    ) -> None:
         self._sessionmaker = sessionmaker
         self._catalog = catalog
-        self._queue: list[_Reserve | _Settle] = []
-        self._wakeup = asyncio.Event()
-        self._in_flight: set[str] = set()
+        self._spool_dir = spool_dir
+        self.spool: Spool | None = None
+        self._leases: dict[int, LiveLease] = {}
+        self._retiring: list[LiveLease] = []
+        self._holds: dict[str, Hold] = {}
+        self._account_locks: dict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._pending: list[dict[str, Any]] = []
+        self._unflushed_files: list[Path] = []
+        self._flush_lock = asyncio.Lock()
+        self._flush_now = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._closing = False
 
-    # -- the hot path's interface -----------------------------------------------------------------
+    # -- the hot path ---------------------------------------------------------------------------
 
-    def reserve(self, *, user_id: int, request_id: str, api_key_id: int | None, model: str,
-                prompt_tokens: int, max_tokens: int) -> asyncio.Future[Reserved | Denied]:
-        future: asyncio.Future[Reserved | Denied] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Reserve(user_id, request_id, api_key_id, model, prompt_tokens,
-                                    max_tokens, future))
-        self._wakeup.set()
-        return future
+    async def reserve(self, *, user_id: int, request_id: str, api_key_id: int | None, model: str,
+                      prompt_tokens: int, max_tokens: int) -> Reserved | Denied:
+        spec = self._catalog.models[model]
+        answer = self._from_lease(user_id, request_id, spec, prompt_tokens, max_tokens)
+        if answer is not None:
+            return answer
+        async with self._account_locks[user_id]:
+            # Another request may have refilled the lease while this one waited.
+            answer = self._from_lease(user_id, request_id, spec, prompt_tokens, max_tokens)
+            if answer is not None:
+                return answer
+            lease = await self._refill(user_id, prompt_tokens + max_tokens,
+                                       cost_uusd(spec, prompt_tokens, max_tokens))
+            # The lease now holds all the account could give, if that was less than asked for.
+            admitted = admit(lease, spec, prompt_tokens=prompt_tokens, max_tokens=max_tokens,
+                             final=True)
+            if admitted is None or admitted[1].clamped:
+                lease.exhausted_until = time.monotonic() + _EXHAUSTED_SECONDS
+            if admitted is None:
+                return Denied(Balance(lease.tokens_remaining, lease.uusd_remaining))
+            return self._hold(request_id, lease, *admitted)
 
-    def settle(self, event: UsageEvent, *, wait: bool) -> asyncio.Future[SettleResult | None] | None:
-        """Queue the settlement; with ``wait`` the future resolves once it is committed. Without,
-        it is written all the same (a cancelled request has nobody left to wait)."""
-        future = asyncio.get_running_loop().create_future() if wait else None
-        self._queue.append(_Settle(event.user_id, event, future))
-        self._wakeup.set()
-        return future
+    def _from_lease(self, user_id: int, request_id: str, spec: ModelSpec, prompt_tokens: int,
+                    max_tokens: int) -> Reserved | Denied | None:
+        """Admit from memory when the lease covers the request; None when it needs a refill."""
+        lease = self._leases.get(user_id)
+        if lease is None or self._period_over(lease):
+            return None
+        exhausted = lease.exhausted_until > time.monotonic()
+        admitted = admit(lease, spec, prompt_tokens=prompt_tokens, max_tokens=max_tokens,
+                         final=exhausted)
+        if admitted is not None:
+            return self._hold(request_id, lease, *admitted)
+        if exhausted:
+            return Denied(Balance(lease.tokens_remaining, lease.uusd_remaining))
+        return None
 
-    # -- lifecycle ------------------------------------------------------------------------------------
+    def _hold(self, request_id: str, lease: LiveLease, hold: Hold, admission: Admission) -> Reserved:
+        self._holds[request_id] = hold
+        return Reserved(admission, Balance(lease.tokens_remaining, lease.uusd_remaining))
+
+    def settle(self, event: UsageEvent, *, wait: bool) -> SettleResult | None:
+        """Charge a finished request. With ``wait`` (the client is still there), tokens the
+        upstream did not report are counted now; otherwise off the response path."""
+        hold = self._holds.pop(event.request_id, None)
+        if hold is None:
+            log.error("settlement of %s without a hold", event.request_id)
+            return None
+        if event.prompt_tokens is None or event.completion_tokens is None:
+            if not wait:
+                asyncio.ensure_future(self._settle_counted(hold, event))
+                return None
+            event.usage_source = event.resolve_tokens()
+        return self._settle(hold, event)
+
+    async def _settle_counted(self, hold: Hold, event: UsageEvent) -> None:
+        event.usage_source = await asyncio.to_thread(event.resolve_tokens)
+        self._settle(hold, event)
+
+    def _settle(self, hold: Hold, event: UsageEvent) -> SettleResult:
+        used = settle(hold, prompt_tokens=event.prompt_tokens or 0,
+                      completion_tokens=event.completion_tokens or 0)
+        record = {
+            "request_id": event.request_id, "user_id": event.user_id,
+            "api_key_id": event.api_key_id, "lease_id": hold.lease.id, "model": event.model,
+            "upstream": event.upstream, "stream": event.stream,
+            "prompt_tokens": event.prompt_tokens or 0,
+            "completion_tokens": event.completion_tokens or 0,
+            "usage_source": event.usage_source, "outcome": event.outcome,
+            "status_code": event.status_code, "latency_ms": event.latency_ms,
+            "created_at": event.created_at.isoformat(), "tokens_used": used.tokens_used,
+            "uusd_used": used.uusd_used, "uncollected_uusd": used.uncollected_uusd,
+        }
+        assert self.spool is not None
+        self.spool.append(record)  # durable against a crash of this process from here on
+        self._pending.append(record)
+        if len(self._pending) >= _FLUSH_RECORDS:
+            self._flush_now.set()
+        lease = hold.lease
+        return SettleResult(used.cost_uusd, Balance(lease.tokens_remaining, lease.uusd_remaining))
+
+    @staticmethod
+    def _period_over(lease: LiveLease) -> bool:
+        return _now() >= lease.period_end
+
+    # -- leases -----------------------------------------------------------------------------------
+
+    async def _refill(self, user_id: int, need_tokens: int, need_uusd: int) -> LiveLease:
+        """Take more of the account's credit into this worker's lease (one transaction)."""
+        now = _now()
+        ttl = self._catalog.reservation_ttl_seconds
+        current = self._leases.get(user_id)
+        async with self._sessionmaker() as session, session.begin():
+            repository = BillingRepository.from_session(session)
+            posting = service.Posting()
+            state = (await service.current_accounts(repository, posting, [user_id],
+                                                    self._catalog, now))[user_id]
+            if current is not None and current.period_start != state.period_start:
+                # The period renewed: that lease's included tokens belong to the ended period.
+                self._retire(current)
+                current = None
+            take_tokens = min(state.tokens_available,
+                              max(need_tokens, state.tokens_available // _LEASE_SHARE))
+            take_uusd = min(state.balance_uusd, max(need_uusd, state.balance_uusd // _LEASE_SHARE))
+            lease_id = current.id if current is not None else 0
+            grants = current.grants + 1 if current is not None else 1
+            if take_tokens or take_uusd:
+                if lease_id and not await repository.grow_lease(lease_id, take_tokens, take_uusd):
+                    lease_id = 0  # closed under us (its deadline passed): start a new one
+                if not lease_id:
+                    lease_id = await repository.insert_lease(
+                        user_id=user_id, owner=self._owner, tokens=take_tokens, uusd=take_uusd,
+                        period_start=state.period_start,
+                        expires_at=service.lease_deadline(now, ttl), now=now)
+                    grants = 1
+                service.lease_credit(posting, state, lease_ref=f"{lease_id}:{grants}",
+                                     tokens=take_tokens, uusd=take_uusd, now=now)
+            await posting.write(repository, now)
+        # Committed: only now does the credit exist in memory.
+        if current is None or current.id != lease_id:
+            if current is not None:
+                self._retire(current)
+            current = LiveLease(id=lease_id, user_id=user_id, period_start=state.period_start,
+                                period_end=state.period_end, tokens_free=0, uusd_free=0,
+                                account_tokens=0, account_uusd=0, last_used=time.monotonic())
+            self._leases[user_id] = current
+        current.grants = grants
+        current.tokens_free += take_tokens
+        current.uusd_free += take_uusd
+        current.account_tokens = state.tokens_available
+        current.account_uusd = state.balance_uusd
+        current.period_end = state.period_end
+        return current
+
+    def _retire(self, lease: LiveLease) -> None:
+        """No new admissions; closed once its requests have settled."""
+        if not lease.retired:
+            lease.retired = True
+            self._retiring.append(lease)
+        if self._leases.get(lease.user_id) is lease:
+            del self._leases[lease.user_id]
+
+    async def _close(self, lease_id: int, user_id: int) -> None:
+        """Return what a lease did not use to its account (settlements flushed first)."""
+        now = _now()
+        async with self._sessionmaker() as session, session.begin():
+            repository = BillingRepository.from_session(session)
+            posting = service.Posting()
+            states = await service.current_accounts(repository, posting, [user_id],
+                                                    self._catalog, now)
+            row = await repository.close_lease(lease_id, now)
+            if row is not None:
+                service.release_lease(posting, states[user_id], lease_id=lease_id,
+                                      tokens=row.tokens - row.tokens_used,
+                                      uusd=row.uusd - row.uusd_used,
+                                      period_start=row.period_start, now=now)
+            await posting.write(repository, now)
+
+    # -- flushing ---------------------------------------------------------------------------------
+
+    async def flush(self) -> None:
+        async with self._flush_lock:
+            if not self._pending:
+                return
+            assert self.spool is not None
+            records, self._pending = self._pending, []
+            files = [*self._unflushed_files, self.spool.rotate()]
+            try:
+                closed = await self._apply(records)
+            except BaseException:
+                # Keep them: retried at the next flush, and replayed from the spool after a crash.
+                self._pending = records + self._pending
+                self._unflushed_files = files
+                raise
+            self._unflushed_files = []
+            for path in files:
+                path.unlink(missing_ok=True)
+            for lease in list(self._leases.values()):
+                if lease.id in closed:
+                    self._retire(lease)  # its deadline passed (heartbeats failed): stop using it
+
+    async def _apply(self, records: list[dict[str, Any]]) -> set[int]:
+        """Write settled usage: one transaction, one ledger entry per request, once ever.
+        Returns the ids of the leases it found closed."""
+        now = _now()
+        async with self._sessionmaker() as session, session.begin():
+            repository = BillingRepository.from_session(session)
+            posting = service.Posting()
+            states = await service.current_accounts(
+                repository, posting, [record["user_id"] for record in records], self._catalog, now
+            )
+            done = await repository.existing_refs("settle", [r["request_id"] for r in records])
+            statuses = await repository.lease_statuses(record["lease_id"] for record in records)
+            lease_use: dict[int, list[int]] = defaultdict(lambda: [0, 0])
+            usage_rows = []
+            last_used: dict[int, datetime] = {}
+            for record in records:
+                if record["request_id"] in done:
+                    continue  # already written (a replay after a crash that followed a commit)
+                done.add(record["request_id"])
+                state = states[record["user_id"]]
+                description = (f"{record['model']}: {record['prompt_tokens']} prompt + "
+                               f"{record['completion_tokens']} completion tokens")
+                if statuses.get(record["lease_id"]) == "open":
+                    service.settle_from_lease(
+                        posting, state, request_id=record["request_id"],
+                        tokens=record["tokens_used"], uusd=record["uusd_used"],
+                        uncollected_uusd=record["uncollected_uusd"], description=description,
+                        now=now)
+                    use = lease_use[record["lease_id"]]
+                    use[0] += record["tokens_used"]
+                    use[1] += record["uusd_used"]
+                    tokens_from_plan = record["tokens_used"]
+                    cost, uncollected = record["uusd_used"], record["uncollected_uusd"]
+                else:
+                    # Its lease closed before this usage arrived (a worker that died with it in
+                    # its spool): charge what is available now; the rest is uncollected.
+                    model = self._catalog.models.get(record["model"])
+                    if model is None:
+                        log.error("usage of %s names an unknown model", record["request_id"])
+                        continue
+                    settled = service.settle(
+                        posting, state, request_id=record["request_id"], model=model,
+                        reserved_tokens=0, reserved_uusd=0, reserved_period=state.period_start,
+                        prompt_tokens=record["prompt_tokens"],
+                        completion_tokens=record["completion_tokens"], now=now)
+                    tokens_from_plan = settled.tokens_from_plan
+                    cost, uncollected = settled.cost_uusd, settled.uncollected_uusd
+                created_at = datetime.fromisoformat(record["created_at"])
+                usage_rows.append({
+                    "request_id": record["request_id"], "user_id": record["user_id"],
+                    "api_key_id": record["api_key_id"], "model": record["model"],
+                    "upstream": record["upstream"], "stream": record["stream"],
+                    "prompt_tokens": record["prompt_tokens"],
+                    "completion_tokens": record["completion_tokens"],
+                    "usage_source": record["usage_source"], "outcome": record["outcome"],
+                    "status_code": record["status_code"], "latency_ms": record["latency_ms"],
+                    "tokens_from_plan": tokens_from_plan, "cost_uusd": cost,
+                    "uncollected_uusd": uncollected, "created_at": created_at,
+                })
+                if record["api_key_id"] is not None:
+                    last_used[record["api_key_id"]] = max(created_at, last_used.get(record["api_key_id"], created_at))
+            await posting.write(repository, now)
+            for lease_id, (tokens, uusd) in sorted(lease_use.items()):
+                await repository.use_lease(lease_id, tokens, uusd)
+            await repository.insert_usage(usage_rows)
+            await repository.touch_keys(last_used)
+        return {lease_id for lease_id, status in statuses.items() if status != "open"}
+
+    # -- lifecycle and housekeeping ---------------------------------------------------------------
+
+    @property
+    def _owner(self) -> str:
+        assert self.spool is not None
+        return self.spool.owner
 
     def start(self) -> None:
+        self.spool = Spool(self._spool_dir)
         ttl = self._catalog.reservation_ttl_seconds
         self._tasks = [
-            asyncio.create_task(self._write_forever(), name="meter-writer"),
+            asyncio.create_task(self._flush_forever(), name="meter-flush"),
             asyncio.create_task(self._every(ttl / 3, self._heartbeat), name="meter-heartbeat"),
-            asyncio.create_task(self._every(max(0.5, ttl / 4), self.sweep), name="meter-sweeper"),
+            asyncio.create_task(self._every(0.25, self._close_idle), name="meter-idle"),
+            asyncio.create_task(self._every(max(0.5, ttl / 4), self.sweep), name="meter-sweep"),
         ]
 
     async def stop(self) -> None:
-        """Write everything still queued, then stop."""
-        self._closing = True
-        self._wakeup.set()
-        writer, *periodic = self._tasks
-        for task in periodic:
+        """Flush what is spooled and return every lease's unused credit."""
+        for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*periodic, return_exceptions=True)
-        await writer
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:
+            await self.flush()
+            for lease in [*self._leases.values(), *self._retiring]:
+                if lease.id:
+                    await self._close(lease.id, lease.user_id)
+            self._leases.clear()
+            self._retiring.clear()
+        finally:
+            if self.spool is not None and not self._pending:
+                self.spool.close()
 
     async def _every(self, seconds: float, job: Any) -> None:
         while True:
@@ -139,185 +397,56 @@ class Meter:
             except Exception:
                 log.exception("%s failed; retrying at the next interval", job.__name__)
 
-    # -- the writer -----------------------------------------------------------------------------------
-
-    async def _write_forever(self) -> None:
+    async def _flush_forever(self) -> None:
         while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            while self._queue:
-                batch, self._queue = self._queue[:_MAX_BATCH], self._queue[_MAX_BATCH:]
-                await self._write(batch)
-            if self._closing:
-                return
-
-    async def _write(self, batch: list[_Reserve | _Settle]) -> None:
-        try:
-            results = await self._apply(batch)
-        except Exception:
-            log.exception("a billing batch of %d failed; applying one by one", len(batch))
-            for operation in batch:
-                await self._write_alone(operation)
-            return
-        for operation, result in zip(batch, results):
-            if operation.future is not None and not operation.future.done():
-                operation.future.set_result(result)  # type: ignore[arg-type]
-
-    async def _write_alone(self, operation: _Reserve | _Settle) -> None:
-        attempts = 1 if isinstance(operation, _Reserve) else 5
-        for attempt in range(1, attempts + 1):
             try:
-                [result] = await self._apply([operation])
-            except Exception as exc:
-                if attempt == attempts:
-                    log.exception("billing operation for %s failed", _request_id(operation))
-                    if operation.future is not None and not operation.future.done():
-                        operation.future.set_exception(exc)
-                    return
-                await asyncio.sleep(0.05 * 2**attempt)
-                continue
-            if operation.future is not None and not operation.future.done():
-                operation.future.set_result(result)  # type: ignore[arg-type]
-            return
-
-    async def _apply(self, batch: list[_Reserve | _Settle]) -> list[Any]:
-        now = _now()
-        catalog = self._catalog
-        # Usage the upstream did not report is counted before the transaction opens.
-        for operation in batch:
-            event = operation.event if isinstance(operation, _Settle) else None
-            if event is not None and (event.prompt_tokens is None or event.completion_tokens is None):
-                event.usage_source = event.resolve_tokens()
-        results: list[Any] = []
-        reservations: list[dict[str, Any]] = []
-        usage: list[dict[str, Any]] = []
-        last_used: dict[int, datetime] = {}
-        async with self._sessionmaker() as session, session.begin():
-            repository = BillingRepository.from_session(session)
-            posting = service.Posting()
-            # Reservations first, then accounts: the same lock order as the sweeper.
-            claimed = await repository.claim_reservations(
-                [op.event.request_id for op in batch if isinstance(op, _Settle)], "settled", now
-            )
-            states = await service.current_accounts(
-                repository, posting, [op.user_id for op in batch], catalog, now
-            )
-            for operation in batch:
-                state = states[operation.user_id]
-                if isinstance(operation, _Reserve):
-                    model = catalog.models[operation.model]
-                    admission = service.reserve(
-                        posting, state, request_id=operation.request_id, model=model,
-                        prompt_tokens=operation.prompt_tokens, max_tokens=operation.max_tokens,
-                        now=now,
-                    )
-                    balance = Balance(state.tokens_available, state.balance_uusd)
-                    if admission is None:
-                        results.append(Denied(balance))
-                        continue
-                    reservations.append({
-                        "request_id": operation.request_id, "user_id": operation.user_id,
-                        "api_key_id": operation.api_key_id, "model": operation.model,
-                        "tokens": admission.tokens, "balance_uusd": admission.balance_uusd,
-                        "prompt_tokens": operation.prompt_tokens,
-                        "max_tokens": admission.max_tokens, "period_start": state.period_start,
-                        "status": "held", "created_at": now,
-                        "expires_at": service.reservation_deadline(now, catalog.reservation_ttl_seconds),
-                    })
-                    results.append(Reserved(admission, balance))
-                    continue
-                event = operation.event
-                held = claimed.pop(event.request_id, None)
-                if held is None:
-                    log.warning("settlement of %s skipped: its reservation is not held", event.request_id)
-                    results.append(None)
-                    continue
-                settled = service.settle(
-                    posting, state, request_id=event.request_id, model=catalog.models[event.model],
-                    reserved_tokens=held.tokens, reserved_uusd=held.balance_uusd,
-                    reserved_period=held.period_start, prompt_tokens=event.prompt_tokens or 0,
-                    completion_tokens=event.completion_tokens or 0, now=now,
-                )
-                usage.append(_usage_row(event, settled))
-                if event.api_key_id is not None:
-                    last_used[event.api_key_id] = now
-                results.append(SettleResult(settled.cost_uusd,
-                                            Balance(state.tokens_available, state.balance_uusd)))
-            await posting.write(repository, now)
-            await repository.insert_reservations(reservations)
-            await repository.insert_usage(usage)
-            await repository.touch_keys(last_used)
-        for operation, result in zip(batch, results):
-            if isinstance(result, Reserved):
-                self._in_flight.add(operation.request_id)  # type: ignore[union-attr]
-            elif isinstance(operation, _Settle):
-                self._in_flight.discard(operation.event.request_id)
-        return results
-
-    # -- crash safety ---------------------------------------------------------------------------------
+                await asyncio.wait_for(self._flush_now.wait(), _FLUSH_SECONDS)
+            except asyncio.TimeoutError:
+                pass
+            self._flush_now.clear()
+            try:
+                await self.flush()
+            except Exception:
+                log.exception("flushing usage to the database failed; it stays spooled")
+                await asyncio.sleep(1)
 
     async def _heartbeat(self) -> None:
-        """Push the deadline of this worker's held reservations forward."""
-        ids = list(self._in_flight)
+        ids = [lease.id for lease in (*self._leases.values(), *self._retiring) if lease.id]
         if not ids:
             return
-        until = service.reservation_deadline(_now(), self._catalog.reservation_ttl_seconds)
+        until = service.lease_deadline(_now(), self._catalog.reservation_ttl_seconds)
         async with self._sessionmaker() as session, session.begin():
-            repository = BillingRepository.from_session(session)
-            for start in range(0, len(ids), 500):
-                await repository.extend_reservations(ids[start : start + 500], until)
+            await BillingRepository.from_session(session).extend_leases(ids, until)
 
-    async def sweep(self) -> int:
-        """Release reservations past their deadline (their worker died); returns how many."""
+    async def _close_idle(self) -> None:
+        idle_after = self._catalog.lease_idle_seconds
+        moment = time.monotonic()
+        for lease in list(self._leases.values()):
+            if lease.in_flight == 0 and moment - lease.last_used > idle_after:
+                self._retire(lease)
+        drained = [lease for lease in self._retiring if lease.in_flight == 0]
+        if not drained:
+            return
+        await self.flush()
+        for lease in drained:
+            if lease.id:
+                await self._close(lease.id, lease.user_id)
+            self._retiring.remove(lease)
+
+    async def sweep(self) -> None:
+        """Replay the spools of dead workers on this machine, then return the unused credit of
+        leases whose owner stopped renewing them."""
+        assert self.spool is not None
+        for lock, files in self.spool.orphans():
+            for path in files:
+                records = read_records(path)
+                if records:
+                    await self._apply(records)
+                path.unlink(missing_ok=True)
+            lock.unlink(missing_ok=True)
+            log.warning("replayed the usage spool of a stopped worker (%s)", lock.name)
         async with self._sessionmaker() as session:
-            expired = await BillingRepository.from_session(session).expired_reservation_ids(_now(), 200)
-        released = 0
-        for request_id in expired:
-            now = _now()
-            async with self._sessionmaker() as session, session.begin():
-                repository = BillingRepository.from_session(session)
-                claimed = await repository.claim_reservations([request_id], "expired", now)
-                held = claimed.get(request_id)
-                if held is None:
-                    continue  # settled or swept by someone else meanwhile
-                posting = service.Posting()
-                states = await service.current_accounts(repository, posting, [held.user_id],
-                                                        self._catalog, now)
-                model = self._catalog.models.get(held.model)
-                if model is None:
-                    continue
-                settled = service.settle(
-                    posting, states[held.user_id], request_id=request_id, model=model,
-                    reserved_tokens=held.tokens, reserved_uusd=held.balance_uusd,
-                    reserved_period=held.period_start, prompt_tokens=0, completion_tokens=0,
-                    now=now,
-                )
-                await posting.write(repository, now)
-                event = UsageEvent(
-                    request_id=request_id, user_id=held.user_id, api_key_id=held.api_key_id,
-                    model=held.model, upstream=None, stream=False, outcome="abandoned",
-                    status_code=0, latency_ms=0, created_at=now, prompt_tokens=0,
-                    completion_tokens=0,
-                )
-                event.usage_source = "estimated"
-                await repository.insert_usage([_usage_row(event, settled)])
-            released += 1
-        if released:
-            log.warning("released %d reservations abandoned by a stopped worker", released)
-        return released
-
-
-def _usage_row(event: UsageEvent, settled: service.Settled) -> dict[str, Any]:
-    return {
-        "request_id": event.request_id, "user_id": event.user_id, "api_key_id": event.api_key_id,
-        "model": event.model, "upstream": event.upstream, "stream": event.stream,
-        "prompt_tokens": event.prompt_tokens or 0, "completion_tokens": event.completion_tokens or 0,
-        "usage_source": event.usage_source, "outcome": event.outcome,
-        "status_code": event.status_code, "latency_ms": event.latency_ms,
-        "tokens_from_plan": settled.tokens_from_plan, "cost_uusd": settled.cost_uusd,
-        "uncollected_uusd": settled.uncollected_uusd, "created_at": event.created_at,
-    }
-
-
-def _request_id(operation: _Reserve | _Settle) -> str:
-    return operation.request_id if isinstance(operation, _Reserve) else operation.event.request_id
+            expired = await BillingRepository.from_session(session).expired_leases(_now(), 100)
+        for lease_id, user_id in expired:
+            await self._close(lease_id, user_id)
+            log.warning("returned the unused credit of lease %d (its worker stopped)", lease_id)

@@ -12,7 +12,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from dubhe.models import Account, LedgerEntry, Reservation, SubscriptionPeriod, UsageRecord, User
+from dubhe.models import Account, Lease, LedgerEntry, SubscriptionPeriod, UsageRecord, User
 
 COUNTERS = ("tokens_available", "tokens_reserved", "balance_uusd", "balance_reserved_uusd")
 
@@ -135,44 +135,77 @@ class BillingRepository:
         statement = select(LedgerEntry.id).where(LedgerEntry.kind == kind, LedgerEntry.ref == ref)
         return (await self.session.execute(statement)).first() is not None
 
-    async def insert_reservations(self, rows: list[dict[str, Any]]) -> None:
-        if rows:
-            await self.session.execute(self._insert(Reservation), rows)
+    async def existing_refs(self, kind: str, refs: Sequence[str]) -> set[str]:
+        if not refs:
+            return set()
+        statement = select(LedgerEntry.ref).where(LedgerEntry.kind == kind, LedgerEntry.ref.in_(refs))
+        return set((await self.session.execute(statement)).scalars().all())
 
-    async def claim_reservations(self, request_ids: Iterable[str], status: str,
-                                 now: datetime) -> dict[str, Reservation]:
-        """Move held reservations to ``status``; only those still held come back (once, ever)."""
-        ids = list(request_ids)
+    async def insert_lease(self, *, user_id: int, owner: str, tokens: int, uusd: int,
+                           period_start: datetime, expires_at: datetime, now: datetime) -> int:
+        statement = (
+            self._insert(Lease)
+            .values(user_id=user_id, owner=owner, tokens=tokens, uusd=uusd, tokens_used=0,
+                    uusd_used=0, period_start=period_start, status="open",
+                    expires_at=expires_at, created_at=now)
+            .returning(Lease.id)
+        )
+        return int((await self.session.execute(statement)).scalar_one())
+
+    async def grow_lease(self, lease_id: int, tokens: int, uusd: int) -> bool:
+        result = await self.session.execute(
+            update(Lease)
+            .where(Lease.id == lease_id, Lease.status == "open")
+            .values(tokens=Lease.tokens + tokens, uusd=Lease.uusd + uusd)
+        )
+        return result.rowcount == 1  # type: ignore[attr-defined, no-any-return]
+
+    async def lease_statuses(self, lease_ids: Iterable[int]) -> dict[int, str]:
+        ids = list(set(lease_ids))
         if not ids:
             return {}
-        statement = (
-            update(Reservation)
-            .where(Reservation.request_id.in_(ids), Reservation.status == "held")
-            .values(status=status, finished_at=now)
-            .returning(Reservation)
-        )
-        rows = (await self.session.execute(statement)).scalars().all()
-        claimed = {row.request_id: row for row in rows}
-        for row in rows:
-            self.session.expunge(row)
-        return claimed
+        rows = await self.session.execute(select(Lease.id, Lease.status).where(Lease.id.in_(ids)))
+        return {lease_id: status for lease_id, status in rows.all()}
 
-    async def extend_reservations(self, request_ids: list[str], until: datetime) -> None:
-        if request_ids:
+    async def use_lease(self, lease_id: int, tokens: int, uusd: int) -> None:
+        # CHECK (tokens_used <= tokens ...) backs this: a lease never pays out more than it holds.
+        await self.session.execute(
+            update(Lease)
+            .where(Lease.id == lease_id)
+            .values(tokens_used=Lease.tokens_used + tokens, uusd_used=Lease.uusd_used + uusd)
+        )
+
+    async def close_lease(self, lease_id: int, now: datetime) -> Lease | None:
+        """Close an open lease; returns it (with what it used) only to the one caller that did."""
+        statement = (
+            update(Lease)
+            .where(Lease.id == lease_id, Lease.status == "open")
+            .values(status="closed", closed_at=now)
+            .returning(Lease)
+        )
+        row = (await self.session.execute(statement)).scalars().first()
+        if row is not None:
+            self.session.expunge(row)
+        return row
+
+    async def extend_leases(self, lease_ids: list[int], until: datetime) -> None:
+        if lease_ids:
             await self.session.execute(
-                update(Reservation)
-                .where(Reservation.request_id.in_(request_ids), Reservation.status == "held")
+                update(Lease)
+                .where(Lease.id.in_(lease_ids), Lease.status == "open")
                 .values(expires_at=until)
             )
 
-    async def expired_reservation_ids(self, now: datetime, limit: int) -> list[str]:
+    async def expired_leases(self, now: datetime, limit: int) -> list[tuple[int, int]]:
+        """(lease id, user id) of open leases whose owner stopped renewing them."""
         statement = (
-            select(Reservation.request_id)
-            .where(Reservation.status == "held", Reservation.expires_at < now)
-            .order_by(Reservation.expires_at)
+            select(Lease.id, Lease.user_id)
+            .where(Lease.status == "open", Lease.expires_at < now)
+            .order_by(Lease.expires_at)
             .limit(limit)
         )
-        return list((await self.session.execute(statement)).scalars().all())
+        rows = (await self.session.execute(statement)).all()
+        return [(lease_id, user_id) for lease_id, user_id in rows]
 
     async def insert_usage(self, rows: list[dict[str, Any]]) -> None:
         if rows:

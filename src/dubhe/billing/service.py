@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from dubhe.billing.periods import add_months, current_period
-from dubhe.billing.pricing import Admission, size_admission, split_cost
+from dubhe.billing.pricing import split_cost
 from dubhe.billing.repository import COUNTERS, AccountState, BillingRepository
 from dubhe.catalog import Catalog, ModelSpec
 from dubhe.errors import NotFound, UnprocessableRequest
@@ -148,17 +148,29 @@ async def current_accounts(repository: BillingRepository, posting: Posting, user
 # -- a request's reservation and settlement ---------------------------------------------------
 
 
-def reserve(posting: Posting, state: AccountState, *, request_id: str, model: ModelSpec,
-            prompt_tokens: int, max_tokens: int, now: datetime) -> Admission | None:
-    admission = size_admission(model, prompt_tokens=prompt_tokens, max_tokens=max_tokens,
-                               tokens_available=state.tokens_available,
-                               balance_uusd=state.balance_uusd)
-    if admission is None:
-        return None
-    posting.post(state, "reserve", request_id, now, f"hold for {model.id}",
-                 tokens_available=-admission.tokens, tokens_reserved=admission.tokens,
-                 balance_uusd=-admission.balance_uusd, balance_reserved_uusd=admission.balance_uusd)
-    return admission
+def lease_credit(posting: Posting, state: AccountState, *, lease_ref: str, tokens: int, uusd: int,
+                 now: datetime) -> None:
+    """Move credit from available to reserved for a worker's lease."""
+    posting.post(state, "lease", lease_ref, now, "credit leased to a worker",
+                 tokens_available=-tokens, tokens_reserved=tokens,
+                 balance_uusd=-uusd, balance_reserved_uusd=uusd)
+
+
+def release_lease(posting: Posting, state: AccountState, *, lease_id: int, tokens: int,
+                  uusd: int, period_start: datetime, now: datetime) -> None:
+    """Return what a closed lease did not use. Included tokens leased in a period that has since
+    ended are not returned: they expired with it."""
+    same_period = period_start == state.period_start
+    posting.post(state, "release", str(lease_id), now, "unused lease returned",
+                 tokens_reserved=-tokens, tokens_available=tokens if same_period else 0,
+                 balance_reserved_uusd=-uusd, balance_uusd=uusd)
+
+
+def settle_from_lease(posting: Posting, state: AccountState, *, request_id: str, tokens: int,
+                      uusd: int, uncollected_uusd: int, description: str, now: datetime) -> None:
+    """Charge a request settled against a lease: what it used leaves the reserved counters."""
+    posting.post(state, "settle", request_id, now, description, tokens_reserved=-tokens,
+                 balance_reserved_uusd=-uusd, uncollected_uusd=uncollected_uusd)
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,9 +185,10 @@ def settle(posting: Posting, state: AccountState, *, request_id: str, model: Mod
            prompt_tokens: int, completion_tokens: int, now: datetime) -> Settled:
     """Charge the real usage against what was held and release the rest, never below zero.
 
-    Included tokens held in a period that has since ended are not returned: they expired with it.
-    Usage beyond the hold (an upstream that ignored max_tokens, an estimate that was low) is taken
-    from what is available; what even that cannot cover is recorded as uncollected.
+    Used with nothing held for a request whose lease closed before its usage reached the
+    database (a worker that died with settlements in its spool): it is charged from what is
+    available, and what that cannot cover is recorded as uncollected. Included tokens held in a
+    period that has since ended are not returned: they expired with it.
     """
     same_period = reserved_period == state.period_start
     total = prompt_tokens + completion_tokens
@@ -244,5 +257,5 @@ async def change_plan(repository: BillingRepository, *, user_id: int, plan_code:
     return state
 
 
-def reservation_deadline(now: datetime, ttl_seconds: float) -> datetime:
+def lease_deadline(now: datetime, ttl_seconds: float) -> datetime:
     return now + timedelta(seconds=ttl_seconds)

@@ -100,6 +100,7 @@ def _build(raw: dict[str, Any]) -> Catalog:
         max_request_bytes=int(defaults.get("max_request_bytes", 16 * 1024 * 1024)),
         default_plan=default_plan,
         reservation_ttl_seconds=float(defaults.get("reservation_ttl_seconds", 120)),
+        lease_idle_seconds=float(defaults.get("lease_idle_seconds", 10)),
     )
 
 

@@ -51,8 +51,10 @@ class Catalog:
     max_request_bytes: int
     # The plan of new accounts, and of paid plans whose renewal the balance cannot cover.
     default_plan: str
-    # A held reservation not renewed for this long belongs to a crashed worker and is released.
+    # A worker's credit lease not renewed for this long belongs to a dead worker and is returned.
     reservation_ttl_seconds: float
+    # A lease unused for this long returns its credit to the account.
+    lease_idle_seconds: float
 
     def plans_including(self, model_id: str) -> list[PlanSpec]:
         return [plan for plan in self.plans.values() if model_id in plan.models]

@@ -363,9 +363,9 @@ class _Call:
             event.prompt_tokens = event.completion_tokens = None
             event.messages = self.body["messages"]
             event.response = data
-        # Settled durably before the client sees the answer.
+        # Settled (spooled) before the client sees the answer.
         self.finishing = True
-        settled = await self.state.meter.settle(event, wait=True)
+        settled = self.state.meter.settle(event, wait=True)
         headers = self.extra_headers
         if isinstance(settled, SettleResult):
             headers = _balance_headers(settled.balance.tokens_remaining, settled.balance.balance_uusd)
@@ -422,7 +422,7 @@ class _Call:
             )
             return
         self.finishing = True
-        settled = await self._meter_stream(relay, "ok", 200, wait=True)
+        settled = self._meter_stream(relay, "ok", 200, wait=True)
         tail = b""
         if self.request.include_usage and relay.usage_event is not None:
             if isinstance(settled, SettleResult):

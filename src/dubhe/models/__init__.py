@@ -4,10 +4,10 @@ from dubhe.models.api_key import ApiKey
 from dubhe.models.base import Base
 from dubhe.models.billing import (
     Account,
+    Lease,
     LedgerEntry,
     Payment,
     RedemptionCode,
-    Reservation,
     SubscriptionPeriod,
 )
 from dubhe.models.usage import UsageRecord
@@ -17,10 +17,10 @@ __all__ = [
     "Account",
     "ApiKey",
     "Base",
+    "Lease",
     "LedgerEntry",
     "Payment",
     "RedemptionCode",
-    "Reservation",
     "SubscriptionPeriod",
     "UsageRecord",
     "User",

@@ -55,30 +55,36 @@ class SubscriptionPeriod(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
-class Reservation(Base):
-    """Credit held for one request between admission and settlement."""
+class Lease(Base):
+    """A slice of an account's credit that one worker moved from available to reserved.
 
-    __tablename__ = "reservations"
+    The worker admits and settles requests against the lease in memory and flushes the settled
+    usage here (``tokens_used``, ``uusd_used``) in batches; what is left returns to the account
+    when the lease closes, or when its deadline passes because the worker stopped renewing it.
+    """
+
+    __tablename__ = "leases"
     __table_args__ = (
-        Index("ix_reservations_status_expires", "status", "expires_at"),
-        CheckConstraint("tokens >= 0 AND balance_uusd >= 0", name="amounts_nonnegative"),
+        Index("ix_leases_status_expires", "status", "expires_at"),
+        CheckConstraint(
+            "tokens_used >= 0 AND tokens_used <= tokens AND uusd_used >= 0 AND uusd_used <= uusd",
+            name="used_within_granted",
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
-    request_id: Mapped[str] = mapped_column(String(64), unique=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
-    api_key_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-    model: Mapped[str] = mapped_column(String(64))
+    owner: Mapped[str] = mapped_column(String(96))
     tokens: Mapped[int] = mapped_column(BigInteger)
-    balance_uusd: Mapped[int] = mapped_column(BigInteger)
-    prompt_tokens: Mapped[int] = mapped_column(BigInteger)
-    max_tokens: Mapped[int] = mapped_column(BigInteger)
-    # Allowance reserved in a period that has since ended expires instead of returning.
+    uusd: Mapped[int] = mapped_column(BigInteger)
+    tokens_used: Mapped[int] = mapped_column(BigInteger, default=0)
+    uusd_used: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Included tokens leased in a period that has since ended expire instead of returning.
     period_start: Mapped[datetime] = mapped_column(UTCDateTime)
-    status: Mapped[str] = mapped_column(String(16))  # held | settled | expired
+    status: Mapped[str] = mapped_column(String(16))  # open | closed
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class LedgerEntry(Base):
@@ -92,7 +98,7 @@ class LedgerEntry(Base):
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
-    # grant | expire | reserve | settle | topup | redeem | credit | plan_purchase
+    # grant | expire | renewal | lease | settle | release | topup | redeem | credit
     kind: Mapped[str] = mapped_column(String(16))
     ref: Mapped[str] = mapped_column(String(128))
     tokens_available: Mapped[int] = mapped_column(BigInteger, default=0)
