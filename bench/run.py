@@ -1,0 +1,1052 @@
+"""Dubhe's benchmark: what the gateway adds on top of talking to the upstream directly.
+
+    .venv/bin/python bench/run.py [--quick] [--database-url URL]
+
+Every gateway figure is measured next to the same figure taken straight against the upstream
+simulator in the same run, on the same machine, so the numbers are "gateway minus direct" rather
+than absolutes that depend on the box. The run starts its own simulators and gateways on free
+ports with a fresh data directory, and stops every process it started, also on error or Ctrl-C.
+
+Phases (bench/README.md explains each figure):
+  1. added latency at 1 connection, non-stream (wrk, alternating rounds; hey as a cross-check)
+  2. throughput and p99 at 64 connections, gateway with 1 and 2 workers
+  3. gateway CPU per request during phase 2 (utime+stime over the gateway's process tree)
+  4. gateway CPU per relayed stream chunk, and added time-to-first-token (bench/streams.py)
+  5. gateway memory per 1,000 concurrently open streams
+  6. correctness gates: non-2xx counts, streams ending in [DONE], one usage row per request
+
+Targets are printed next to the numbers; nothing here asserts on timing. The exit status is
+non-zero only when the harness itself could not run.
+
+Results: a table on stdout, all numbers in bench/results/<UTC timestamp>.json and latest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import streams  # noqa: E402  (bench/ is a folder of scripts, not a package)
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+RESULTS_DIR = BENCH_DIR / "results"
+VENV_BIN = Path(sys.executable).parent
+DUBHE = str(VENV_BIN / "dubhe")
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+KIB = 1024  # VmRSS in /proc/<pid>/status is in kB
+
+# Which simulator serves which model: one gateway reaches all three, picked by model name.
+FAST_MODEL = "dubhe-fast"  # unpaced sim: latency, throughput, TTFT
+PACED_MODEL = "dubhe-code"  # sim at 50 tokens/s: CPU per relayed chunk
+SLOW_MODEL = "dubhe-qwen"  # sim at 10 tokens/s: streams that stay open for the memory probe
+PACED_TOKENS_PER_S = 50
+SLOW_TOKENS_PER_S = 10
+
+TARGETS = {
+    "added_p50_us": ("<=", 1000),
+    "gateway_cpu_us_per_request": ("<=", 500),
+    "whole_box_rps_2_workers": (">=", 3000),
+    "cpu_us_per_chunk": ("<=", 70),
+    "mb_per_1000_streams": ("<=", 40),
+}
+
+
+HEY_BUDGET_S = 20  # most a hey cross-check run may take
+TTFT_BUDGET_S = 30  # most the sequential TTFT probes may take
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How long and how hard each phase runs."""
+
+    latency_rounds: int
+    latency_round_s: int
+    hey_requests: int
+    throughput_s: int
+    ttft_rounds: int
+    chunk_streams: int
+    chunk_tokens: int
+    memory_streams: int
+    memory_tokens: int  # at SLOW_TOKENS_PER_S, so streams stay open tokens/10 seconds
+
+
+FULL = Plan(
+    latency_rounds=3,
+    latency_round_s=5,
+    hey_requests=2000,
+    throughput_s=10,
+    ttft_rounds=200,
+    chunk_streams=200,
+    chunk_tokens=100,
+    memory_streams=1000,
+    memory_tokens=20,
+)
+QUICK = Plan(
+    latency_rounds=1,
+    latency_round_s=2,
+    hey_requests=300,
+    throughput_s=3,
+    ttft_rounds=30,
+    chunk_streams=50,
+    chunk_tokens=50,
+    memory_streams=200,
+    memory_tokens=20,
+)
+
+# wrk has no flags for a POST body, so a Lua script sets it; done() prints the exact numbers
+# (microseconds, error counts) as one JSON line instead of wrk's rounded human summary.
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = [==[{body}]==]
+wrk.headers["Content-Type"] = "application/json"
+{auth}
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'WRK_JSON {{"requests":%d,"duration_us":%d,"non_2xx":%d,"connect_errors":%d,' ..
+    '"read_errors":%d,"write_errors":%d,"timeouts":%d,"p50_us":%.1f,"p90_us":%.1f,' ..
+    '"p99_us":%.1f,"mean_us":%.1f,"max_us":%.1f}}\\n',
+    summary.requests, summary.duration, e.status, e.connect, e.read, e.write, e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99),
+    latency.mean, latency.max))
+end
+"""
+
+
+# -- tools ------------------------------------------------------------------------------------
+
+
+def ensure_tools() -> None:
+    """Install wrk and hey from Debian when missing (the bench is meant to be one command)."""
+    if shutil.which("wrk") and shutil.which("hey"):
+        return
+    if os.geteuid() != 0:
+        raise SystemExit("bench: wrk and hey are missing; run: sudo apt-get install -y wrk hey")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "-q", "wrk", "hey"]
+    print("bench: installing wrk and hey with apt-get", file=sys.stderr)
+    if subprocess.run(install, env=env, stdout=subprocess.DEVNULL).returncode != 0:
+        # A fresh container often has no package lists yet.
+        subprocess.run(["apt-get", "update", "-q"], env=env, stdout=subprocess.DEVNULL, check=True)
+        subprocess.run(install, env=env, stdout=subprocess.DEVNULL, check=True)
+
+
+def package_version(name: str) -> str | None:
+    """Neither `wrk` nor `hey` has a clean --version, so ask dpkg."""
+    try:
+        out = subprocess.run(
+            ["dpkg-query", "-W", "-f=${Version}", name], capture_output=True, text=True
+        )
+    except FileNotFoundError:
+        return None
+    return out.stdout.strip() or None
+
+
+def machine_info() -> dict[str, Any]:
+    cpu_model = None
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, timeout=10,
+        ).stdout.strip() or None  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        sha = None
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": cpu_model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "wrk": package_version("wrk"),
+        "hey": package_version("hey"),
+        "git_sha": sha,
+    }
+
+
+def load_average() -> list[float]:
+    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+
+
+# -- processes --------------------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: if the harness is killed outright (SIGKILL, no cleanup),
+    the kernel still sends the child SIGTERM, so no server outlives the run."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+class Processes:
+    """Every server the harness started. Each gets its own process group, so uvicorn's worker
+    processes are stopped along with their parent."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.running: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+        log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the child
+        proc = subprocess.Popen(
+            argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, preexec_fn=_die_with_parent,
+        )  # fmt: skip
+        log.close()  # the child has its own copy of the descriptor
+        self.running.append((name, proc))
+        return proc
+
+    def log_text(self, name: str) -> str:
+        path = self.log_dir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self, proc: subprocess.Popen, grace_s: float = 15) -> None:
+        """SIGTERM the leader only (uvicorn's supervisor stops its own workers, and a worker
+        killed behind its back would be restarted), then SIGKILL whatever is left of the group."""
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                pass
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
+        self.running = [(n, p) for n, p in self.running if p is not proc]
+
+    def stop_all(self) -> None:
+        for _, proc in reversed(self.running):
+            self.stop(proc)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def http_json(url: str, method: str = "GET", timeout: float = 5) -> Any:
+    request = urllib.request.Request(url, method=method)
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read() or b"null")
+
+
+def wait_until(ready, proc: subprocess.Popen, what: str, logs: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}; its log:\n{logs()}")
+        with contextlib.suppress(OSError, ValueError):
+            if ready():
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"{what} did not become ready in {timeout_s:.0f}s; its log:\n{logs()}")
+
+
+# -- /proc ------------------------------------------------------------------------------------
+
+
+def _stat_fields(pid: int) -> list[str]:
+    """Fields of /proc/<pid>/stat after the command name (which may contain spaces and parens):
+    index 0 is field 3 (state), so field N is at index N - 3."""
+    raw = Path(f"/proc/{pid}/stat").read_text()
+    return raw[raw.rindex(")") + 2 :].split()
+
+
+def process_tree(root: int) -> list[int]:
+    """root and all its descendants, found by walking every process's parent pid."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            children.setdefault(int(_stat_fields(int(entry))[1]), []).append(int(entry))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """utime + stime (fields 14 and 15) summed over the tree."""
+    ticks = 0
+    for pid in process_tree(root):
+        with contextlib.suppress(OSError, IndexError):
+            fields = _stat_fields(pid)
+            ticks += int(fields[14 - 3]) + int(fields[15 - 3])
+    return ticks / CLK_TCK
+
+
+def tree_rss_bytes(root: int) -> int:
+    total_kb = 0
+    for pid in process_tree(root):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total_kb += int(line.split()[1])
+                    break
+    return total_kb * KIB
+
+
+class RssSampler:
+    """Samples a process tree's RSS on a thread while streams are open; keeps the peak."""
+
+    def __init__(self, root: int, interval_s: float = 0.05) -> None:
+        self.root, self.interval_s = root, interval_s
+        self.peak = 0
+        self.at_all_open: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, tree_rss_bytes(self.root))
+            self._stop.wait(self.interval_s)
+
+    def mark_all_open(self) -> None:
+        self.at_all_open = tree_rss_bytes(self.root)
+        self.peak = max(self.peak, self.at_all_open)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@contextlib.contextmanager
+def cpu_delta(**roots: int) -> Iterator[dict[str, float]]:
+    """CPU seconds each named process tree used inside the block."""
+    before = {name: tree_cpu_seconds(pid) for name, pid in roots.items()}
+    used: dict[str, float] = {}
+    yield used
+    for name, pid in roots.items():
+        used[name] = tree_cpu_seconds(pid) - before[name]
+
+
+# -- the rig: simulators, gateway, credentials ------------------------------------------------
+
+
+@dataclass
+class Sim:
+    name: str
+    proc: subprocess.Popen
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1/chat/completions"
+
+    def stats(self) -> dict[str, int]:
+        return http_json(f"http://127.0.0.1:{self.port}/sim/stats")
+
+
+@dataclass
+class Gateway:
+    proc: subprocess.Popen
+    port: int
+    workers: int
+    log_name: str
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1/chat/completions"
+
+
+@dataclass
+class Ledger:
+    """Requests sent through gateways, to check one usage row per request at the end."""
+
+    client_completed: int = 0  # responses the load tools received
+    upstream_received: int = 0  # requests the sims saw arrive from the gateway
+
+
+@dataclass
+class Tally:
+    client_completed: int = 0
+    direct_sent: int = 0
+
+
+class Rig:
+    def __init__(self, work_dir: Path, database_url: str | None) -> None:
+        self.work_dir = work_dir
+        self.data_dir = work_dir / "data"
+        self.database_url = database_url
+        self.procs = Processes(work_dir)
+        self.sims: dict[str, Sim] = {}
+        self.gateway: Gateway | None = None
+        self.key = ""
+        # A unique account per run: a --database-url database outlives the run.
+        self.email = f"bench-{os.getpid()}-{int(time.time())}@example.com"
+        self.ledger = Ledger()
+        self.gateway_logs: list[str] = []
+
+    # environment --------------------------------------------------------------------------
+
+    def snapshot_source(self) -> None:
+        """Copy src/ into the run's directory and run every dubhe process from the copy: others
+        edit the tree while a bench runs, and a gateway started later in the run must run the
+        same code as the first one (PYTHONPATH comes before the venv's editable install)."""
+        shutil.copytree(REPO / "src", self.work_dir / "src",
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))  # fmt: skip
+
+    def source_digest(self) -> str:
+        """Names the exact code measured: the git sha alone misses uncommitted edits."""
+        digest = hashlib.sha256()
+        for path in sorted((self.work_dir / "src").rglob("*")):
+            if path.is_file():
+                digest.update(str(path.relative_to(self.work_dir)).encode() + b"\0")
+                digest.update(path.read_bytes())
+        return digest.hexdigest()[:12]
+
+    def env(self) -> dict[str, str]:
+        """The caller's environment minus any DUBHE_* (a stray DUBHE_ENV or secret in the shell
+        must not change what is measured), plus this run's data dir and catalog."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DUBHE_")}
+        env["DUBHE_DATA_DIR"] = str(self.data_dir)
+        env["DUBHE_CONFIG"] = str(self.work_dir / "dubhe.toml")
+        env["PYTHONPATH"] = str(self.work_dir / "src")
+        if self.database_url:
+            env["DUBHE_DATABASE_URL"] = self.database_url
+        return env
+
+    def write_catalog(self) -> None:
+        fast, paced, slow = (self.sims[n].port for n in ("fast", "paced", "slow"))
+        others = ["dubhe-vision", "dubhe-reasoning", "dubhe-agent"]
+        (self.work_dir / "dubhe.toml").write_text(f"""
+# Plan limits raised far beyond the load: the benchmark measures relaying, not rejections.
+[plans.ultimate]
+included_tokens = 1_000_000_000_000
+requests_per_minute = 1_000_000_000
+tokens_per_minute = 1_000_000_000_000
+concurrent_requests = 1_000_000
+
+# kind = "openai": serve must not start a built-in sim of its own.
+[[upstreams]]
+name = "sim"
+kind = "openai"
+base_url = "http://127.0.0.1:{fast}/v1"
+models = {json.dumps([FAST_MODEL, *others])}
+
+[[upstreams]]
+name = "sim-paced"
+kind = "openai"
+base_url = "http://127.0.0.1:{paced}/v1"
+models = ["{PACED_MODEL}"]
+
+[[upstreams]]
+name = "sim-slow"
+kind = "openai"
+base_url = "http://127.0.0.1:{slow}/v1"
+models = ["{SLOW_MODEL}"]
+""")
+
+    # processes ------------------------------------------------------------------------------
+
+    def start_sims(self) -> None:
+        """Three sims, each in its own process, so pacing one never slows another."""
+        rates = {"fast": None, "paced": PACED_TOKENS_PER_S, "slow": SLOW_TOKENS_PER_S}
+        for name, rate in rates.items():
+            port = free_port()
+            argv = [DUBHE, "upstream-sim", "--host", "127.0.0.1", "--port", str(port)]
+            if rate:
+                argv += ["--tokens-per-second", str(rate)]
+            self.sims[name] = Sim(name, self.procs.start(f"sim-{name}", argv, self.env()), port)
+        for sim in self.sims.values():
+            wait_until(sim.stats, sim.proc, f"sim {sim.name}",
+                       lambda s=sim: self.procs.log_text(f"sim-{s.name}"))  # fmt: skip
+
+    def create_account(self) -> None:
+        def dubhe(*args: str) -> str:
+            done = subprocess.run([DUBHE, *args], env=self.env(), capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"dubhe {' '.join(args[:2])} failed:\n{done.stderr}")
+            return done.stdout.strip()
+
+        dubhe("users", "create", self.email, "--password", "benchpass123", "--plan", "ultimate")
+        self.key = dubhe("keys", "create", self.email)
+
+    def start_gateway(self, workers: int) -> Gateway:
+        port = free_port()
+        name = f"gateway-{workers}w"
+        argv = [DUBHE, "serve", "--host", "127.0.0.1", "--port", str(port),
+                "--workers", str(workers)]  # fmt: skip
+        proc = self.procs.start(name, argv, self.env())
+        gateway = Gateway(proc, port, workers, name)
+
+        def ready() -> bool:
+            # /healthz can answer from the first worker while the second is still booting.
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                healthy = r.status == 200
+            booted = self.procs.log_text(name).count("Application startup complete")
+            return healthy and (workers == 1 or booted >= workers)
+
+        wait_until(ready, proc, name, lambda: self.procs.log_text(name))
+        self.gateway = gateway
+        self.gateway_logs.append(name)
+        return gateway
+
+    def stop_gateway(self) -> None:
+        if self.gateway is not None:
+            self.procs.stop(self.gateway.proc)
+            self.gateway = None
+
+    # requests -------------------------------------------------------------------------------
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+    def target(self, where: str) -> tuple[str, dict[str, str]]:
+        """(url, headers) for 'direct' (the fast sim) or 'gateway'."""
+        if where == "direct":
+            return self.sims["fast"].url, {}
+        assert self.gateway is not None
+        return self.gateway.url, self.auth
+
+    def upstream_requests(self, sim: Sim) -> int:
+        """Chat requests the sim has received, once nothing is still in flight (wrk stops with
+        requests outstanding; the gateway still forwards those)."""
+        time.sleep(0.3)
+        deadline = time.monotonic() + 10
+        stats = sim.stats()
+        while stats["active"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+            stats = sim.stats()
+        return stats["requests"]
+
+    @contextlib.contextmanager
+    def through_gateway(self, sim: Sim) -> Iterator[Tally]:
+        """Adds the requests the block sends through the gateway to the ledger: the sim's
+        counter tells how many reached it, the block tells how many its client completed (and
+        how many it sent to the sim directly meanwhile, which the counter also saw)."""
+        before = self.upstream_requests(sim)
+        tally = Tally()
+        yield tally
+        received = self.upstream_requests(sim) - before - tally.direct_sent
+        self.ledger.upstream_received += received
+        self.ledger.client_completed += tally.client_completed
+
+
+# -- load tools -------------------------------------------------------------------------------
+
+
+def wrk(rig: Rig, where: str, *, threads: int, connections: int, seconds: int) -> dict:
+    url, headers = rig.target(where)
+    body = json.dumps(streams.chat_body(FAST_MODEL, 16, stream=False))
+    auth = "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in headers.items())
+    script = rig.work_dir / f"wrk-{where}.lua"
+    script.write_text(WRK_SCRIPT.format(body=body, auth=auth))
+    argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency",
+            "-s", str(script), url]  # fmt: skip
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
+    match = re.search(r"^WRK_JSON (.*)$", out.stdout, re.MULTILINE)
+    if not match:
+        raise RuntimeError(f"wrk printed no result:\n{out.stdout}\n{out.stderr}")
+    result = json.loads(match.group(1))
+    result["rps"] = result["requests"] / (result["duration_us"] / 1e6)
+    result["socket_errors"] = sum(
+        result[k] for k in ("connect_errors", "read_errors", "write_errors", "timeouts")
+    )
+    return result
+
+
+def hey(rig: Rig, where: str, requests: int) -> dict:
+    url, headers = rig.target(where)
+    body = json.dumps(streams.chat_body(FAST_MODEL, 16, stream=False))
+    argv = ["hey", "-n", str(requests), "-c", "1", "-m", "POST", "-T", "application/json",
+            "-d", body]  # fmt: skip
+    for name, value in headers.items():
+        argv += ["-H", f"{name}: {value}"]
+    out = subprocess.run(argv + [url], capture_output=True, text=True, timeout=600).stdout
+    percentiles = {int(p): float(s) for p, s in re.findall(r"(\d+)% in ([\d.]+) secs", out)}
+    statuses = {int(c): int(n) for c, n in re.findall(r"\[(\d+)\]\s+(\d+) responses", out)}
+    _, _, error_lines = out.partition("Error distribution:")
+    return {
+        "requests": requests,
+        # hey prints seconds with 4 decimals: 100 us resolution, hence only a cross-check.
+        "p50_us": percentiles.get(50, 0) * 1e6 if percentiles else None,
+        "p99_us": percentiles.get(99, 0) * 1e6 if percentiles else None,
+        "status_counts": statuses,
+        "non_2xx": sum(n for code, n in statuses.items() if not 200 <= code < 300),
+        "errors": error_lines.strip()[:500],
+        "completed": sum(statuses.values()),
+    }
+
+
+# -- phases -----------------------------------------------------------------------------------
+
+
+def warm_up(rig: Rig) -> None:
+    """First requests pay for imports, key lookups and connection pools; keep them out."""
+    for where in ("direct", "gateway"):
+        if where == "gateway":
+            with rig.through_gateway(rig.sims["fast"]) as tally:
+                run = wrk(rig, where, threads=1, connections=4, seconds=1)
+                tally.client_completed = run["requests"]
+        else:
+            wrk(rig, where, threads=1, connections=4, seconds=1)
+
+
+def phase_latency(rig: Rig, plan: Plan) -> dict:
+    """Added latency at one connection. Rounds alternate direct/gateway (and which goes first)
+    so slow drift on a shared box lands on both; the median of the round values is reported."""
+    rounds: list[dict[str, dict]] = []
+    for i in range(plan.latency_rounds):
+        order = ("direct", "gateway") if i % 2 == 0 else ("gateway", "direct")
+        this_round: dict[str, dict] = {}
+        for where in order:
+            this_round[where] = _latency_run(rig, where, plan.latency_round_s)
+        rounds.append(this_round)
+    wrk_summary = {
+        where: {
+            stat: statistics.median(r[where][stat] for r in rounds)
+            for stat in ("p50_us", "p99_us", "rps")
+        }
+        for where in ("direct", "gateway")
+    }
+    # hey has no time limit with -n: a gateway that stalls would hold the whole run hostage, so
+    # the count shrinks to what the gateway's measured rate fits in HEY_BUDGET_S.
+    requests = min(plan.hey_requests, max(20, int(wrk_summary["gateway"]["rps"] * HEY_BUDGET_S)))
+    hey_runs = {"direct": hey(rig, "direct", requests)}
+    with rig.through_gateway(rig.sims["fast"]) as tally:
+        hey_runs["gateway"] = hey(rig, "gateway", requests)
+        tally.client_completed = hey_runs["gateway"]["completed"]
+    return {
+        "wrk": {**wrk_summary, "added": _added(wrk_summary), "rounds": rounds},
+        "hey": {**hey_runs, "added": _added(hey_runs)},
+    }
+
+
+def _latency_run(rig: Rig, where: str, seconds: int) -> dict:
+    if where == "direct":
+        return wrk(rig, where, threads=1, connections=1, seconds=seconds)
+    with rig.through_gateway(rig.sims["fast"]) as tally:
+        result = wrk(rig, where, threads=1, connections=1, seconds=seconds)
+        tally.client_completed = result["requests"]
+    return result
+
+
+def _added(by_target: dict[str, dict]) -> dict:
+    return {
+        stat: _minus(by_target["gateway"].get(stat), by_target["direct"].get(stat))
+        for stat in ("p50_us", "p99_us")
+    }
+
+
+def _minus(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+def phase_throughput(rig: Rig, plan: Plan, where: str) -> dict:
+    """64 connections for plan.throughput_s, with the CPU each process tree used meanwhile:
+    CPU per request = CPU seconds / completed requests."""
+    sim = rig.sims["fast"]
+    roots = {"sim": sim.proc.pid}
+    if where == "gateway":
+        assert rig.gateway is not None
+        roots["gateway"] = rig.gateway.proc.pid
+    with contextlib.ExitStack() as stack:
+        tally = stack.enter_context(rig.through_gateway(sim)) if where == "gateway" else Tally()
+        cpu = stack.enter_context(cpu_delta(**roots))
+        result = wrk(rig, where, threads=2, connections=64, seconds=plan.throughput_s)
+        tally.client_completed = result["requests"]
+    for name, seconds in cpu.items():
+        result[f"{name}_cpu_s"] = seconds
+        result[f"{name}_cpu_us_per_request"] = seconds / max(result["requests"], 1) * 1e6
+    return result
+
+
+def phase_ttft(rig: Rig, plan: Plan) -> dict:
+    """Time to first token at one stream, direct and gateway interleaved request by request."""
+    body = streams.chat_body(FAST_MODEL, 16, stream=True)
+    targets = {where: rig.target(where) for where in ("direct", "gateway")}
+    with rig.through_gateway(rig.sims["fast"]) as tally:
+        result = asyncio.run(
+            streams.ttft_pairs(targets, body, plan.ttft_rounds, budget_s=TTFT_BUDGET_S)
+        )
+        tally.client_completed = result["gateway"]["n"]
+        # The direct probes hit the same sim.
+        tally.direct_sent = result["direct"]["n"] + result["direct"]["failures"]
+    result["added"] = _added(result)
+    return result
+
+
+def phase_chunks(rig: Rig, plan: Plan) -> dict:
+    """CPU per relayed chunk: many concurrent paced streams, CPU delta / events received.
+    Direct to the paced sim first, for the sim's own cost per chunk as a reference."""
+    assert rig.gateway is not None
+    sim = rig.sims["paced"]
+    body = streams.chat_body(PACED_MODEL, plan.chunk_tokens, stream=True)
+    with cpu_delta(sim=sim.proc.pid) as cpu:
+        direct = asyncio.run(streams.run_streams(sim.url, {}, body, plan.chunk_streams))
+    direct_dict = {**direct.as_dict(), "sim_cpu_s": cpu["sim"]}
+    direct_dict["sim_cpu_us_per_chunk"] = cpu["sim"] / max(direct.events, 1) * 1e6
+
+    with rig.through_gateway(sim) as tally, cpu_delta(gateway=rig.gateway.proc.pid) as cpu:
+        gateway = asyncio.run(
+            streams.run_streams(rig.gateway.url, rig.auth, body, plan.chunk_streams)
+        )
+        tally.client_completed = gateway.ok_status
+    gateway_dict = {**gateway.as_dict(), "gateway_cpu_s": cpu["gateway"]}
+    gateway_dict["gateway_cpu_us_per_chunk"] = cpu["gateway"] / max(gateway.events, 1) * 1e6
+    return {"tokens_per_stream": plan.chunk_tokens, "direct": direct_dict, "gateway": gateway_dict}
+
+
+def phase_memory(rig: Rig, plan: Plan) -> dict:
+    """Gateway RSS (whole process tree) idle, and at its peak while memory_streams slow streams
+    are open; scaled to 1,000 streams."""
+    assert rig.gateway is not None
+    body = streams.chat_body(SLOW_MODEL, plan.memory_tokens, stream=True)
+    time.sleep(0.5)  # let the previous phase's connections close
+    idle = tree_rss_bytes(rig.gateway.proc.pid)
+    with rig.through_gateway(rig.sims["slow"]) as tally:
+        with RssSampler(rig.gateway.proc.pid) as sampler:
+            result = asyncio.run(
+                streams.run_streams(rig.gateway.url, rig.auth, body, plan.memory_streams,
+                                    on_all_open=sampler.mark_all_open)  # fmt: skip
+            )
+        tally.client_completed = result.ok_status
+    growth = sampler.peak - idle
+    return {
+        **result.as_dict(),
+        "idle_rss_mb": idle / 2**20,
+        "peak_rss_mb": sampler.peak / 2**20,
+        "rss_when_all_open_mb": (sampler.at_all_open or 0) / 2**20,
+        "mb_per_1000_streams": growth / 2**20 * 1000 / plan.memory_streams,
+    }
+
+
+# -- gates ------------------------------------------------------------------------------------
+
+
+def count_usage_rows(rig: Rig) -> dict:
+    """Usage rows written for the bench account, by outcome (after the gateways have stopped,
+    so everything queued has been flushed)."""
+    query = (
+        "SELECT r.outcome, r.status_code, COUNT(*) FROM usage_records r "
+        "JOIN users u ON u.id = r.user_id WHERE u.email = {param} "
+        "GROUP BY r.outcome, r.status_code"
+    )
+    if rig.database_url:
+        rows = asyncio.run(_query_sqlalchemy(rig.database_url, query.format(param=":email"),
+                                             {"email": rig.email}))  # fmt: skip
+    else:
+        with contextlib.closing(sqlite3.connect(rig.data_dir / "dubhe.db")) as db:
+            rows = db.execute(query.format(param="?"), (rig.email,)).fetchall()
+    by_outcome = {f"{outcome} {status}": count for outcome, status, count in rows}
+    return {"rows": sum(by_outcome.values()), "by_outcome": by_outcome}
+
+
+async def _query_sqlalchemy(url: str, sql: str, params: dict) -> list[tuple]:
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            return [tuple(row) for row in (await conn.execute(text(sql), params)).all()]
+    finally:
+        await engine.dispose()
+
+
+def gateway_log_problems(rig: Rig) -> dict:
+    """Warnings, errors and exceptions the gateways logged, as distinct lines with counts
+    (a failing write repeats the same traceback thousands of times)."""
+    problem = re.compile(r"^(WARNING|ERROR|CRITICAL)\b|^[\w.]+(Error|Exception)\b.*:|Traceback")
+    counts: dict[str, int] = {}
+    for name in rig.gateway_logs:
+        for line in rig.procs.log_text(name).splitlines():
+            line = line.strip()
+            if problem.search(line):
+                key = f"{name}: {line[:240]}"
+                counts[key] = counts.get(key, 0) + 1
+    ranked = sorted(counts.items(), key=lambda item: -item[1])
+    distinct = [{"count": n, "line": line} for line, n in ranked[:15]]
+    return {"lines": sum(counts.values()), "distinct": distinct}
+
+
+def gates(rig: Rig, results: dict) -> dict:
+    runs = _load_runs(results)
+    streams_runs = [
+        results["chunks"]["direct"], results["chunks"]["gateway"], results["memory"]
+    ]
+    ttft = results["ttft"]
+    try:
+        usage = count_usage_rows(rig)
+    except Exception as exc:  # a gate reports; it never stops the report
+        usage = {"rows": None, "error": f"{type(exc).__name__}: {exc}"}
+    usage["expected_upstream_requests"] = rig.ledger.upstream_received
+    usage["client_completed_requests"] = rig.ledger.client_completed
+    usage["matches"] = _usage_matches(usage, rig.ledger.upstream_received)
+    return {
+        "non_2xx_by_run": {name: run["non_2xx"] for name, run in runs.items()},
+        "socket_errors_by_run": {name: run.get("socket_errors", 0) for name, run in runs.items()},
+        "non_2xx_total": sum(run["non_2xx"] for run in runs.values()),
+        "streams_total": sum(s["streams"] for s in streams_runs)
+        + sum(t["n"] + t["failures"] for t in (ttft["direct"], ttft["gateway"])),
+        "streams_ended_with_done": sum(s["ended_with_done"] for s in streams_runs)
+        + sum(t["n"] - t["not_ended_with_done"] for t in (ttft["direct"], ttft["gateway"])),
+        "stream_errors": [s["errors"] for s in streams_runs if s["errors"]],
+        "usage_records": usage,
+        "gateway_log_problems": gateway_log_problems(rig),
+    }
+
+
+def _usage_matches(usage: dict, upstream_received: int) -> bool:
+    """Every request that reached an upstream has its row. Rows beyond that are allowed only as
+    client_cancelled ones: wrk abandons its in-flight requests when it stops, and the gateway
+    meters those even when they were cancelled before reaching the upstream."""
+    rows = usage.get("rows")
+    if rows is None:
+        return False
+    cancelled = sum(n for k, n in usage["by_outcome"].items() if k.startswith("client_cancelled"))
+    return 0 <= rows - upstream_received <= cancelled
+
+
+def _load_runs(results: dict) -> dict[str, dict]:
+    """Every wrk and hey run by name, for the non-2xx gate."""
+    runs = {}
+    for i, r in enumerate(results["latency"]["wrk"]["rounds"]):
+        for where, run in r.items():
+            runs[f"wrk c=1 {where} round {i + 1}"] = run
+    for where in ("direct", "gateway"):
+        runs[f"hey c=1 {where}"] = results["latency"]["hey"][where]
+    for name, run in results["throughput"].items():
+        if isinstance(run, dict):
+            runs[f"wrk c=64 {name}"] = run
+    return runs
+
+
+# -- report -----------------------------------------------------------------------------------
+
+
+def verdict(target: str, value: float | None) -> str:
+    if value is None:
+        return ""
+    op, limit = TARGETS[target]
+    met = value <= limit if op == "<=" else value >= limit
+    return f"{op} {limit:<6} {'ok' if met else 'MISS'}"
+
+
+def _us(v: float | None) -> str:
+    return "-" if v is None else f"{v:,.0f} us"
+
+
+def _n(v: float | None, unit: str = "") -> str:
+    return "-" if v is None else f"{v:,.0f}{unit}"
+
+
+def table(results: dict) -> str:
+    m, lat, tp = results["machine"], results["latency"], results["throughput"]
+    ttft, chunks, mem, g = results["ttft"], results["chunks"], results["memory"], results["gates"]
+    plan = results["plan"]
+    rows = [("", "direct", "gateway", "added/value", "target")]
+
+    def add(label: str, direct: str, gateway: str, value: str, target: str = "") -> None:
+        rows.append((label, direct, gateway, value, target))
+
+    w = lat["wrk"]
+    rounds = f"{plan['latency_rounds']}x{plan['latency_round_s']}s"
+    add(f"c=1 p50, wrk (median of {rounds})", _us(w["direct"]["p50_us"]),
+        _us(w["gateway"]["p50_us"]), _us(w["added"]["p50_us"]),
+        verdict("added_p50_us", w["added"]["p50_us"]))  # fmt: skip
+    add("c=1 p99, wrk", _us(w["direct"]["p99_us"]), _us(w["gateway"]["p99_us"]),
+        _us(w["added"]["p99_us"]))  # fmt: skip
+    h = lat["hey"]
+    add(f"c=1 p50, hey ({h['gateway']['requests']} req)", _us(h["direct"]["p50_us"]),
+        _us(h["gateway"]["p50_us"]), _us(h["added"]["p50_us"]))  # fmt: skip
+    add("c=1 p99, hey", _us(h["direct"]["p99_us"]), _us(h["gateway"]["p99_us"]),
+        _us(h["added"]["p99_us"]))  # fmt: skip
+    add(f"TTFT p50, 1 stream ({plan['ttft_rounds']} each)", _us(ttft["direct"]["p50_us"]),
+        _us(ttft["gateway"]["p50_us"]), _us(ttft["added"]["p50_us"]))  # fmt: skip
+    d, g1, g2 = tp["direct"], tp["gateway_1w"], tp["gateway_2w"]
+    add(f"c=64 req/s, 1 worker ({plan['throughput_s']}s)", _n(d["rps"]), _n(g1["rps"]),
+        f"{g1['rps'] / d['rps']:.0%} of direct")  # fmt: skip
+    add("c=64 req/s, 2 workers", _n(d["rps"]), _n(g2["rps"]),
+        f"{g2['rps'] / d['rps']:.0%} of direct",
+        verdict("whole_box_rps_2_workers", g2["rps"]))  # fmt: skip
+    add("c=64 p99, 1 worker / 2 workers", _us(d["p99_us"]),
+        f"{_us(g1['p99_us'])} / {_us(g2['p99_us'])}", "")  # fmt: skip
+    add("CPU per request, 1 worker", _us(d["sim_cpu_us_per_request"]) + " sim", "",
+        _us(g1["gateway_cpu_us_per_request"]),
+        verdict("gateway_cpu_us_per_request", g1["gateway_cpu_us_per_request"]))  # fmt: skip
+    add("CPU per request, 2 workers", "", "", _us(g2["gateway_cpu_us_per_request"]),
+        verdict("gateway_cpu_us_per_request", g2["gateway_cpu_us_per_request"]))  # fmt: skip
+    cg = chunks["gateway"]
+    add(f"CPU per chunk ({cg['streams']} streams x {chunks['tokens_per_stream']} tok)",
+        _us(chunks["direct"]["sim_cpu_us_per_chunk"]) + " sim", "",
+        _us(cg["gateway_cpu_us_per_chunk"]),
+        verdict("cpu_us_per_chunk", cg["gateway_cpu_us_per_chunk"]))  # fmt: skip
+    add(f"RSS per 1,000 streams ({mem['max_open']} open at once)", "",
+        f"{mem['idle_rss_mb']:.0f} -> {mem['peak_rss_mb']:.0f} MB",
+        f"{mem['mb_per_1000_streams']:.1f} MB",
+        verdict("mb_per_1000_streams", mem["mb_per_1000_streams"]))  # fmt: skip
+
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = [
+        f"Dubhe bench {results['timestamp']}  sha {m['git_sha']} (src {m.get('src_digest')})  "
+        f"{m['nproc']} cores  "
+        f"{m['cpu_model']}  db {results['database']}{'  QUICK' if results['quick'] else ''}",
+        f"load {results['load_before']} -> {results['load_after']}  python {m['python']}  "
+        f"wrk {m['wrk']}  hey {m['hey']}  took {results['duration_s']:.0f}s",
+        "",
+    ]
+    for r in rows:
+        lines.append(
+            f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}  "
+            f"{r[3]:>{widths[3]}}  {r[4]}".rstrip()
+        )
+    usage = g["usage_records"]
+    lines += [
+        "",
+        f"rig-bound: {'YES' if tp['rig_bound'] else 'no'} (gateway 1 worker at "
+        f"{g1['rps'] / d['rps']:.0%} of the sim's direct req/s; > 50% means the load generator "
+        "and sim share the cores the gateway needs)",
+        f"gates: non-2xx {g['non_2xx_total']} over {len(g['non_2xx_by_run'])} wrk/hey runs "
+        f"(socket errors/timeouts {sum(g['socket_errors_by_run'].values())}); "
+        f"streams ending in [DONE] {g['streams_ended_with_done']}/{g['streams_total']}; "
+        f"usage rows {usage.get('rows')} for {usage['expected_upstream_requests']} upstream "
+        f"requests ({'ok' if usage['matches'] else 'MISMATCH'}; by outcome "
+        f"{usage.get('by_outcome', usage.get('error'))}); gateway log problem lines "
+        f"{g['gateway_log_problems']['lines']}",
+    ]
+    for problem in g["gateway_log_problems"]["distinct"][:5]:
+        lines.append(f"  {problem['count']:>6} x {problem['line'][:150]}")
+    return "\n".join(lines)
+
+
+def write_results(results: dict) -> Path:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    path = RESULTS_DIR / f"{stamp}.json"
+    text = json.dumps(results, indent=2, sort_keys=False) + "\n"
+    path.write_text(text)
+    (RESULTS_DIR / "latest.json").write_text(text)
+    return path
+
+
+# -- main -------------------------------------------------------------------------------------
+
+
+def run(plan: Plan, database_url: str | None, quick: bool) -> dict:
+    started = time.monotonic()
+    fd_limit = streams.raise_fd_limit()  # before spawning anything: the servers inherit it
+    results: dict[str, Any] = {
+        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+        "quick": quick,
+        "plan": dataclasses.asdict(plan),
+        "database": database_url.split(":", 1)[0] if database_url else "sqlite",
+        "machine": machine_info(),
+        "fd_limit": fd_limit,
+        "load_before": load_average(),
+        "targets": {k: f"{op} {v}" for k, (op, v) in TARGETS.items()},
+    }
+    with tempfile.TemporaryDirectory(prefix="dubhe-bench-") as tmp:
+        rig = Rig(Path(tmp), database_url)
+        try:
+            rig.snapshot_source()
+            results["machine"]["src_digest"] = rig.source_digest()
+            _log("starting simulators")
+            rig.start_sims()
+            rig.write_catalog()
+            _log("creating the bench account")
+            rig.create_account()
+            _log("starting the gateway (1 worker)")
+            rig.start_gateway(workers=1)
+            warm_up(rig)
+            _log("phase 1: latency at 1 connection")
+            results["latency"] = phase_latency(rig, plan)
+            _log("phase 2: throughput at 64 connections, direct and 1 worker")
+            throughput = {"direct": phase_throughput(rig, plan, "direct")}
+            throughput["gateway_1w"] = phase_throughput(rig, plan, "gateway")
+            _log("phase 4: streams (TTFT, CPU per chunk)")
+            results["ttft"] = phase_ttft(rig, plan)
+            results["chunks"] = phase_chunks(rig, plan)
+            _log(f"phase 5: memory with {plan.memory_streams} open streams")
+            results["memory"] = phase_memory(rig, plan)
+            rig.stop_gateway()
+            _log("phase 2 again: throughput with 2 workers")
+            rig.start_gateway(workers=2)
+            warm_up(rig)
+            throughput["gateway_2w"] = phase_throughput(rig, plan, "gateway")
+            rig.stop_gateway()
+            # Above half the sim's rate, wrk and the sim take cores the gateway would need.
+            rig_bound = throughput["gateway_1w"]["rps"] > 0.5 * throughput["direct"]["rps"]
+            throughput["rig_bound"] = rig_bound
+            results["throughput"] = throughput
+            results["gates"] = gates(rig, results)
+        finally:
+            rig.procs.stop_all()
+    results["load_after"] = load_average()
+    results["duration_s"] = time.monotonic() - started
+    return results
+
+
+def _log(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    _log(f"got {signal.Signals(signum).name}; stopping every process it started")
+    raise SystemExit(128 + signum)  # unwinds through the finally blocks that stop the servers
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Benchmark the Dubhe gateway vs its upstream.")
+    parser.add_argument("--quick", action="store_true", help="short smoke run (about a minute)")
+    parser.add_argument(
+        "--database-url",
+        help="bench the gateway on this database (e.g. postgresql+asyncpg://...) instead of a "
+        "fresh SQLite file",
+    )
+    args = parser.parse_args()
+    # Also SIGINT: a shell starting us in the background leaves it ignored, and Ctrl-C or a
+    # kill -INT must still stop the servers (which sit in their own process groups).
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _exit_on_signal)
+    ensure_tools()
+    results = run(QUICK if args.quick else FULL, args.database_url, args.quick)
+    path = write_results(results)
+    print(table(results))
+    print(f"\nresults: {path.relative_to(REPO)} (and bench/results/latest.json)")
+
+
+if __name__ == "__main__":
+    main()
