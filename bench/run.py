@@ -1,6 +1,6 @@
 """Dubhe's benchmark: what the gateway adds on top of talking to the upstream directly.
 
-    .venv/bin/python bench/run.py [--quick] [--database-url URL]
+    .venv/bin/python bench/run.py [--quick] [--database-url URL] [--core-ref REF | --no-core]
 
 Every gateway figure is measured next to the same figure taken straight against the upstream
 simulator in the same run, on the same machine, so the numbers are "gateway minus direct" rather
@@ -14,6 +14,9 @@ Phases (bench/README.md explains each figure):
   4. gateway CPU per relayed stream chunk, and added time-to-first-token (bench/streams.py)
   5. gateway memory per 1,000 concurrently open streams
   6. correctness gates: non-2xx counts, streams ending in [DONE], one usage row per request
+  7. billing cost: phases 1-3 (1 worker) also run against a second gateway built from the
+     gateway-core commit (--core-ref, default 1440f4a, the last commit before billing), so
+     "current - core" is what billing adds per request, measured in the same run
 
 Targets are printed next to the numbers; nothing here asserts on timing. The exit status is
 non-zero only when the harness itself could not run.
@@ -79,6 +82,9 @@ TARGETS = {
 
 
 HEY_BUDGET_S = 20  # most a hey cross-check run may take
+# The gateway-core commit: the last one before billing, whose gateway the current one is
+# compared with to price billing per request.
+DEFAULT_CORE_REF = "1440f4a"
 TTFT_BUDGET_S = 30  # most the sequential TTFT probes may take
 
 
@@ -403,6 +409,29 @@ class Tally:
     direct_sent: int = 0
 
 
+@dataclass
+class Core:
+    """The second gateway: the gateway-core commit's code, exported with `git archive` (the
+    working tree is never touched), with its own data dir, account, key and usage ledger, so
+    nothing it writes mixes with the current gateway's gates."""
+
+    ref: str
+    sha: str
+    root: Path  # holds src/ (the export) and data/
+    email: str
+    key: str = ""
+    gateway: Gateway | None = None
+    ledger: Ledger = dataclasses.field(default_factory=Ledger)
+
+    @property
+    def src(self) -> Path:
+        return self.root / "src"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+
 class Rig:
     def __init__(self, work_dir: Path, database_url: str | None) -> None:
         self.work_dir = work_dir
@@ -416,6 +445,7 @@ class Rig:
         self.email = f"bench-{os.getpid()}-{int(time.time())}@example.com"
         self.ledger = Ledger()
         self.gateway_logs: list[str] = []
+        self.core: Core | None = None  # set by export_core(); None when the comparison is off
 
     # environment --------------------------------------------------------------------------
 
@@ -435,14 +465,35 @@ class Rig:
                 digest.update(path.read_bytes())
         return digest.hexdigest()[:12]
 
-    def env(self) -> dict[str, str]:
+    def export_core(self, ref: str, sha: str) -> None:
+        """Export the gateway-core commit's src/ next to the snapshot of the current one."""
+        root = self.work_dir / "core"
+        root.mkdir()
+        archive = subprocess.Popen(["git", "-C", str(REPO), "archive", sha, "src"],
+                                   stdout=subprocess.PIPE)  # fmt: skip
+        untar = subprocess.run(["tar", "-x", "-C", str(root)], stdin=archive.stdout,
+                               capture_output=True)  # fmt: skip
+        assert archive.stdout is not None
+        archive.stdout.close()
+        if archive.wait() != 0 or untar.returncode != 0:
+            raise RuntimeError(f"git archive {sha} src | tar -x failed: {untar.stderr!r}")
+        # The core's own account: a user of the current gateway does not exist in its database.
+        self.core = Core(ref, sha, root, email=f"core-{self.email}")
+
+    def env(self, side: str = "gateway") -> dict[str, str]:
         """The caller's environment minus any DUBHE_* (a stray DUBHE_ENV or secret in the shell
-        must not change what is measured), plus this run's data dir and catalog."""
+        must not change what is measured), plus this run's data dir and catalog. side="core"
+        points PYTHONPATH and the data dir at the core's export; the catalog is shared (the
+        core reads the same TOML format)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("DUBHE_")}
         env["DUBHE_DATA_DIR"] = str(self.data_dir)
         env["DUBHE_CONFIG"] = str(self.work_dir / "dubhe.toml")
         env["PYTHONPATH"] = str(self.work_dir / "src")
-        if self.database_url:
+        if side == "core":
+            assert self.core is not None
+            env["DUBHE_DATA_DIR"] = str(self.core.data_dir)
+            env["PYTHONPATH"] = str(self.core.src)
+        elif self.database_url:
             env["DUBHE_DATABASE_URL"] = self.database_url
         return env
 
@@ -492,22 +543,34 @@ models = ["{SLOW_MODEL}"]
             wait_until(sim.stats, sim.proc, f"sim {sim.name}",
                        lambda s=sim: self.procs.log_text(f"sim-{s.name}"))  # fmt: skip
 
-    def create_account(self) -> None:
+    def _cli(self, side: str) -> list[str]:
+        """The venv's `dubhe` script imports whatever PYTHONPATH puts first, but `python -m`
+        says plainly that the core runs from its export."""
+        return [sys.executable, "-m", "dubhe"] if side == "core" else [DUBHE]
+
+    def create_account(self, side: str = "gateway") -> None:
         def dubhe(*args: str) -> str:
-            done = subprocess.run([DUBHE, *args], env=self.env(), capture_output=True, text=True)
+            done = subprocess.run([*self._cli(side), *args], env=self.env(side),
+                                  capture_output=True, text=True)  # fmt: skip
             if done.returncode != 0:
-                raise RuntimeError(f"dubhe {' '.join(args[:2])} failed:\n{done.stderr}")
+                raise RuntimeError(f"{side}: dubhe {' '.join(args[:2])} failed:\n{done.stderr}")
             return done.stdout.strip()
 
-        dubhe("users", "create", self.email, "--password", "benchpass123", "--plan", "ultimate")
-        self.key = dubhe("keys", "create", self.email)
+        email = self.core.email if side == "core" and self.core else self.email
+        dubhe("users", "create", email, "--password", "benchpass123", "--plan", "ultimate")
+        key = dubhe("keys", "create", email)
+        if side == "core":
+            assert self.core is not None
+            self.core.key = key
+        else:
+            self.key = key
 
-    def start_gateway(self, workers: int) -> Gateway:
+    def start_gateway(self, workers: int, side: str = "gateway") -> Gateway:
         port = free_port()
-        name = f"gateway-{workers}w"
-        argv = [DUBHE, "serve", "--host", "127.0.0.1", "--port", str(port),
+        name = f"{side}-{workers}w"
+        argv = [*self._cli(side), "serve", "--host", "127.0.0.1", "--port", str(port),
                 "--workers", str(workers)]  # fmt: skip
-        proc = self.procs.start(name, argv, self.env())
+        proc = self.procs.start(name, argv, self.env(side))
         gateway = Gateway(proc, port, workers, name)
 
         def ready() -> bool:
@@ -518,14 +581,28 @@ models = ["{SLOW_MODEL}"]
             return healthy and (workers == 1 or booted >= workers)
 
         wait_until(ready, proc, name, lambda: self.procs.log_text(name))
-        self.gateway = gateway
+        if side == "core":
+            assert self.core is not None
+            self.core.gateway = gateway
+        else:
+            self.gateway = gateway
         self.gateway_logs.append(name)
         return gateway
 
-    def stop_gateway(self) -> None:
-        if self.gateway is not None:
+    def stop_gateway(self, side: str = "gateway") -> None:
+        if side == "core":
+            if self.core is not None and self.core.gateway is not None:
+                self.procs.stop(self.core.gateway.proc)
+                self.core.gateway = None
+        elif self.gateway is not None:
             self.procs.stop(self.gateway.proc)
             self.gateway = None
+
+    def gateway_of(self, where: str) -> Gateway:
+        """The running gateway behind a target name: 'gateway' (current) or 'core'."""
+        gateway = self.core.gateway if where == "core" and self.core else self.gateway
+        assert gateway is not None, f"no {where} gateway running"
+        return gateway
 
     # requests -------------------------------------------------------------------------------
 
@@ -534,11 +611,13 @@ models = ["{SLOW_MODEL}"]
         return {"Authorization": f"Bearer {self.key}"}
 
     def target(self, where: str) -> tuple[str, dict[str, str]]:
-        """(url, headers) for 'direct' (the fast sim) or 'gateway'."""
+        """(url, headers) for 'direct' (the fast sim), 'gateway' (current) or 'core'."""
         if where == "direct":
             return self.sims["fast"].url, {}
-        assert self.gateway is not None
-        return self.gateway.url, self.auth
+        if where == "core":
+            assert self.core is not None
+            return self.gateway_of("core").url, {"Authorization": f"Bearer {self.core.key}"}
+        return self.gateway_of("gateway").url, self.auth
 
     def upstream_requests(self, sim: Sim) -> int:
         """Chat requests the sim has received, once nothing is still in flight (wrk stops with
@@ -552,16 +631,18 @@ models = ["{SLOW_MODEL}"]
         return stats["requests"]
 
     @contextlib.contextmanager
-    def through_gateway(self, sim: Sim) -> Iterator[Tally]:
-        """Adds the requests the block sends through the gateway to the ledger: the sim's
-        counter tells how many reached it, the block tells how many its client completed (and
-        how many it sent to the sim directly meanwhile, which the counter also saw)."""
+    def through_gateway(self, sim: Sim, where: str = "gateway") -> Iterator[Tally]:
+        """Adds the requests the block sends through the gateway to its ledger (the current
+        gateway's, or the core's with where="core"): the sim's counter tells how many reached
+        it, the block tells how many its client completed (and how many it sent to the sim
+        directly meanwhile, which the counter also saw)."""
+        ledger = self.core.ledger if where == "core" and self.core else self.ledger
         before = self.upstream_requests(sim)
         tally = Tally()
         yield tally
         received = self.upstream_requests(sim) - before - tally.direct_sent
-        self.ledger.upstream_received += received
-        self.ledger.client_completed += tally.client_completed
+        ledger.upstream_received += received
+        ledger.client_completed += tally.client_completed
 
 
 # -- load tools -------------------------------------------------------------------------------
@@ -613,33 +694,46 @@ def hey(rig: Rig, where: str, requests: int) -> dict:
 # -- phases -----------------------------------------------------------------------------------
 
 
-def warm_up(rig: Rig) -> None:
+def c1_targets(rig: Rig) -> list[str]:
+    """What phase 1 measures: direct, the current gateway and, when it runs, the core one."""
+    return ["direct", "gateway", *(["core"] if rig.core and rig.core.gateway else [])]
+
+
+def warm_up(rig: Rig, targets: list[str]) -> None:
     """First requests pay for imports, key lookups and connection pools; keep them out."""
-    for where in ("direct", "gateway"):
-        if where == "gateway":
-            with rig.through_gateway(rig.sims["fast"]) as tally:
-                run = wrk(rig, where, threads=1, connections=4, seconds=1)
-                tally.client_completed = run["requests"]
-        else:
-            wrk(rig, where, threads=1, connections=4, seconds=1)
+    for where in targets:
+        _wrk_counted(rig, where, threads=1, connections=4, seconds=1)
+
+
+def _wrk_counted(rig: Rig, where: str, **wrk_args: int) -> dict:
+    """A wrk run whose gateway requests go into that gateway's usage ledger."""
+    if where == "direct":
+        return wrk(rig, where, **wrk_args)
+    with rig.through_gateway(rig.sims["fast"], where) as tally:
+        result = wrk(rig, where, **wrk_args)
+        tally.client_completed = result["requests"]
+    return result
 
 
 def phase_latency(rig: Rig, plan: Plan) -> dict:
-    """Added latency at one connection. Rounds alternate direct/gateway (and which goes first)
-    so slow drift on a shared box lands on both; the median of the round values is reported."""
+    """Added latency at one connection. Each round runs every target once, and the order
+    rotates from round to round (direct/gateway/core, gateway/core/direct, ...) so slow drift
+    on a shared box lands on all of them; the median of the round values is reported."""
+    targets = c1_targets(rig)
     rounds: list[dict[str, dict]] = []
     for i in range(plan.latency_rounds):
-        order = ("direct", "gateway") if i % 2 == 0 else ("gateway", "direct")
+        shift = i % len(targets)
         this_round: dict[str, dict] = {}
-        for where in order:
-            this_round[where] = _latency_run(rig, where, plan.latency_round_s)
+        for where in targets[shift:] + targets[:shift]:
+            this_round[where] = _wrk_counted(rig, where, threads=1, connections=1,
+                                             seconds=plan.latency_round_s)  # fmt: skip
         rounds.append(this_round)
     wrk_summary = {
         where: {
             stat: statistics.median(r[where][stat] for r in rounds)
             for stat in ("p50_us", "p99_us", "rps")
         }
-        for where in ("direct", "gateway")
+        for where in targets
     }
     # hey has no time limit with -n: a gateway that stalls would hold the whole run hostage, so
     # the count shrinks to what the gateway's measured rate fits in HEY_BUDGET_S.
@@ -648,24 +742,15 @@ def phase_latency(rig: Rig, plan: Plan) -> dict:
     with rig.through_gateway(rig.sims["fast"]) as tally:
         hey_runs["gateway"] = hey(rig, "gateway", requests)
         tally.client_completed = hey_runs["gateway"]["completed"]
+    wrk_result = {**wrk_summary, "added": _added(wrk_summary), "rounds": rounds}
+    if "core" in wrk_summary:
+        wrk_result["core_added"] = _added(wrk_summary, "core")
+    return {"wrk": wrk_result, "hey": {**hey_runs, "added": _added(hey_runs)}}
+
+
+def _added(by_target: dict[str, dict], where: str = "gateway") -> dict:
     return {
-        "wrk": {**wrk_summary, "added": _added(wrk_summary), "rounds": rounds},
-        "hey": {**hey_runs, "added": _added(hey_runs)},
-    }
-
-
-def _latency_run(rig: Rig, where: str, seconds: int) -> dict:
-    if where == "direct":
-        return wrk(rig, where, threads=1, connections=1, seconds=seconds)
-    with rig.through_gateway(rig.sims["fast"]) as tally:
-        result = wrk(rig, where, threads=1, connections=1, seconds=seconds)
-        tally.client_completed = result["requests"]
-    return result
-
-
-def _added(by_target: dict[str, dict]) -> dict:
-    return {
-        stat: _minus(by_target["gateway"].get(stat), by_target["direct"].get(stat))
+        stat: _minus(by_target[where].get(stat), by_target["direct"].get(stat))
         for stat in ("p50_us", "p99_us")
     }
 
@@ -676,14 +761,15 @@ def _minus(a: float | None, b: float | None) -> float | None:
 
 def phase_throughput(rig: Rig, plan: Plan, where: str) -> dict:
     """64 connections for plan.throughput_s, with the CPU each process tree used meanwhile:
-    CPU per request = CPU seconds / completed requests."""
+    CPU per request = CPU seconds / completed requests. where: direct, gateway or core (the
+    gateway's tree is reported as "gateway" either way)."""
     sim = rig.sims["fast"]
     roots = {"sim": sim.proc.pid}
-    if where == "gateway":
-        assert rig.gateway is not None
-        roots["gateway"] = rig.gateway.proc.pid
+    if where != "direct":
+        roots["gateway"] = rig.gateway_of(where).proc.pid
     with contextlib.ExitStack() as stack:
-        tally = stack.enter_context(rig.through_gateway(sim)) if where == "gateway" else Tally()
+        tally = (stack.enter_context(rig.through_gateway(sim, where))
+                 if where != "direct" else Tally())  # fmt: skip
         cpu = stack.enter_context(cpu_delta(**roots))
         result = wrk(rig, where, threads=2, connections=64, seconds=plan.throughput_s)
         tally.client_completed = result["requests"]
@@ -756,20 +842,20 @@ def phase_memory(rig: Rig, plan: Plan) -> dict:
 # -- gates ------------------------------------------------------------------------------------
 
 
-def count_usage_rows(rig: Rig) -> dict:
-    """Usage rows written for the bench account, by outcome (after the gateways have stopped,
+def count_usage_rows(database_url: str | None, data_dir: Path, email: str) -> dict:
+    """Usage rows written for a bench account, by outcome (after the gateways have stopped,
     so everything queued has been flushed)."""
     query = (
         "SELECT r.outcome, r.status_code, COUNT(*) FROM usage_records r "
         "JOIN users u ON u.id = r.user_id WHERE u.email = {param} "
         "GROUP BY r.outcome, r.status_code"
     )
-    if rig.database_url:
-        rows = asyncio.run(_query_sqlalchemy(rig.database_url, query.format(param=":email"),
-                                             {"email": rig.email}))  # fmt: skip
+    if database_url:
+        rows = asyncio.run(_query_sqlalchemy(database_url, query.format(param=":email"),
+                                             {"email": email}))  # fmt: skip
     else:
-        with contextlib.closing(sqlite3.connect(rig.data_dir / "dubhe.db")) as db:
-            rows = db.execute(query.format(param="?"), (rig.email,)).fetchall()
+        with contextlib.closing(sqlite3.connect(data_dir / "dubhe.db")) as db:
+            rows = db.execute(query.format(param="?"), (email,)).fetchall()
     by_outcome = {f"{outcome} {status}": count for outcome, status, count in rows}
     return {"rows": sum(by_outcome.values()), "by_outcome": by_outcome}
 
@@ -808,13 +894,11 @@ def gates(rig: Rig, results: dict) -> dict:
         results["chunks"]["direct"], results["chunks"]["gateway"], results["memory"]
     ]
     ttft = results["ttft"]
-    try:
-        usage = count_usage_rows(rig)
-    except Exception as exc:  # a gate reports; it never stops the report
-        usage = {"rows": None, "error": f"{type(exc).__name__}: {exc}"}
-    usage["expected_upstream_requests"] = rig.ledger.upstream_received
-    usage["client_completed_requests"] = rig.ledger.client_completed
-    usage["matches"] = _usage_matches(usage, rig.ledger.upstream_received)
+    usage = usage_gate(rig.database_url, rig.data_dir, rig.email, rig.ledger)
+    core_usage = None
+    if rig.core is not None and rig.core.key:
+        # The core always runs on its own SQLite file (the brief's fresh data dir).
+        core_usage = usage_gate(None, rig.core.data_dir, rig.core.email, rig.core.ledger)
     return {
         "non_2xx_by_run": {name: run["non_2xx"] for name, run in runs.items()},
         "socket_errors_by_run": {name: run.get("socket_errors", 0) for name, run in runs.items()},
@@ -825,8 +909,20 @@ def gates(rig: Rig, results: dict) -> dict:
         + sum(t["n"] - t["not_ended_with_done"] for t in (ttft["direct"], ttft["gateway"])),
         "stream_errors": [s["errors"] for s in streams_runs if s["errors"]],
         "usage_records": usage,
+        "core_usage_records": core_usage,
         "gateway_log_problems": gateway_log_problems(rig),
     }
+
+
+def usage_gate(database_url: str | None, data_dir: Path, email: str, ledger: Ledger) -> dict:
+    try:
+        usage = count_usage_rows(database_url, data_dir, email)
+    except Exception as exc:  # a gate reports; it never stops the report
+        usage = {"rows": None, "error": f"{type(exc).__name__}: {exc}"}
+    usage["expected_upstream_requests"] = ledger.upstream_received
+    usage["client_completed_requests"] = ledger.client_completed
+    usage["matches"] = _usage_matches(usage, ledger.upstream_received)
+    return usage
 
 
 def _usage_matches(usage: dict, upstream_received: int) -> bool:
@@ -949,7 +1045,68 @@ def table(results: dict) -> str:
     ]
     for problem in g["gateway_log_problems"]["distinct"][:5]:
         lines.append(f"  {problem['count']:>6} x {problem['line'][:150]}")
+    lines += ["", *billing_block(results["billing_cost"], g.get("core_usage_records"))]
     return "\n".join(lines)
+
+
+def billing_cost(results: dict) -> dict:
+    """What billing costs per request: the current gateway minus the gateway-core commit's,
+    both with 1 worker and measured in the same run (phase 1 rounds interleave both)."""
+    core = results["core"]
+    if core.get("skipped"):
+        return {"skipped": core["skipped"], "core_ref": core["ref"]}
+    w, tp = results["latency"]["wrk"], results["throughput"]
+    current_tp, core_tp = tp["gateway_1w"], tp["core_1w"]
+
+    def pair(core_value: float | None, current_value: float | None) -> dict:
+        return {"core": core_value, "current": current_value,
+                "billing": _minus(current_value, core_value)}  # fmt: skip
+
+    rps = pair(core_tp["rps"], current_tp["rps"])
+    rps["change"] = current_tp["rps"] / core_tp["rps"] - 1 if core_tp["rps"] else None
+    return {
+        "core_ref": core["ref"],
+        "core_sha": core["sha"],
+        "workers": 1,
+        "c1_added_p50_us": pair(w["core_added"]["p50_us"], w["added"]["p50_us"]),
+        "c1_added_p99_us": pair(w["core_added"]["p99_us"], w["added"]["p99_us"]),
+        "cpu_us_per_request": pair(core_tp["gateway_cpu_us_per_request"],
+                                   current_tp["gateway_cpu_us_per_request"]),  # fmt: skip
+        "c64_rps": rps,
+        "c64_p99_us": pair(core_tp["p99_us"], current_tp["p99_us"]),
+    }
+
+
+def billing_block(cost: dict, core_usage: dict | None) -> list[str]:
+    if cost.get("skipped"):
+        return [f"billing cost: comparison with {cost['core_ref']} skipped: {cost['skipped']}"]
+
+    def us(v: float | None, sign: bool = False) -> str:
+        return "-" if v is None else f"{v:+,.0f} us" if sign else f"{v:,.0f} us"
+
+    def line(label: str, p: dict, last: str | None = None) -> str:
+        tail = last if last is not None else f"billing {us(p['billing'], sign=True):>9}"
+        fmt = _n if label.startswith("c=64 req/s") else us
+        return (f"  {label:<22} core {fmt(p['core']):>9}   current {fmt(p['current']):>9}   "
+                f"{tail}")  # fmt: skip
+
+    rps = cost["c64_rps"]
+    change = "-" if rps["change"] is None else f"({rps['change']:+.0%})"
+    lines = [
+        f"billing cost (current - core {cost['core_ref']}, 1 worker)",
+        line("c=1 added p50", cost["c1_added_p50_us"]),
+        line("c=1 added p99", cost["c1_added_p99_us"]),
+        line("CPU per request", cost["cpu_us_per_request"]),
+        line("c=64 req/s", rps, change),
+        line("c=64 p99", cost["c64_p99_us"]),
+    ]
+    if core_usage is not None:
+        lines.append(
+            f"  core gates: usage rows {core_usage.get('rows')} for "
+            f"{core_usage['expected_upstream_requests']} upstream requests "
+            f"({'ok' if core_usage['matches'] else 'MISMATCH'})"
+        )
+    return lines
 
 
 def write_results(results: dict) -> Path:
@@ -962,10 +1119,50 @@ def write_results(results: dict) -> Path:
     return path
 
 
+# -- the core comparison ----------------------------------------------------------------------
+
+
+def resolve_core(ref: str, no_core: bool, database_url: str | None) -> tuple[str | None, str]:
+    """(full sha, "") when the core gateway can be benched, else (None, why not)."""
+    if no_core:
+        return None, "--no-core given"
+    if database_url:
+        # The core's migrations predate billing's: it cannot share the current gateway's
+        # database, and on SQLite beside a PostgreSQL gateway the difference would not be billing.
+        return None, "not with --database-url (the core would need a database of its own)"
+    try:
+        check = subprocess.run(["git", "-C", str(REPO), "cat-file", "-e", f"{ref}^{{commit}}"],
+                               capture_output=True, text=True, timeout=30)  # fmt: skip
+        if check.returncode != 0:
+            detail = check.stderr.strip().splitlines()[-1:] or [""]
+            return None, (f"{ref} is not a commit in this clone ({detail[0]}); a shallow "
+                          "clone or an export without history? git fetch --unshallow, or "
+                          "pass --no-core")  # fmt: skip
+        sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", f"{ref}^{{commit}}"],
+                             capture_output=True, text=True, timeout=30, check=True)  # fmt: skip
+    except (OSError, subprocess.SubprocessError) as exc:
+        return None, f"git could not be asked about {ref}: {exc}"
+    return sha.stdout.strip(), ""
+
+
+def start_core(rig: Rig, ref: str, sha: str) -> str:
+    """Export, create the account and start the core gateway (1 worker); "" or why it failed.
+    A core that cannot start costs the comparison, not the rest of the run."""
+    try:
+        rig.export_core(ref, sha)
+        rig.create_account("core")
+        rig.start_gateway(workers=1, side="core")
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        rig.stop_gateway("core")
+        rig.core = None
+        return f"the {ref} gateway did not start: {str(exc)[:1500]}"
+    return ""
+
+
 # -- main -------------------------------------------------------------------------------------
 
 
-def run(plan: Plan, database_url: str | None, quick: bool) -> dict:
+def run(plan: Plan, database_url: str | None, quick: bool, core_ref: str, no_core: bool) -> dict:
     started = time.monotonic()
     fd_limit = streams.raise_fd_limit()  # before spawning anything: the servers inherit it
     results: dict[str, Any] = {
@@ -978,6 +1175,10 @@ def run(plan: Plan, database_url: str | None, quick: bool) -> dict:
         "load_before": load_average(),
         "targets": {k: f"{op} {v}" for k, (op, v) in TARGETS.items()},
     }
+    core_sha, skipped = resolve_core(core_ref, no_core, database_url)
+    results["core"] = {"ref": core_ref, "sha": core_sha, "skipped": skipped}
+    if skipped:
+        _log(f"billing cost: comparison skipped: {skipped}")
     with tempfile.TemporaryDirectory(prefix="dubhe-bench-") as tmp:
         rig = Rig(Path(tmp), database_url)
         try:
@@ -990,12 +1191,22 @@ def run(plan: Plan, database_url: str | None, quick: bool) -> dict:
             rig.create_account()
             _log("starting the gateway (1 worker)")
             rig.start_gateway(workers=1)
-            warm_up(rig)
+            if core_sha:
+                _log(f"starting the core gateway from {core_ref} ({core_sha[:12]}, 1 worker)")
+                skipped = start_core(rig, core_ref, core_sha)
+                if skipped:
+                    results["core"]["skipped"] = skipped
+                    _log(f"billing cost: comparison skipped: {skipped}")
+            warm_up(rig, c1_targets(rig))
             _log("phase 1: latency at 1 connection")
             results["latency"] = phase_latency(rig, plan)
             _log("phase 2: throughput at 64 connections, direct and 1 worker")
             throughput = {"direct": phase_throughput(rig, plan, "direct")}
             throughput["gateway_1w"] = phase_throughput(rig, plan, "gateway")
+            if rig.core is not None:
+                throughput["core_1w"] = phase_throughput(rig, plan, "core")
+                # Only phases 1-3 compare with the core; the rest runs without it.
+                rig.stop_gateway("core")
             _log("phase 4: streams (TTFT, CPU per chunk)")
             results["ttft"] = phase_ttft(rig, plan)
             results["chunks"] = phase_chunks(rig, plan)
@@ -1004,7 +1215,7 @@ def run(plan: Plan, database_url: str | None, quick: bool) -> dict:
             rig.stop_gateway()
             _log("phase 2 again: throughput with 2 workers")
             rig.start_gateway(workers=2)
-            warm_up(rig)
+            warm_up(rig, ["direct", "gateway"])
             throughput["gateway_2w"] = phase_throughput(rig, plan, "gateway")
             rig.stop_gateway()
             # Above half the sim's rate, wrk and the sim take cores the gateway would need.
@@ -1012,6 +1223,7 @@ def run(plan: Plan, database_url: str | None, quick: bool) -> dict:
             throughput["rig_bound"] = rig_bound
             results["throughput"] = throughput
             results["gates"] = gates(rig, results)
+            results["billing_cost"] = billing_cost(results)
         finally:
             rig.procs.stop_all()
     results["load_after"] = load_average()
@@ -1036,13 +1248,21 @@ def main() -> None:
         help="bench the gateway on this database (e.g. postgresql+asyncpg://...) instead of a "
         "fresh SQLite file",
     )
+    parser.add_argument(
+        "--core-ref", default=DEFAULT_CORE_REF, metavar="REF",
+        help="commit whose gateway is the no-billing baseline for the billing cost "
+        f"(default {DEFAULT_CORE_REF}, the last commit before billing)",
+    )  # fmt: skip
+    parser.add_argument("--no-core", action="store_true",
+                        help="skip the billing-cost comparison with --core-ref")  # fmt: skip
     args = parser.parse_args()
     # Also SIGINT: a shell starting us in the background leaves it ignored, and Ctrl-C or a
     # kill -INT must still stop the servers (which sit in their own process groups).
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _exit_on_signal)
     ensure_tools()
-    results = run(QUICK if args.quick else FULL, args.database_url, args.quick)
+    results = run(QUICK if args.quick else FULL, args.database_url, args.quick, args.core_ref,
+                  args.no_core)  # fmt: skip
     path = write_results(results)
     print(table(results))
     print(f"\nresults: {path.relative_to(REPO)} (and bench/results/latest.json)")
