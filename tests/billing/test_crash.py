@@ -16,7 +16,7 @@ from tests.conftest import assert_clean_log, start_server
 
 
 async def stream(session: aiohttp.ClientSession, base_url: str, key: str, tokens: int,
-                 results: dict[str, bool], started: asyncio.Event) -> None:
+                 results: dict[str, bool]) -> None:
     body = {
         "model": "dubhe-code",  # the paced upstream: 40 tokens a second
         "messages": [{"role": "user", "content": f"go [[sim:tokens={tokens}]]"}],
@@ -28,7 +28,6 @@ async def stream(session: aiohttp.ClientSession, base_url: str, key: str, tokens
             request_id = response.headers["x-request-id"]
             assert response.status == 200, await response.text()
             results[request_id] = False
-            started.set()
             async for line in response.content:
                 if line.strip() == b"data: [DONE]":
                     results[request_id] = True
@@ -45,20 +44,22 @@ async def test_sigkill_during_streams(
     secret = (billing.server.data_dir / "secret_key").read_text().strip()
     victim = start_server(tmp_path, billing_database, billing_config_text, DUBHE_SECRET_KEY=secret)
     results: dict[str, bool] = {}
-    started = asyncio.Event()
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
-        # Half finish within a quarter second, half would run for ten.
-        tasks = [
-            asyncio.create_task(stream(session, victim.base_url, key, 3 if i % 2 else 400, results, started))
-            for i in range(50)
-        ]
-        deadline = time.monotonic() + 20
-        while (len(results) < 50 or sum(results.values()) < 25) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        assert len(results) == 50 and sum(results.values()) == 25, results
-        victim.running.process.send_signal(signal.SIGKILL)
-        victim.running.process.wait()
-        await asyncio.gather(*tasks)
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            # Half finish within a quarter second, half would run for ten.
+            tasks = [
+                asyncio.create_task(stream(session, victim.base_url, key, 3 if i % 2 else 400, results))
+                for i in range(50)
+            ]
+            deadline = time.monotonic() + 20
+            while (len(results) < 50 or sum(results.values()) < 25) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert len(results) == 50 and sum(results.values()) == 25, results
+            victim.running.process.send_signal(signal.SIGKILL)
+            victim.running.process.wait()
+            await asyncio.gather(*tasks)
+    finally:
+        victim.running.stop()  # a no-op once it is dead; stops it if an assertion came first
     completed = {request_id for request_id, done in results.items() if done}
     assert len(set(results) - completed) == 25
 
