@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from typing import Any, Awaitable, Callable, MutableMapping
 
@@ -15,8 +16,14 @@ Send = Callable[[Message], Awaitable[None]]
 JSON_CONTENT_TYPE = (b"content-type", b"application/json")
 
 
+# A random prefix per process and a counter: unique across workers and instances without a
+# system call per request (request ids key usage records, so they must never repeat).
+_REQUEST_ID_PREFIX = "req_" + os.urandom(6).hex()
+_request_counter = itertools.count(int.from_bytes(os.urandom(3), "big"))
+
+
 def new_request_id() -> str:
-    return "req_" + os.urandom(12).hex()
+    return f"{_REQUEST_ID_PREFIX}{next(_request_counter) & 0xFFFFFFFFFFFF:012x}"
 
 
 def header(scope: Scope, name: bytes) -> bytes | None:
