@@ -1,4 +1,5 @@
-"""The ASGI application: ``/v1`` goes to the raw-ASGI gateway, everything else to the web app.
+"""The ASGI application: ``/v1`` goes to the raw-ASGI gateway, everything else to the web app
+(FastAPI: the ``/api`` JSON API, later the dashboard).
 
 One instance per worker process. Startup opens the database engine, the upstream session, the key
 cache and the meter; shutdown writes what the meter still has queued before closing them.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import orjson
+from fastapi import FastAPI
 
 from dubhe.billing.meter import Meter
 from dubhe.catalog import Catalog, load_catalog
@@ -20,6 +21,7 @@ from dubhe.gateway.models_list import ModelListings
 from dubhe.keys.cache import KeyCache
 from dubhe.providers import UpstreamPool
 from dubhe.settings import Settings, load_settings
+from dubhe.web import WebState, create_web_app
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,7 @@ class DubheApp:
         self.engine = create_engine(settings.resolved_database_url)
         self.sessionmaker = create_sessionmaker(self.engine)
         self.gateway: GatewayApp | None = None
+        self.web: FastAPI | None = None
         self._state: GatewayState | None = None
 
     async def startup(self) -> None:
@@ -48,6 +51,10 @@ class DubheApp:
             listings=ModelListings(self.catalog),
         )
         self.gateway = GatewayApp(self._state)
+        # The web app shares the worker's key cache, so /api sees a revocation or a plan
+        # change at the same moment /v1 does.
+        self.web = create_web_app(WebState(settings=self.settings, catalog=self.catalog,
+                                           sessionmaker=self.sessionmaker, keys=keys))
 
     async def shutdown(self) -> None:
         if self._state is not None:
@@ -66,8 +73,8 @@ class DubheApp:
             elif path == "/healthz":
                 await send_json(send, 200, b'{"status":"ok"}', new_request_id())
             else:
-                body = orjson.dumps({"detail": f"Not Found: {path}"})
-                await send_json(send, 404, body, new_request_id())
+                assert self.web is not None
+                await self.web(scope, receive, send)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
 

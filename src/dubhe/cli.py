@@ -1,4 +1,5 @@
-"""The operator's command line: ``dubhe serve | migrate | users | keys | upstream-sim``.
+"""The operator's command line: ``dubhe serve | migrate | users | keys | codes | balance |
+upstream-sim``.
 
 Scripts depend on these exact forms. Bad input prints one line on stderr and exits non-zero,
 with nothing half-written: every command that writes does so in one transaction.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import atexit
+import json
 import socket
 import subprocess
 import sys
@@ -50,6 +52,13 @@ def _parser() -> argparse.ArgumentParser:
     create_user.add_argument("--password", required=True)
     create_user.add_argument("--plan", default="free")
     create_user.add_argument("--admin", action="store_true")
+    user_plan = users.add_parser(
+        "plan", help="set a user's plan, free of charge (upgrades now, downgrades at period end)"
+    )
+    user_plan.add_argument("email")
+    user_plan.add_argument("plan")
+    show_user = users.add_parser("show", help="print a user's plan and balance as one JSON object")
+    show_user.add_argument("email")
 
     keys = commands.add_parser("keys", help="manage API keys").add_subparsers(
         dest="keys_command", required=True, parser_class=_Parser
@@ -57,6 +66,23 @@ def _parser() -> argparse.ArgumentParser:
     create_key = keys.add_parser("create", help="create an API key; prints it, alone, once")
     create_key.add_argument("email")
     create_key.add_argument("--name", default="default")
+
+    codes = commands.add_parser("codes", help="redemption codes").add_subparsers(
+        dest="codes_command", required=True, parser_class=_Parser
+    )
+    create_codes = codes.add_parser("create", help="mint codes; prints them, one per line")
+    create_codes.add_argument("--usd", required=True, help="what each code is worth, e.g. 10.00")
+    create_codes.add_argument("--count", type=int, default=1)
+    redeem = codes.add_parser("redeem", help="redeem a code for a user")
+    redeem.add_argument("email")
+    redeem.add_argument("code")
+
+    balance = commands.add_parser("balance", help="prepaid balances").add_subparsers(
+        dest="balance_command", required=True, parser_class=_Parser
+    )
+    balance_add = balance.add_parser("add", help="credit a user's balance (an admin credit)")
+    balance_add.add_argument("email")
+    balance_add.add_argument("usd", help="the amount in USD, e.g. 25 or 12.50")
 
     sim = commands.add_parser("upstream-sim", help="run the OpenAI-compatible upstream simulator")
     sim.add_argument("--host", default="127.0.0.1")
@@ -175,12 +201,26 @@ def _cmd_migrate(args: argparse.Namespace) -> None:
     print("dubhe: database is up to date", file=sys.stderr)
 
 
+async def _user_id(session: Any, email: str) -> int:
+    from dubhe.accounts.repository import UserRepository
+    from dubhe.accounts.service import normalize_email
+
+    user = await UserRepository.from_session(session).get_by_email(normalize_email(email))
+    if user is None:
+        raise CommandError(f"no user with e-mail {email.strip()}")
+    return int(user.id)
+
+
 def _cmd_users(args: argparse.Namespace) -> None:
     from dubhe.accounts.service import create_user
 
     settings, catalog = _context()
     _migrate(settings)
-    if args.users_command == "create":
+    if args.users_command == "plan":
+        _set_plan(settings, catalog, args.email, args.plan)
+    elif args.users_command == "show":
+        print(json.dumps(_show_user(settings, catalog, args.email)))
+    elif args.users_command == "create":
 
         async def work(session: Any) -> Any:
             return await create_user(
@@ -211,6 +251,127 @@ def _cmd_keys(args: argparse.Namespace) -> None:
         print(created.secret)
 
 
+def _set_plan(settings: Settings, catalog: Catalog, email: str, plan: str) -> None:
+    from dubhe.billing.repository import BillingRepository
+    from dubhe.billing.service import change_plan
+    from dubhe.models.base import utcnow
+
+    if plan not in catalog.plans:
+        raise CommandError(f"unknown plan {plan!r}; choose one of {', '.join(catalog.plans)}")
+
+    async def work(session: Any) -> Any:
+        user_id = await _user_id(session, email)
+        return await change_plan(BillingRepository.from_session(session), user_id=user_id,
+                                 plan_code=plan, catalog=catalog, now=utcnow())
+
+    state = _run_in_session(settings, work)
+    if state.next_plan_code == plan:
+        print(f"dubhe: {email} moves to plan {plan} at the end of the period "
+              f"({state.period_end.isoformat()}); still on {state.plan_code} until then",
+              file=sys.stderr)
+    else:
+        print(f"dubhe: {email} is now on plan {state.plan_code}", file=sys.stderr)
+
+
+def _show_user(settings: Settings, catalog: Catalog, email: str) -> dict[str, Any]:
+    from dubhe.billing.queries import current_account
+    from dubhe.gateway.chat import format_usd
+    from dubhe.models.base import utcnow
+
+    async def work(session: Any) -> dict[str, Any]:
+        user_id = await _user_id(session, email)
+        # Through current_accounts, so an ended period is renewed first: what this prints is
+        # what the user's next request would see.
+        state = await current_account(session, user_id=user_id, catalog=catalog, now=utcnow())
+        plan = catalog.plans.get(state.plan_code)
+        return {
+            "email": email.strip().lower(),
+            "user_id": user_id,
+            "plan": state.plan_code,
+            "plan_name": plan.name if plan else state.plan_code,
+            "next_plan": state.next_plan_code,
+            "period_start": state.period_start.isoformat(),
+            "period_end": state.period_end.isoformat(),
+            "tokens_included": plan.included_tokens if plan else 0,
+            "tokens_remaining": state.tokens_available,
+            "tokens_reserved": state.tokens_reserved,
+            "balance_usd": format_usd(state.balance_uusd),
+            "balance_reserved_usd": format_usd(state.balance_reserved_uusd),
+            "uncollected_usd": format_usd(state.uncollected_uusd),
+        }
+
+    return _run_in_session(settings, work)  # type: ignore[no-any-return]
+
+
+def _usd(text: str, flag: str) -> int:
+    from dubhe.billing.schemas import parse_usd
+
+    try:
+        return parse_usd(text, param=flag)
+    except DubheError as exc:
+        raise CommandError(exc.message) from exc
+
+
+def _cmd_codes(args: argparse.Namespace) -> None:
+    from dubhe.billing.codes import create_codes, redeem_code
+    from dubhe.billing.repository import BillingRepository
+    from dubhe.gateway.chat import format_usd
+    from dubhe.models.base import utcnow
+
+    settings, catalog = _context()
+    secret = settings.resolved_secret
+    if args.codes_command == "create":
+        amount = _usd(args.usd, "--usd")
+        _migrate(settings)
+
+        async def mint(session: Any) -> Any:
+            return await create_codes(session, amount_uusd=amount, count=args.count,
+                                      secret=secret)
+
+        codes = _run_in_session(settings, mint)
+        # Only the codes on stdout, so `dubhe codes create ... > codes.txt` is the whole batch.
+        print("\n".join(codes))
+        print(f"dubhe: minted {len(codes)} code(s) worth {format_usd(amount)} USD each",
+              file=sys.stderr)
+    elif args.codes_command == "redeem":
+        _migrate(settings)
+
+        async def redeem(session: Any) -> Any:
+            user_id = await _user_id(session, args.email)
+            return await redeem_code(BillingRepository.from_session(session), user_id=user_id,
+                                     code=args.code, secret=secret, catalog=catalog,
+                                     now=utcnow())
+
+        credited = _run_in_session(settings, redeem)
+        print(f"dubhe: credited {format_usd(credited)} USD to {args.email}", file=sys.stderr)
+
+
+def _cmd_balance(args: argparse.Namespace) -> None:
+    import uuid
+
+    from dubhe.billing.repository import BillingRepository
+    from dubhe.billing.service import credit_balance
+    from dubhe.gateway.chat import format_usd
+    from dubhe.models.base import utcnow
+
+    settings, catalog = _context()
+    if args.balance_command == "add":
+        amount = _usd(args.usd, "the amount")
+        _migrate(settings)
+
+        async def work(session: Any) -> Any:
+            user_id = await _user_id(session, args.email)
+            # A fresh ref each time: every admin credit is a new event, not a retry of one.
+            return await credit_balance(
+                BillingRepository.from_session(session), user_id=user_id, amount_uusd=amount,
+                kind="credit", ref=uuid.uuid4().hex, description="admin credit (dubhe balance add)",
+                catalog=catalog, now=utcnow(),
+            )
+
+        _run_in_session(settings, work)
+        print(f"dubhe: credited {format_usd(amount)} USD to {args.email}", file=sys.stderr)
+
+
 def _cmd_upstream_sim(args: argparse.Namespace) -> None:
     from dubhe.sim import serve
 
@@ -222,5 +383,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "migrate": _cmd_migrate,
     "users": _cmd_users,
     "keys": _cmd_keys,
+    "codes": _cmd_codes,
+    "balance": _cmd_balance,
     "upstream-sim": _cmd_upstream_sim,
 }

@@ -33,6 +33,13 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "info"
+    # Where users reach this deployment; Stripe Checkout sends them back under it.
+    public_url: str = "http://127.0.0.1:8000"
+    # Card payments through Stripe Checkout: off until both are set.
+    stripe_secret_key: SecretStr | None = None
+    stripe_webhook_secret: SecretStr | None = None
+    # Only to point the stripe package at a stand-in server (tests, stripe-mock).
+    stripe_api_base: str | None = None
 
     @cached_property
     def resolved_database_url(self) -> str:

@@ -1,0 +1,147 @@
+"""What the billing API takes and returns, and the one way USD amounts are read.
+
+Money crosses the API as decimal strings ("12.500000"), never JSON numbers: a float cannot hold
+every cent exactly, and inside Dubhe money is integer micro-dollars (µUSD).
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from decimal import Decimal
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from dubhe.billing.repository import AccountState
+from dubhe.catalog import Catalog
+from dubhe.errors import UnprocessableRequest
+from dubhe.gateway.chat import format_usd
+
+UUSD_PER_USD = 1_000_000
+UUSD_PER_CENT = 10_000
+# Far above any real recharge; a typo like "10000000" must not mint ten million dollars.
+MAX_AMOUNT_UUSD = 1_000_000 * UUSD_PER_USD
+
+# Digits, then at most six decimals: no sign, no exponent, no "NaN"/"inf", nothing a float
+# would round.
+_USD = re.compile(r"(\d{1,7})(?:\.(\d{1,6}))?")
+
+
+def parse_usd(text: str, *, param: str = "amount_usd") -> int:
+    """A positive USD amount like "12.5" as exact integer micro-dollars (12500000)."""
+    value = text.strip()
+    if not _USD.fullmatch(value):
+        raise UnprocessableRequest(
+            f"{param} must be a positive USD amount like \"10\" or \"12.50\" (at most 6 "
+            f"decimals), not {text!r}",
+            param=param,
+            code="invalid_value",
+        )
+    amount = int(Decimal(value) * UUSD_PER_USD)  # exact: at most 6 decimals
+    if amount <= 0:
+        raise UnprocessableRequest(f"{param} must be more than zero", param=param,
+                                   code="invalid_value")
+    if amount > MAX_AMOUNT_UUSD:
+        raise UnprocessableRequest(
+            f"{param} must be at most {MAX_AMOUNT_UUSD // UUSD_PER_USD:,} USD", param=param,
+            code="invalid_value",
+        )
+    return amount
+
+
+# -- account ------------------------------------------------------------------------------------
+
+
+class AccountOut(BaseModel):
+    plan: str
+    plan_name: str
+    next_plan: str | None
+    period_start: datetime
+    period_end: datetime
+    tokens_included: int
+    tokens_remaining: int
+    tokens_reserved: int
+    balance_usd: str
+    balance_reserved_usd: str
+    uncollected_usd: str
+
+    @classmethod
+    def from_state(cls, state: AccountState, catalog: Catalog) -> AccountOut:
+        plan = catalog.plans.get(state.plan_code)
+        return cls(
+            plan=state.plan_code,
+            plan_name=plan.name if plan else state.plan_code,
+            next_plan=state.next_plan_code,
+            period_start=state.period_start,
+            period_end=state.period_end,
+            tokens_included=plan.included_tokens if plan else 0,
+            tokens_remaining=state.tokens_available,
+            tokens_reserved=state.tokens_reserved,
+            balance_usd=format_usd(state.balance_uusd),
+            balance_reserved_usd=format_usd(state.balance_reserved_uusd),
+            uncollected_usd=format_usd(state.uncollected_uusd),
+        )
+
+
+# -- usage and ledger ---------------------------------------------------------------------------
+
+
+class UsageDay(BaseModel):
+    date: str  # YYYY-MM-DD, UTC
+    model: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    tokens_from_plan: int
+    cost_usd: str
+
+
+class UsageOut(BaseModel):
+    days: int
+    since: datetime
+    data: list[UsageDay]
+
+
+class LedgerEntryOut(BaseModel):
+    id: int
+    kind: str
+    ref: str
+    description: str
+    created_at: datetime
+    tokens_available: int
+    tokens_reserved: int
+    balance_usd: str
+    balance_reserved_usd: str
+    uncollected_usd: str
+
+
+class LedgerPage(BaseModel):
+    data: list[LedgerEntryOut]
+    next_before: int | None = Field(
+        description="pass as ?before= for the next (older) page; null on the last page"
+    )
+
+
+# -- recharge -----------------------------------------------------------------------------------
+
+
+class RedeemIn(BaseModel):
+    code: str = Field(min_length=1, max_length=64)
+
+
+class RedeemOut(BaseModel):
+    credited_usd: str
+    balance_usd: str
+
+
+class CheckoutIn(BaseModel):
+    purpose: Literal["topup", "plan"]
+    # A string, not a JSON number: amounts are exact decimals (see the module docstring).
+    amount_usd: str | None = Field(default=None, max_length=32)
+    plan: str | None = Field(default=None, max_length=32)
+
+
+class CheckoutOut(BaseModel):
+    id: str
+    url: str | None
