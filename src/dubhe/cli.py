@@ -275,7 +275,7 @@ def _set_plan(settings: Settings, catalog: Catalog, email: str, plan: str) -> No
 
 def _show_user(settings: Settings, catalog: Catalog, email: str) -> dict[str, Any]:
     from dubhe.billing.queries import current_account
-    from dubhe.gateway.chat import format_usd
+    from dubhe.billing.schemas import AccountOut
     from dubhe.models.base import utcnow
 
     async def work(session: Any) -> dict[str, Any]:
@@ -283,22 +283,8 @@ def _show_user(settings: Settings, catalog: Catalog, email: str) -> dict[str, An
         # Through current_accounts, so an ended period is renewed first: what this prints is
         # what the user's next request would see.
         state = await current_account(session, user_id=user_id, catalog=catalog, now=utcnow())
-        plan = catalog.plans.get(state.plan_code)
-        return {
-            "email": email.strip().lower(),
-            "user_id": user_id,
-            "plan": state.plan_code,
-            "plan_name": plan.name if plan else state.plan_code,
-            "next_plan": state.next_plan_code,
-            "period_start": state.period_start.isoformat(),
-            "period_end": state.period_end.isoformat(),
-            "tokens_included": plan.included_tokens if plan else 0,
-            "tokens_remaining": state.tokens_available,
-            "tokens_reserved": state.tokens_reserved,
-            "balance_usd": format_usd(state.balance_uusd),
-            "balance_reserved_usd": format_usd(state.balance_reserved_uusd),
-            "uncollected_usd": format_usd(state.uncollected_uusd),
-        }
+        shown = AccountOut.from_state(state, catalog).model_dump(mode="json")
+        return {"email": email.strip().lower(), "user_id": user_id, **shown}
 
     return _run_in_session(settings, work)  # type: ignore[no-any-return]
 

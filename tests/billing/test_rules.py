@@ -160,3 +160,17 @@ async def test_client_cut_pays_for_what_was_generated(billing: Billing, sims: di
     account = await billing.assert_consistent(user_id)
     assert account["balance_uusd"] == 2_000_000 - expected
     assert account["balance_reserved_uusd"] == 0
+
+
+async def test_account_api_counts_leased_credit_as_remaining(billing: Billing) -> None:
+    key, user_id = await billing.new_account("small")  # 100 included tokens
+    response = ask(billing, key, "hi [[sim:tokens=10]]")
+    used = response.json()["usage"]["total_tokens"]
+    await wait_for_row(billing.engine, "SELECT id FROM usage_records WHERE request_id = :r",
+                       r=response.headers["x-request-id"])  # flushed
+    root = billing.server.base_url.removesuffix("/v1")
+    account = httpx.get(root + "/api/account", headers={"authorization": f"Bearer {key}"}).json()
+    # The worker still holds the rest of its lease (returned after 0.5 s idle): unspent all the same.
+    assert account["tokens_reserved"] == 100 - used
+    assert account["tokens_remaining"] == 100 - used
+    await billing.assert_consistent(user_id)

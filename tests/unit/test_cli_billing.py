@@ -44,7 +44,7 @@ def test_show_balance_add_and_plan_changes(tmp_path: Path) -> None:
     assert shown["tokens_remaining"] == 1_000_000 and shown["tokens_reserved"] == 0
     assert shown["balance_usd"] == shown["balance_reserved_usd"] == shown["uncollected_usd"] == "0.000000"
     for name in ("period_start", "period_end"):
-        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?\+00:00", shown[name]), shown[name]
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|\+00:00)", shown[name]), shown[name]
 
     assert ok(tmp_path, "balance", "add", "ada@example.com", "12.5") == ""
     assert ok(tmp_path, "balance", "add", "ada@example.com", "0.000001") == ""

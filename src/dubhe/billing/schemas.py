@@ -54,6 +54,10 @@ def parse_usd(text: str, *, param: str = "amount_usd") -> int:
 
 
 class AccountOut(BaseModel):
+    """An account as its owner sees it. ``tokens_remaining`` and ``balance_usd`` are what is not
+    yet spent; the ``*_reserved`` fields say how much of that is held right now by requests in
+    flight and by the credit workers have leased (returned when unused)."""
+
     plan: str
     plan_name: str
     next_plan: str | None
@@ -76,9 +80,9 @@ class AccountOut(BaseModel):
             period_start=state.period_start,
             period_end=state.period_end,
             tokens_included=plan.included_tokens if plan else 0,
-            tokens_remaining=state.tokens_available,
+            tokens_remaining=state.tokens_available + state.tokens_reserved,
             tokens_reserved=state.tokens_reserved,
-            balance_usd=format_usd(state.balance_uusd),
+            balance_usd=format_usd(state.balance_uusd + state.balance_reserved_uusd),
             balance_reserved_usd=format_usd(state.balance_reserved_uusd),
             uncollected_usd=format_usd(state.uncollected_uusd),
         )
