@@ -274,13 +274,18 @@ class Meter:
             assert self.spool is not None
             records, self._pending = self._pending, []
             files = [*self._unflushed_files, self.spool.rotate()]
-            try:
-                closed = await self._apply(records)
-            except BaseException:
-                # Keep them: retried at the next flush, and replayed from the spool after a crash.
-                self._pending = records + self._pending
-                self._unflushed_files = files
-                raise
+            closed: set[int] = set()
+            # Bounded transactions: each chunk's Python work runs on the event loop, so a
+            # backlog is written in slices that never stall requests for long.
+            for start in range(0, len(records), _FLUSH_RECORDS):
+                try:
+                    closed |= await self._apply(records[start : start + _FLUSH_RECORDS])
+                except BaseException:
+                    # Keep what is left: retried at the next flush (writes are idempotent by
+                    # request id), and replayed from the spool after a crash.
+                    self._pending = records[start:] + self._pending
+                    self._unflushed_files = files
+                    raise
             self._unflushed_files = []
             for path in files:
                 path.unlink(missing_ok=True)

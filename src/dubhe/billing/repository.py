@@ -128,8 +128,9 @@ class BillingRepository:
         return (await self.session.execute(statement)).first() is not None
 
     async def insert_ledger(self, rows: list[dict[str, Any]]) -> None:
+        # Core inserts on the table: the ORM's bulk path costs several times more per row.
         if rows:
-            await self.session.execute(self._insert(LedgerEntry), rows)
+            await self.session.execute(self._insert(LedgerEntry.__table__), rows)
 
     async def ledger_entry_exists(self, kind: str, ref: str) -> bool:
         statement = select(LedgerEntry.id).where(LedgerEntry.kind == kind, LedgerEntry.ref == ref)
@@ -209,7 +210,9 @@ class BillingRepository:
 
     async def insert_usage(self, rows: list[dict[str, Any]]) -> None:
         if rows:
-            statement = self._insert(UsageRecord).on_conflict_do_nothing(index_elements=["request_id"])
+            statement = self._insert(UsageRecord.__table__).on_conflict_do_nothing(
+                index_elements=["request_id"]
+            )
             await self.session.execute(statement, rows)
 
     async def touch_keys(self, last_used: dict[int, datetime]) -> None:
