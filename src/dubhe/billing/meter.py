@@ -104,6 +104,7 @@ class Meter:
         self._flush_lock = asyncio.Lock()
         self._flush_now = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._counting: set[asyncio.Future[None]] = set()
 
     # -- the hot path ---------------------------------------------------------------------------
 
@@ -157,7 +158,9 @@ class Meter:
             return None
         if event.prompt_tokens is None or event.completion_tokens is None:
             if not wait:
-                asyncio.ensure_future(self._settle_counted(hold, event))
+                counting = asyncio.ensure_future(self._settle_counted(hold, event))
+                self._counting.add(counting)
+                counting.add_done_callback(self._counting.discard)
                 return None
             event.usage_source = event.resolve_tokens()
         return self._settle(hold, event)
@@ -383,6 +386,7 @@ class Meter:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._counting, return_exceptions=True)
         try:
             await self.flush()
             for lease in [*self._leases.values(), *self._retiring]:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
+from sqlalchemy.exc import SQLAlchemyError
 
 from dubhe.billing.meter import Denied, SettleResult
 from dubhe.errors import (
@@ -90,14 +91,24 @@ async def chat_completions(
         )
     upstream = upstreams[0]
     output = request.max_tokens or min(model.default_max_tokens, model.context_window - prompt_tokens)
-    held = await state.meter.reserve(
-        user_id=identity.user_id,
-        request_id=request_id,
-        api_key_id=identity.key_id,
-        model=model.id,
-        prompt_tokens=prompt_tokens,
-        max_tokens=output * request.n,
-    )
+    try:
+        held = await state.meter.reserve(
+            user_id=identity.user_id,
+            request_id=request_id,
+            api_key_id=identity.key_id,
+            model=model.id,
+            prompt_tokens=prompt_tokens,
+            max_tokens=output * request.n,
+        )
+    except (SQLAlchemyError, OSError) as exc:
+        # Credit could not be leased (the database is unreachable): refuse rather than serve
+        # unbilled, and say it is temporary.
+        log.warning("admission of %s failed: %s", request_id, exc)
+        raise ServiceUnavailable(
+            "Your account's credit cannot be checked right now; retry shortly.",
+            code="billing_unavailable",
+            headers={"retry-after": "5"},
+        ) from None
     if isinstance(held, Denied):
         raise _insufficient_quota(held, prompt_tokens)
     extra_headers = _balance_headers(held.balance.tokens_remaining, held.balance.balance_uusd)
