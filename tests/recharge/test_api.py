@@ -11,7 +11,7 @@ import httpx
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from dubhe.gateway.chat import format_usd
+from dubhe.billing.pricing import format_usd
 from tests.recharge.conftest import Shop, assert_ledger_matches, user_id_of
 
 

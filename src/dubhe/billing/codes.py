@@ -24,7 +24,7 @@ from dubhe.billing.repository import BillingRepository
 from dubhe.billing.schemas import MAX_AMOUNT_UUSD
 from dubhe.catalog import Catalog
 from dubhe.errors import Conflict, NotFound, UnprocessableRequest
-from dubhe.gateway.chat import format_usd
+from dubhe.billing.pricing import format_usd
 from dubhe.models import RedemptionCode
 
 CODE_PREFIX = "DUBHE"

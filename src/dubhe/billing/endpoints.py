@@ -22,7 +22,7 @@ from dubhe.billing.schemas import (
     UsageDay,
     UsageOut,
 )
-from dubhe.gateway.chat import format_usd
+from dubhe.billing.pricing import format_usd
 from dubhe.models.base import utcnow
 from dubhe.web.dependencies import CurrentUser, SessionDep, StateDep
 

@@ -15,6 +15,13 @@ from dubhe.catalog import ModelSpec
 MILLION = 1_000_000
 
 
+def format_usd(uusd: int) -> str:
+    """Integer micro-dollars as an exact decimal string: 1234567 -> "1.234567"."""
+    sign = "-" if uusd < 0 else ""
+    whole, micro = divmod(abs(uusd), 1_000_000)
+    return f"{sign}{whole}.{micro:06d}"
+
+
 def cost_uusd(model: ModelSpec, prompt_tokens: int, completion_tokens: int) -> int:
     """What tokens not covered by included tokens cost, rounded up to the next µUSD."""
     numerator = (

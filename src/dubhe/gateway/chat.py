@@ -17,6 +17,7 @@ import orjson
 from sqlalchemy.exc import SQLAlchemyError
 
 from dubhe.billing.meter import Denied, SettleResult
+from dubhe.billing.pricing import format_usd
 from dubhe.errors import (
     DubheError,
     InsufficientQuota,
@@ -132,13 +133,6 @@ def _insufficient_quota(denied: Denied, prompt_tokens: int) -> InsufficientQuota
         f"{prompt_tokens + 1} tokens (the prompt plus one). Recharge your balance or upgrade "
         "your plan in the dashboard."
     )
-
-
-def format_usd(uusd: int) -> str:
-    """Integer micro-dollars as an exact decimal string: 1234567 -> "1.234567"."""
-    sign = "-" if uusd < 0 else ""
-    whole, micro = divmod(abs(uusd), 1_000_000)
-    return f"{sign}{whole}.{micro:06d}"
 
 
 def _balance_headers(tokens_remaining: int, balance_uusd: int) -> list[tuple[bytes, bytes]]:

@@ -32,7 +32,7 @@ from dubhe.errors import (
     UnprocessableRequest,
     UpstreamUnreachable,
 )
-from dubhe.gateway.chat import format_usd
+from dubhe.billing.pricing import format_usd
 from dubhe.payments.repository import PaymentRepository
 from dubhe.settings import Settings
 
