@@ -25,8 +25,11 @@ setup: .venv/.synced
 serve: setup
 	$(VENV)/dubhe serve
 
-test: setup tests/node/node_modules/.installed
+test: lint tests/node/node_modules/.installed
 	$(VENV)/python -m pytest
+
+lint: setup
+	$(VENV)/ruff check src tests bench
 
 bench: setup
 	$(VENV)/python bench/run.py

@@ -109,7 +109,7 @@ async def _one_stream(
                 last = line
             if last.rstrip() == _DONE:
                 result.ended_with_done += 1
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError) as exc:
         _count_error(result, type(exc).__name__)
     finally:
         if opened:
@@ -196,7 +196,7 @@ async def ttft_pairs(
             for name, (url, headers) in targets.items():
                 try:
                     first, done = await _time_to_first_token(session, url, headers, body)
-                except (aiohttp.ClientError, asyncio.TimeoutError):
+                except (TimeoutError, aiohttp.ClientError):
                     first, done = None, False
                 if first is None:
                     failures[name] += 1

@@ -300,8 +300,8 @@ def _usd(text: str, flag: str) -> int:
 
 def _cmd_codes(args: argparse.Namespace) -> None:
     from dubhe.billing.codes import create_codes, redeem_code
-    from dubhe.billing.repository import BillingRepository
     from dubhe.billing.pricing import format_usd
+    from dubhe.billing.repository import BillingRepository
     from dubhe.models.base import utcnow
 
     settings, catalog = _context()
@@ -335,9 +335,9 @@ def _cmd_codes(args: argparse.Namespace) -> None:
 def _cmd_balance(args: argparse.Namespace) -> None:
     import uuid
 
+    from dubhe.billing.pricing import format_usd
     from dubhe.billing.repository import BillingRepository
     from dubhe.billing.service import credit_balance
-    from dubhe.billing.pricing import format_usd
     from dubhe.models.base import utcnow
 
     settings, catalog = _context()

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import aiohttp
-import pytest
 from sqlalchemy import bindparam, text
 
 from tests.billing.conftest import Billing
@@ -31,7 +30,7 @@ async def stream(session: aiohttp.ClientSession, base_url: str, key: str, tokens
             async for line in response.content:
                 if line.strip() == b"data: [DONE]":
                     results[request_id] = True
-    except (aiohttp.ClientError, asyncio.TimeoutError):
+    except (TimeoutError, aiohttp.ClientError):
         pass  # the server died under this stream
 
 

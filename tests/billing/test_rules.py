@@ -10,9 +10,8 @@ import aiohttp
 import httpx
 from sqlalchemy import select, text, update
 
-from dubhe.models import Account
-
 from dubhe.billing.pricing import split_cost
+from dubhe.models import Account
 from tests.billing.conftest import Billing, prompt_tokens
 from tests.conftest import Sim, wait_for_row
 

@@ -33,7 +33,7 @@ def ledger_matches(tmp_path: Path, email: str) -> dict[str, int]:
         sums = ", ".join(f"COALESCE(SUM({name}), 0)" for name in COUNTERS)
         ledger = db.execute(f"SELECT {sums} FROM ledger_entries WHERE user_id = ?", (user_id,)).fetchone()
     assert account == ledger
-    return dict(zip(COUNTERS, account))
+    return dict(zip(COUNTERS, account, strict=False))
 
 
 def test_show_balance_add_and_plan_changes(tmp_path: Path) -> None:

@@ -41,11 +41,11 @@ def test_admission_grants_the_most_the_account_can_pay_for(model_id: str) -> Non
         admission = size_admission(model, prompt_tokens=prompt, max_tokens=wanted,
                                    tokens_available=tokens, balance_uusd=balance)
 
-        def affordable(completion: int) -> bool:
-            plan = min(tokens, prompt + completion)
-            return split_cost(model, prompt, completion, plan) <= balance
-
-        best = max((c for c in range(0, wanted + 1) if affordable(c)), default=-1)
+        best = max(
+            (c for c in range(0, wanted + 1)
+             if split_cost(model, prompt, c, min(tokens, prompt + c)) <= balance),
+            default=-1,
+        )
         if best < 1:
             assert admission is None
             continue

@@ -11,6 +11,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from dubhe.billing.codes import redeem_code
+from dubhe.billing.pricing import format_usd
 from dubhe.billing.queries import BillingQueries, current_account, usage_window_start
 from dubhe.billing.repository import BillingRepository
 from dubhe.billing.schemas import (
@@ -22,7 +23,6 @@ from dubhe.billing.schemas import (
     UsageDay,
     UsageOut,
 )
-from dubhe.billing.pricing import format_usd
 from dubhe.models.base import utcnow
 from dubhe.web.dependencies import CurrentUser, SessionDep, StateDep
 

@@ -410,7 +410,7 @@ class Meter:
         while True:
             try:
                 await asyncio.wait_for(self._flush_now.wait(), _FLUSH_SECONDS)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._flush_now.clear()
             try:

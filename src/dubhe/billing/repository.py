@@ -224,4 +224,4 @@ class BillingRepository:
     async def ledger_sums(self, user_id: int) -> dict[str, int]:
         columns = [func.coalesce(func.sum(getattr(LedgerEntry, name)), 0) for name in (*COUNTERS, "uncollected_uusd")]
         row = (await self.session.execute(select(*columns).where(LedgerEntry.user_id == user_id))).one()
-        return dict(zip((*COUNTERS, "uncollected_uusd"), (int(value) for value in row)))
+        return dict(zip((*COUNTERS, "uncollected_uusd"), (int(value) for value in row), strict=False))

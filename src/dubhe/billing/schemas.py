@@ -13,10 +13,10 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from dubhe.billing.pricing import format_usd
 from dubhe.billing.repository import AccountState
 from dubhe.catalog import Catalog
 from dubhe.errors import UnprocessableRequest
-from dubhe.billing.pricing import format_usd
 
 UUSD_PER_USD = 1_000_000
 UUSD_PER_CENT = 10_000

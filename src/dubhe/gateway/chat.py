@@ -305,7 +305,7 @@ class _Call:
             if self.client_gone:
                 self._meter_cancelled(prompt_tokens=None, relayed=None)
             raise
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             self._meter_failure("upstream_unreachable", 502)
             raise UpstreamUnreachable(
                 f"The upstream for '{self.model.id}' could not be reached ({type(exc).__name__}); "
@@ -350,7 +350,7 @@ class _Call:
             if self.client_gone:
                 self._meter_cancelled(prompt_tokens=None, relayed=None)
             raise
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, orjson.JSONDecodeError):
+        except (TimeoutError, aiohttp.ClientError, OSError, orjson.JSONDecodeError):
             self._meter_failure("upstream_unreachable", 502)
             raise UpstreamUnreachable(
                 f"The upstream for '{self.model.id}' broke off its answer; retry later.",
@@ -412,7 +412,7 @@ class _Call:
             if self.client_gone:
                 self._meter_stream(relay, "client_cancelled", 499, wait=False)
             raise
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             interrupted = True
         keepalive.stop()
         if interrupted:

@@ -5,7 +5,7 @@ from datetime import datetime
 from sqlalchemy import BigInteger, ForeignKey, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from dubhe.models.base import BigIntPK, Base, UTCDateTime, utcnow
+from dubhe.models.base import Base, BigIntPK, UTCDateTime, utcnow
 
 
 class ApiKey(Base):

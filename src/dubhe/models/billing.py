@@ -12,7 +12,7 @@ from datetime import datetime
 from sqlalchemy import BigInteger, CheckConstraint, ForeignKey, Index, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
-from dubhe.models.base import BigIntPK, Base, UTCDateTime, utcnow
+from dubhe.models.base import Base, BigIntPK, UTCDateTime, utcnow
 
 
 class Account(Base):

@@ -21,6 +21,7 @@ import stripe
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from dubhe.billing import service as billing
+from dubhe.billing.pricing import format_usd
 from dubhe.billing.repository import BillingRepository
 from dubhe.billing.schemas import UUSD_PER_CENT, CheckoutIn, CheckoutOut, parse_usd
 from dubhe.catalog import Catalog
@@ -32,7 +33,6 @@ from dubhe.errors import (
     UnprocessableRequest,
     UpstreamUnreachable,
 )
-from dubhe.billing.pricing import format_usd
 from dubhe.payments.repository import PaymentRepository
 from dubhe.settings import Settings
 

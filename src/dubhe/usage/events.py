@@ -8,6 +8,7 @@ from typing import Any
 
 from dubhe.usage import tokens
 
+
 @dataclass(slots=True)
 class UsageEvent:
     request_id: str

@@ -14,7 +14,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from dubhe.errors import DubheError, InvalidRequest, MethodNotAllowed, NotFound, UnprocessableRequest
+from dubhe.errors import (
+    DubheError,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    UnprocessableRequest,
+)
 from dubhe.gateway.asgi import Message, Receive, Scope, Send, new_request_id
 from dubhe.web.dependencies import WebState
 

@@ -1,7 +1,7 @@
 """users, api keys, usage records
 
 Revision ID: 0001
-Revises: 
+Revises:
 Create Date: 2026-11-25
 """
 
