@@ -149,6 +149,10 @@ class Meter:
         self._holds[request_id] = hold
         return Reserved(admission, Balance(lease.tokens_remaining, lease.uusd_remaining))
 
+    def holds(self, request_id: str) -> bool:
+        """Whether the request still holds credit (it was admitted and not settled yet)."""
+        return request_id in self._holds
+
     def settle(self, event: UsageEvent, *, wait: bool) -> SettleResult | None:
         """Charge a finished request. With ``wait`` (the client is still there), tokens the
         upstream did not report are counted now; otherwise off the response path."""

@@ -116,7 +116,9 @@ async def chat_completions(
     if held.admission.clamped:
         # What the account can pay for, split over the n choices (at least one token each).
         per_choice = max(1, held.admission.max_tokens // request.n)
-        body[request.max_tokens_field] = per_choice
+        for field in ("max_tokens", "max_completion_tokens"):
+            if field in body or field == request.max_tokens_field:
+                body[field] = per_choice
         extra_headers.append((b"x-dubhe-max-tokens-clamped", str(per_choice).encode()))
     payload = _upstream_payload(body, raw, request, model, upstream, held.admission.clamped)
     call = _Call(scope, receive, send, state, request_id, identity, model, upstream, request, body)
@@ -293,6 +295,12 @@ class _Call:
             if self.response is not None:
                 # Closing (not releasing) drops the connection, so the upstream stops generating.
                 self.response.close()
+            if self.state.meter.holds(self.request_id):
+                # A path that metered nothing (an unexpected error): release the hold unused,
+                # or the worker's lease would keep it until the process ends.
+                event = self._event("error", 500)
+                event.prompt_tokens = event.completion_tokens = 0
+                self.state.meter.settle(event, wait=False)
 
     async def _open(self, payload: bytes) -> aiohttp.ClientResponse:
         session = self.state.upstreams.session
