@@ -445,6 +445,9 @@ class Meter:
             if lease.id:
                 await self._close(lease.id, lease.user_id)
             self._retiring.remove(lease)
+            lock = self._account_locks.get(lease.user_id)
+            if lease.user_id not in self._leases and lock is not None and not lock.locked():
+                del self._account_locks[lease.user_id]  # idle accounts cost no memory
 
     async def sweep(self) -> None:
         """Replay the spools of dead workers on this machine, then return the unused credit of
