@@ -98,6 +98,7 @@ def _build(raw: dict[str, Any]) -> Catalog:
             defaults.get("upstream_connect_timeout_seconds", 10)
         ),
         max_request_bytes=int(defaults.get("max_request_bytes", 16 * 1024 * 1024)),
+        stream_keepalive_seconds=float(defaults.get("stream_keepalive_seconds", 15)),
         default_plan=default_plan,
         reservation_ttl_seconds=float(defaults.get("reservation_ttl_seconds", 120)),
         lease_idle_seconds=float(defaults.get("lease_idle_seconds", 10)),

@@ -49,6 +49,8 @@ class Catalog:
     upstream_timeout_seconds: float
     upstream_connect_timeout_seconds: float
     max_request_bytes: int
+    # A stream whose upstream is silent this long gets a ": ping" comment, so proxies keep it.
+    stream_keepalive_seconds: float
     # The plan of new accounts, and of paid plans whose renewal the balance cannot cover.
     default_plan: str
     # A worker's credit lease not renewed for this long belongs to a dead worker and is returned.

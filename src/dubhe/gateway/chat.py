@@ -55,7 +55,6 @@ _SSE_HEADERS = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
-_KEEPALIVE_SECONDS = 15.0
 _PING = b": ping\n\n"
 # Upstream error bodies are read for their message, never relayed whole.
 _MAX_ERROR_BODY = 64 * 1024
@@ -407,7 +406,7 @@ class _Call:
             upstream_model=self.upstream.upstream_model(self.model.id),
             strip_usage_nulls=not self.request.include_usage,
         )
-        keepalive = _Keepalive(send)
+        keepalive = _Keepalive(send, self.state.catalog.stream_keepalive_seconds)
         try:
             async for data in response.content.iter_any():
                 ready = relay.feed(data)
@@ -488,19 +487,20 @@ class _Call:
 class _Keepalive:
     """Sends ``: ping`` comments while the upstream is silent, so proxies keep the stream open."""
 
-    def __init__(self, send: Send) -> None:
+    def __init__(self, send: Send, interval: float) -> None:
         self._send = send
+        self._interval = interval
         self.last_sent = time.monotonic()
         self._stopped = False
-        self._handle = asyncio.get_running_loop().call_later(_KEEPALIVE_SECONDS, self._tick)
+        self._handle = asyncio.get_running_loop().call_later(interval, self._tick)
         self._pinging: asyncio.Task[None] | None = None
 
     def _tick(self) -> None:
         if self._stopped:
             return
-        if time.monotonic() - self.last_sent >= _KEEPALIVE_SECONDS and self._pinging is None:
+        if time.monotonic() - self.last_sent >= self._interval and self._pinging is None:
             self._pinging = asyncio.ensure_future(self._ping())
-        self._handle = asyncio.get_running_loop().call_later(_KEEPALIVE_SECONDS, self._tick)
+        self._handle = asyncio.get_running_loop().call_later(self._interval, self._tick)
 
     async def _ping(self) -> None:
         try:
