@@ -195,5 +195,8 @@ async def test_a_paid_plan_upgrades_the_account_and_its_key(shop: Shop, shop_db:
                                  "AND plan_code = 'pro' AND amount_uusd = 29000000", u=user_id) == 1
     # Upgraded once: one grant for the free period, one for the pro period.
     assert await _count(shop_db, "SELECT count(*) AS n FROM subscription_periods WHERE user_id = :u", u=user_id) == 2
+    # The purchase shows in the account's history, once, though delivered three times.
+    assert await _count(shop_db, "SELECT count(*) AS n FROM ledger_entries WHERE user_id = :u "
+                                 "AND kind = 'plan_purchase' AND ref = :r", u=user_id, r=session_id) == 1
     counters = await assert_ledger_matches(shop_db, user_id)
     assert counters["balance_uusd"] == 0  # the card paid, not the balance

@@ -233,7 +233,8 @@ async def credit_balance(repository: BillingRepository, *, user_id: int, amount_
 
 async def change_plan(repository: BillingRepository, *, user_id: int, plan_code: str,
                       catalog: Catalog, now: datetime, ref: str | None = None) -> AccountState:
-    """Upgrades apply at once and start a new period; downgrades wait for the period's end."""
+    """Upgrades apply at once and start a new period; downgrades wait for the period's end.
+    ``ref`` names the payment that bought the plan, if one did."""
     if plan_code not in catalog.plans:
         raise UnprocessableRequest(
             f"unknown plan {plan_code!r}; choose one of {', '.join(catalog.plans)}", param="plan"
@@ -253,6 +254,10 @@ async def change_plan(repository: BillingRepository, *, user_id: int, plan_code:
                            period_end=add_months(now))
         posting.plan_changes[user_id] = plan_code
         await _grant_period(repository, posting, state, catalog, now)
+    if ref is not None:
+        # A plan paid outside the balance (by card): no counter moves, but the account's history
+        # shows the purchase, once (the ledger's unique key on kind and ref).
+        posting.post(state, "plan_purchase", ref, now, f"{wanted.name} plan bought")
     await posting.write(repository, now)
     return state
 
