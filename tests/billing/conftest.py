@@ -59,7 +59,7 @@ concurrent_requests = 1000
     return f"""
 [defaults]
 reservation_ttl_seconds = 3
-lease_idle_seconds = 0.5
+lease_idle_seconds = 1.5
 {text_plans}
 [[upstreams]]
 name = "fast"

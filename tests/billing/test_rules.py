@@ -169,7 +169,7 @@ async def test_account_api_counts_leased_credit_as_remaining(billing: Billing) -
                        r=response.headers["x-request-id"])  # flushed
     root = billing.server.base_url.removesuffix("/v1")
     account = httpx.get(root + "/api/account", headers={"authorization": f"Bearer {key}"}).json()
-    # The worker still holds the rest of its lease (returned after 0.5 s idle): unspent all the same.
+    # The worker still holds the rest of its lease (returned after 1.5 s idle): unspent all the same.
     assert account["tokens_reserved"] == 100 - used
     assert account["tokens_remaining"] == 100 - used
     await billing.assert_consistent(user_id)
