@@ -113,12 +113,12 @@ def fresh_database(kind: str, tmp: Path) -> Iterator[str]:
         yield f"sqlite+aiosqlite:///{tmp / 'dubhe.db'}"
         return
     name = f"dubhe_test_{secrets.token_hex(6)}"
-    _psql(f'CREATE DATABASE "{name}"')
+    run_psql(f'CREATE DATABASE "{name}"')
     base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
     try:
         yield f"{base}/{name}"
     finally:
-        _psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        run_psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session", params=["sqlite", "postgresql"])
@@ -127,7 +127,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
         yield url
 
 
-def _psql(statement: str) -> None:
+def run_psql(statement: str) -> None:
     import asyncpg
 
     async def run() -> None:
