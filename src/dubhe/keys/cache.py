@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -19,6 +19,7 @@ from dubhe.errors import AuthenticationFailed
 from dubhe.keys.format import hash_key, is_well_formed
 from dubhe.keys.repository import ApiKeyRepository
 from dubhe.models import ApiKey
+from dubhe.models.base import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class KeyCache:
         self._refresh_seconds = refresh_seconds
         self._by_hash: dict[str, KeyIdentity] = {}
         self._unknown: set[str] = set()
-        self._watermark = datetime.now(UTC)
+        self._watermark = utcnow()
         self._task: asyncio.Task[None] | None = None
 
     async def authenticate(self, authorization: bytes | None) -> KeyIdentity:
@@ -106,7 +107,7 @@ class KeyCache:
 
     async def refresh(self) -> None:
         """Apply the key and user changes made since the last refresh (on any instance)."""
-        started = datetime.now(UTC)
+        started = utcnow()
         async with self._sessionmaker() as session:
             rows = await ApiKeyRepository.from_session(session).identities_changed_since(
                 self._watermark - _REFRESH_OVERLAP

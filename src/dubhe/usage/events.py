@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from dubhe.usage import tokens
@@ -43,6 +43,3 @@ class UsageEvent:
             else:
                 self.completion_tokens = 0
         return "estimated"
-
-def now() -> datetime:
-    return datetime.now(UTC)
