@@ -26,7 +26,7 @@ serve: setup
 	$(VENV)/dubhe serve
 
 test: lint tests/node/node_modules/.installed
-	$(VENV)/python -m pytest
+	$(VENV)/python -m pytest -n 4 --dist loadfile
 
 lint: setup
 	$(VENV)/ruff check src tests bench
