@@ -145,10 +145,10 @@ QUICK = Plan(
     latency_rounds=1,
     latency_round_s=2,
     hey_requests=300,
-    throughput_rounds=1,
+    throughput_rounds=2,  # two, so a smoke run exercises the rotation and the medians
     throughput_s=3,
     ttft_rounds=30,
-    chunk_rounds=1,
+    chunk_rounds=2,
     chunk_streams=50,
     chunk_tokens=50,
     memory_streams=200,
@@ -964,17 +964,20 @@ def _chunk_run(rig: Rig, plan: Plan, where: str) -> dict:
             f"{tree}_cpu_us_per_chunk": cpu[tree] / max(result.events, 1) * 1e6}  # fmt: skip
 
 
-def phase_memory(rig: Rig, plan: Plan) -> dict:
-    """Gateway RSS (whole process tree) idle, and at its peak while memory_streams slow streams
-    are open; scaled to 1,000 streams."""
-    assert rig.gateway is not None
+def phase_memory(rig: Rig, plan: Plan, where: str = "gateway") -> dict:
+    """RSS of the gateway's (or the bare proxy's) whole process tree idle, and at its peak
+    while memory_streams slow streams are open; scaled to 1,000 streams."""
     body = streams.chat_body(SLOW_MODEL, plan.memory_tokens, stream=True)
+    url, headers = rig.target(where, sim="slow")
+    pid = rig.pid_of(where)
     time.sleep(0.5)  # let the previous phase's connections close
-    idle = tree_rss_bytes(rig.gateway.proc.pid)
-    with rig.through_gateway(rig.sims["slow"]) as tally:
-        with RssSampler(rig.gateway.proc.pid) as sampler:
+    idle = tree_rss_bytes(pid)
+    sim = rig.sims["slow"]
+    ledger = rig.through_gateway(sim) if where == "gateway" else contextlib.nullcontext(Tally())
+    with ledger as tally:
+        with RssSampler(pid) as sampler:
             result = asyncio.run(
-                streams.run_streams(rig.gateway.url, rig.auth, body, plan.memory_streams,
+                streams.run_streams(url, headers, body, plan.memory_streams,
                                     on_all_open=sampler.mark_all_open)  # fmt: skip
             )
         tally.client_completed = result.ok_status
@@ -1160,7 +1163,7 @@ def gates(rig: Rig, results: dict) -> dict:
     runs = _load_runs(results)
     chunks = results["chunks"]
     streams_runs = [chunks[w] for w in ("direct", "gateway", "bare") if w in chunks]
-    streams_runs.append(results["memory"])
+    streams_runs += [results["memory"], results["memory_bare"]]
     ttft = results["ttft"]
     probes = [ttft[w] for w in ("direct", "gateway", "bare") if w in ttft]
     usage = usage_gate(rig.database_url, rig.data_dir, rig.email, rig.ledger)
@@ -1279,7 +1282,7 @@ def table(results: dict) -> str:
     add("CPU per request, 2 workers", "", "", _us(g2["gateway_cpu_us_per_request"]),
         verdict("gateway_cpu_us_per_request", g2["gateway_cpu_us_per_request"]))  # fmt: skip
     cg = chunks["gateway"]
-    add(f"CPU per chunk ({cg['streams']} streams x {chunks['tokens_per_stream']} tok)",
+    add(f"CPU per chunk ({plan['chunk_streams']} streams x {chunks['tokens_per_stream']} tok)",
         _us(chunks["direct"]["sim_cpu_us_per_chunk"]) + " sim", "",
         _us(cg["gateway_cpu_us_per_chunk"]),
         verdict("cpu_us_per_chunk", cg["gateway_cpu_us_per_chunk"]))  # fmt: skip
@@ -1389,13 +1392,17 @@ def ratios(results: dict) -> dict:
     target. A ratio whose bare figure is not positive (an added p50 lost in noise) is None and
     does not pass. The core gateway's ratios ride along where it was measured."""
     lat, tp, chunks = results["latency"]["wrk"], results["throughput"], results["chunks"]
-    start = results["start"]
+    hey, ttft, start = results["latency"]["hey"], results["ttft"], results["start"]
+    mem, mem_bare = results["memory"], results["memory_bare"]
 
     def entry(name: str, gateway: float | None, bare: float | None, unit: str) -> dict:
         ratio = gateway / bare if gateway is not None and bare else None
         if ratio is not None and bare is not None and bare < 0:
             ratio = None
-        target = RATIO_TARGETS[name]
+        target = RATIO_TARGETS.get(name)
+        if target is None:  # shown for reference, held to nothing
+            return {"gateway": gateway, "bare": bare, "unit": unit, "ratio": ratio,
+                    "target": None, "pass": None, "verdict": ""}
         met = ratio is not None and ratio <= target
         return {"gateway": gateway, "bare": bare, "unit": unit, "ratio": ratio,
                 "target": f"<= {target}", "pass": met, "verdict": "PASS" if met else "FAIL"}
@@ -1408,6 +1415,12 @@ def ratios(results: dict) -> dict:
                            "us"),
         "cpu_per_chunk": entry("cpu_per_chunk", chunks["gateway"]["gateway_cpu_us_per_chunk"],
                                chunks["bare"]["gateway_cpu_us_per_chunk"], "us"),
+        "added_p50_hey": entry("added_p50_hey", hey["added"]["p50_us"],
+                               hey["bare_added"]["p50_us"], "us"),
+        "added_ttft_p50": entry("added_ttft_p50", ttft["added"]["p50_us"],
+                                ttft["bare_added"]["p50_us"], "us"),
+        "mb_per_1000_streams": entry("mb_per_1000_streams", mem["mb_per_1000_streams"],
+                                     mem_bare["mb_per_1000_streams"], "MB"),
         "cold_start": entry("cold_start", start["gateway"]["cold_start_s"],
                             start["bare"]["cold_start_s"], "s"),
         "idle_rss_after_start": entry("idle_rss_after_start",
@@ -1433,15 +1446,17 @@ def ratios_block(results: dict) -> list[str]:
     def fmt(value: float | None, unit: str) -> str:
         if value is None:
             return "-"
-        return f"{value:,.2f} s" if unit == "s" else f"{value:,.0f} {unit}"
+        if unit == "s":
+            return f"{value:,.2f} s"
+        return f"{value:,.1f} MB" if unit == "MB" else f"{value:,.0f} {unit}"
 
     def line(label: str, name: str) -> str:
         e = r[name]
         ratio = "-" if e["ratio"] is None else f"{e['ratio']:.2f}x"
+        target = f"{e['target']}x  {e['verdict']}" if e["target"] else "(no target)"
         core = f"   (core {e['core_ratio']:.2f}x)" if e.get("core_ratio") is not None else ""
         return (f"  {label:<31} bare {fmt(e['bare'], e['unit']):>9}   gateway "
-                f"{fmt(e['gateway'], e['unit']):>9}   {ratio:>6}  {e['target']}x  "
-                f"{e['verdict']}{core}")
+                f"{fmt(e['gateway'], e['unit']):>9}   {ratio:>6}  {target}{core}").rstrip()
 
     cli = start["cli"]
     median = cli["median_s"]
@@ -1453,6 +1468,9 @@ def ratios_block(results: dict) -> list[str]:
         line("c=1 added p50 (wrk)", "added_p50"),
         line("CPU per request (c=64)", "cpu_per_request"),
         line("CPU per relayed chunk", "cpu_per_chunk"),
+        line("c=1 added p50 (hey)", "added_p50_hey"),
+        line("added TTFT p50, 1 stream", "added_ttft_p50"),
+        line("RSS per 1,000 streams", "mb_per_1000_streams"),
         f"start and memory: gateway / bare, 1 worker, median of {plan['start_runs']} starts each",
         line("cold start (spawn to first 200)", "cold_start"),
         line("idle RSS after start", "idle_rss_after_start"),
@@ -1567,9 +1585,10 @@ def run(plan: Plan, database_url: str | None, quick: bool, core_ref: str, no_cor
             _log("phase 4: streams (TTFT, CPU per chunk)")
             results["ttft"] = phase_ttft(rig, plan)
             results["chunks"] = phase_chunks(rig, plan)
-            rig.stop_bare()  # the physical limit is measured; phase 5 is the gateway's alone
             _log(f"phase 5: memory with {plan.memory_streams} open streams")
             results["memory"] = phase_memory(rig, plan)
+            results["memory_bare"] = phase_memory(rig, plan, "bare")
+            rig.stop_bare()  # the physical limit is measured; the rest is the gateway's alone
             rig.stop_gateway()
             _log("phase 2 again: throughput with 2 workers")
             rig.start_gateway(workers=2)
