@@ -54,7 +54,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -879,7 +879,9 @@ def _median_run(runs: list[dict]) -> dict:
     return summary
 
 
-def _rotating_rounds(targets: list[str], rounds: int, measure) -> dict[str, dict]:
+def _rotating_rounds(
+    targets: list[str], rounds: int, measure: Callable[[str], dict]
+) -> dict[str, dict]:
     """Each round measures every target once, the order rotating from round to round so slow
     drift on a shared box lands on all of them; the median run of each target."""
     runs: dict[str, list[dict]] = {where: [] for where in targets}
@@ -1052,7 +1054,9 @@ def _cold_start(rig: Rig, where: str, run: int) -> dict:
     }
 
 
-def _wait_listening(port: int, proc: subprocess.Popen, started: float, logs) -> float:
+def _wait_listening(
+    port: int, proc: subprocess.Popen, started: float, logs: Callable[[], str]
+) -> float:
     """Seconds from spawn until the port accepts a TCP connection (uvicorn binds it after the
     application's startup); probing with a bare connect sends no request."""
     while time.monotonic() - started < START_BUDGET_S:
