@@ -17,6 +17,7 @@ from dubhe.billing.pricing import split_cost
 from dubhe.billing.repository import COUNTERS, AccountState, BillingRepository
 from dubhe.catalog import Catalog, ModelSpec
 from dubhe.errors import NotFound, UnprocessableRequest
+from dubhe.models import Account
 
 
 @dataclass(slots=True)
@@ -27,6 +28,7 @@ class Posting:
     deltas: dict[int, dict[str, int]] = field(default_factory=dict)
     plan_changes: dict[int, str] = field(default_factory=dict)
     account_fields: dict[int, dict[str, Any]] = field(default_factory=dict)
+    epoch_bumps: set[int] = field(default_factory=set)
 
     def post(self, state: AccountState, kind: str, ref: str, now: datetime, description: str = "",
              **changes: int) -> None:
@@ -50,6 +52,16 @@ class Posting:
             self.deltas[user_id] = dict.fromkeys((*COUNTERS, "uncollected_uusd"), 0)
         return self.deltas[user_id]
 
+    def bump_epoch(self, state: AccountState) -> None:
+        """Mark a change that must stop or alter admission (a debt, a plan change): when this
+        posting is written, the account's epoch goes up by one, and every worker retires its
+        lease of the older epoch within a second (``Meter``'s epoch refresh). Once per posting
+        however often it is called."""
+        if state.user_id not in self.epoch_bumps:
+            self.epoch_bumps.add(state.user_id)
+            state.epoch += 1
+            self._delta(state.user_id)
+
     def set_fields(self, state: AccountState, **fields: Any) -> None:
         for name, value in fields.items():
             setattr(state, name, value)
@@ -58,8 +70,10 @@ class Posting:
 
     async def write(self, repository: BillingRepository, now: datetime) -> None:
         for user_id in sorted(self.deltas):
-            await repository.apply_deltas(user_id, self.deltas[user_id], now,
-                                          **self.account_fields.get(user_id, {}))
+            fields = dict(self.account_fields.get(user_id, {}))
+            if user_id in self.epoch_bumps:
+                fields["epoch"] = Account.epoch + 1
+            await repository.apply_deltas(user_id, self.deltas[user_id], now, **fields)
         for user_id, plan_code in self.plan_changes.items():
             await repository.set_user_plan(user_id, plan_code, now)
         await repository.insert_ledger(self.ledger)
