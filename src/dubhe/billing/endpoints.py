@@ -62,7 +62,8 @@ async def get_ledger(user: CurrentUser, session: SessionDep,
                        tokens_reserved=row.tokens_reserved,
                        balance_usd=format_usd(row.balance_uusd),
                        balance_reserved_usd=format_usd(row.balance_reserved_uusd),
-                       uncollected_usd=format_usd(row.uncollected_uusd))
+                       uncollected_usd=format_usd(row.uncollected_uusd),
+                       debt_usd=format_usd(row.debt_uusd))
         for row in rows
     ])
 

@@ -14,7 +14,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from dubhe.models import Account, Lease, LedgerEntry, SubscriptionPeriod, UsageRecord, User
 
-COUNTERS = ("tokens_available", "tokens_reserved", "balance_uusd", "balance_reserved_uusd")
+# Every counter an account has; each equals the sum of its column over the account's ledger.
+COUNTERS = ("tokens_available", "tokens_reserved", "balance_uusd", "balance_reserved_uusd",
+            "debt_uusd", "debt_tokens")
 
 
 class GuardFailed(Exception):
@@ -35,6 +37,9 @@ class AccountState:
     balance_uusd: int
     balance_reserved_uusd: int
     uncollected_uusd: int
+    debt_uusd: int = 0
+    debt_tokens: int = 0
+    epoch: int = 0
 
 
 class BillingRepository:
@@ -71,6 +76,9 @@ class BillingRepository:
                 balance_uusd=row.balance_uusd,
                 balance_reserved_uusd=row.balance_reserved_uusd,
                 uncollected_uusd=row.uncollected_uusd,
+                debt_uusd=row.debt_uusd,
+                debt_tokens=row.debt_tokens,
+                epoch=row.epoch,
             )
             self.session.expunge(row)
         return states
@@ -91,6 +99,9 @@ class BillingRepository:
                 balance_uusd=0,
                 balance_reserved_uusd=0,
                 uncollected_uusd=0,
+                debt_uusd=0,
+                debt_tokens=0,
+                epoch=0,
                 updated_at=now,
             )
         )
@@ -109,6 +120,26 @@ class BillingRepository:
         result = await self.session.execute(statement.values(**values))
         if result.rowcount != 1:  # type: ignore[attr-defined]
             raise GuardFailed(f"account {user_id} cannot cover {deltas}")
+
+    async def bump_epochs(self, user_ids: Iterable[int], now: datetime) -> None:
+        """Tell every worker that these accounts changed in a way that must stop or alter
+        admission: each retires its lease of an older epoch within a second."""
+        ids = sorted(set(user_ids))
+        if ids:
+            await self.session.execute(
+                update(Account).where(Account.user_id.in_(ids))
+                .values(epoch=Account.epoch + 1, updated_at=now)
+            )
+
+    async def account_epochs(self, user_ids: Iterable[int]) -> dict[int, int]:
+        """The current epoch of each account (one query, however many)."""
+        ids = list(set(user_ids))
+        if not ids:
+            return {}
+        rows = await self.session.execute(
+            select(Account.user_id, Account.epoch).where(Account.user_id.in_(ids))
+        )
+        return {user_id: epoch for user_id, epoch in rows.all()}
 
     async def set_user_plan(self, user_id: int, plan_code: str, now: datetime) -> None:
         # updated_at tells every worker's key cache that this user's plan changed.

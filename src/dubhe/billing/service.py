@@ -13,10 +13,11 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from dubhe.billing.periods import add_months, current_period
-from dubhe.billing.pricing import split_cost
+from dubhe.billing.pricing import format_usd, split_cost
 from dubhe.billing.repository import COUNTERS, AccountState, BillingRepository
 from dubhe.catalog import Catalog, ModelSpec
 from dubhe.errors import NotFound, UnprocessableRequest
+from dubhe.models import Account
 
 
 @dataclass(slots=True)
@@ -27,6 +28,7 @@ class Posting:
     deltas: dict[int, dict[str, int]] = field(default_factory=dict)
     plan_changes: dict[int, str] = field(default_factory=dict)
     account_fields: dict[int, dict[str, Any]] = field(default_factory=dict)
+    epoch_bumps: set[int] = field(default_factory=set)
 
     def post(self, state: AccountState, kind: str, ref: str, now: datetime, description: str = "",
              **changes: int) -> None:
@@ -50,6 +52,16 @@ class Posting:
             self.deltas[user_id] = dict.fromkeys((*COUNTERS, "uncollected_uusd"), 0)
         return self.deltas[user_id]
 
+    def bump_epoch(self, state: AccountState) -> None:
+        """Mark a change that must stop or alter admission (a debt, a plan change): when this
+        posting is written, the account's epoch goes up by one, and every worker retires its
+        lease of the older epoch within a second (``Meter``'s epoch refresh). Once per posting
+        however often it is called."""
+        if state.user_id not in self.epoch_bumps:
+            self.epoch_bumps.add(state.user_id)
+            state.epoch += 1
+            self._delta(state.user_id)
+
     def set_fields(self, state: AccountState, **fields: Any) -> None:
         for name, value in fields.items():
             setattr(state, name, value)
@@ -58,8 +70,10 @@ class Posting:
 
     async def write(self, repository: BillingRepository, now: datetime) -> None:
         for user_id in sorted(self.deltas):
-            await repository.apply_deltas(user_id, self.deltas[user_id], now,
-                                          **self.account_fields.get(user_id, {}))
+            fields = dict(self.account_fields.get(user_id, {}))
+            if user_id in self.epoch_bumps:
+                fields["epoch"] = Account.epoch + 1
+            await repository.apply_deltas(user_id, self.deltas[user_id], now, **fields)
         for user_id, plan_code in self.plan_changes.items():
             await repository.set_user_plan(user_id, plan_code, now)
         await repository.insert_ledger(self.ledger)
@@ -95,9 +109,11 @@ async def _grant_period(repository: BillingRepository, posting: Posting, state: 
     included = catalog.plans[state.plan_code].included_tokens
     if await repository.insert_period(state.user_id, state.plan_code, state.period_start,
                                       state.period_end, included, now):
-        posting.post(state, "grant", f"{state.user_id}:{state.period_start.isoformat()}", now,
+        ref = f"{state.user_id}:{state.period_start.isoformat()}"
+        posting.post(state, "grant", ref, now,
                      f"{catalog.plans[state.plan_code].name} plan: included tokens",
                      tokens_available=included)
+        collect_debt(posting, state, ref=f"grant:{ref}", now=now)
 
 
 async def renew_if_due(repository: BillingRepository, posting: Posting, state: AccountState,
@@ -164,53 +180,111 @@ def release_lease(posting: Posting, state: AccountState, *, lease_id: int, token
     posting.post(state, "release", str(lease_id), now, "unused lease returned",
                  tokens_reserved=-tokens, tokens_available=tokens if same_period else 0,
                  balance_reserved_uusd=-uusd, balance_uusd=uusd)
-
-
-def settle_from_lease(posting: Posting, state: AccountState, *, request_id: str, tokens: int,
-                      uusd: int, uncollected_uusd: int, description: str, now: datetime) -> None:
-    """Charge a request settled against a lease: what it used leaves the reserved counters."""
-    posting.post(state, "settle", request_id, now, description, tokens_reserved=-tokens,
-                 balance_reserved_uusd=-uusd, uncollected_uusd=uncollected_uusd)
+    collect_debt(posting, state, ref=f"release:{lease_id}", now=now)
 
 
 @dataclass(frozen=True, slots=True)
 class Settled:
     tokens_from_plan: int
-    cost_uusd: int
-    uncollected_uusd: int
+    cost_uusd: int  # the request's full price beyond included tokens, debt included
+    debt_uusd: int  # the part of it nothing available could pay
 
 
-def settle(posting: Posting, state: AccountState, *, request_id: str, model: ModelSpec,
-           reserved_tokens: int, reserved_uusd: int, reserved_period: datetime,
-           prompt_tokens: int, completion_tokens: int, now: datetime) -> Settled:
-    """Charge the real usage against what was held and release the rest, never below zero.
+def settle_usage(posting: Posting, state: AccountState, *, request_id: str, model: ModelSpec,
+                 prompt_tokens: int, completion_tokens: int, lease_tokens: int, lease_uusd: int,
+                 description: str, now: datetime) -> Settled:
+    """Charge a request in full, from the account, not only from one worker's lease.
 
-    Used with nothing held for a request whose lease closed before its usage reached the
-    database (a worker that died with settlements in its spool): it is charged from what is
-    available, and what that cannot cover is recorded as uncollected. Included tokens held in a
-    period that has since ended are not returned: they expired with it.
+    What the worker's lease paid (``lease_tokens``, ``lease_uusd``; zero when the lease closed
+    before this usage reached the database) leaves the reserved counters. Usage beyond that (an
+    upstream that ignored its output limit) is taken from the account's available credit,
+    included tokens first, then balance; only what that cannot cover becomes debt, which bumps
+    the epoch so every worker stops admitting the account within a second. Counters never go
+    below zero.
     """
-    same_period = reserved_period == state.period_start
-    total = prompt_tokens + completion_tokens
-    from_hold = min(total, reserved_tokens)
-    extra_tokens = min(total - from_hold, state.tokens_available) if same_period else 0
-    plan_tokens = from_hold + extra_tokens
+    plan_tokens = lease_tokens
     cost = split_cost(model, prompt_tokens, completion_tokens, plan_tokens)
-    from_hold_uusd = min(cost, reserved_uusd)
-    extra_uusd = min(cost - from_hold_uusd, state.balance_uusd + reserved_uusd - from_hold_uusd)
-    uncollected = cost - from_hold_uusd - extra_uusd
-    returned_tokens = (reserved_tokens - from_hold) if same_period else 0
+    if cost > lease_uusd:
+        extra = _included_tokens_for(model, prompt_tokens, completion_tokens, plan_tokens,
+                                     min(prompt_tokens + completion_tokens - plan_tokens,
+                                         state.tokens_available), lease_uusd)
+        plan_tokens += extra
+        cost = split_cost(model, prompt_tokens, completion_tokens, plan_tokens)
+    else:
+        extra = 0
+    # The price can only be below what the lease paid if the catalog's prices changed between
+    # the settlement in memory and this flush: the request then costs what it paid.
+    owed = max(0, cost - lease_uusd)
+    cost = lease_uusd + owed
+    from_balance = min(owed, state.balance_uusd)
+    debt = owed - from_balance
+    # The tokens that debt is the price of (rounded up: at least one), so included tokens granted
+    # later can repay it at the price the usage was charged.
+    unpaid_tokens = prompt_tokens + completion_tokens - plan_tokens
+    debt_tokens = -(-unpaid_tokens * debt // cost) if debt else 0
     posting.post(
-        state, "settle", request_id, now,
-        f"{model.id}: {prompt_tokens} prompt + {completion_tokens} completion tokens",
-        tokens_reserved=-reserved_tokens,
-        tokens_available=returned_tokens - extra_tokens,
-        balance_reserved_uusd=-reserved_uusd,
-        balance_uusd=(reserved_uusd - from_hold_uusd) - extra_uusd,
-        uncollected_uusd=uncollected,
+        state, "settle", request_id, now, description,
+        tokens_reserved=-lease_tokens, balance_reserved_uusd=-lease_uusd,
+        tokens_available=-extra, balance_uusd=-from_balance,
+        debt_uusd=debt, debt_tokens=debt_tokens, uncollected_uusd=debt,
     )
-    return Settled(tokens_from_plan=plan_tokens, cost_uusd=cost - uncollected,
-                   uncollected_uusd=uncollected)
+    if debt:
+        posting.bump_epoch(state)
+    return Settled(tokens_from_plan=plan_tokens, cost_uusd=cost, debt_uusd=debt)
+
+
+def _included_tokens_for(model: ModelSpec, prompt_tokens: int, completion_tokens: int,
+                         plan_tokens: int, most: int, paid_uusd: int) -> int:
+    """How many more included tokens to spend on a usage: up to ``most``, but only on tokens the
+    balance has not paid already (never so many that the price falls below ``paid_uusd``). The
+    price falls as included tokens rise, so a binary search finds the largest such count."""
+    low, high = 0, max(0, most)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if split_cost(model, prompt_tokens, completion_tokens, plan_tokens + middle) >= paid_uusd:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def collect_debt(posting: Posting, state: AccountState, *, ref: str, now: datetime) -> None:
+    """Repay the account's debt from what it has available, first thing after any credit: a
+    grant of included tokens (renewal, upgrade), a top-up, a redemption, an admin credit, or a
+    lease's unused credit coming back. Included tokens repay the tokens the debt is the price of,
+    one for one, then balance pays the rest; a partial repayment clears the other counter in
+    proportion (rounded down, so the debt never shrinks by more than was paid). ``ref`` names
+    the credit that triggered it (the ledger's unique key keeps it once)."""
+    if state.debt_uusd == 0 and state.debt_tokens == 0:
+        return
+    tokens = min(state.tokens_available, state.debt_tokens)
+    if tokens == 0:
+        uusd_by_tokens = 0
+    elif tokens == state.debt_tokens:
+        uusd_by_tokens = state.debt_uusd
+    else:
+        uusd_by_tokens = state.debt_uusd * tokens // state.debt_tokens
+    left_uusd = state.debt_uusd - uusd_by_tokens
+    left_tokens = state.debt_tokens - tokens
+    money = min(state.balance_uusd, left_uusd)
+    if money == 0:
+        tokens_by_money = 0
+    elif money == left_uusd:
+        tokens_by_money = left_tokens
+    else:
+        tokens_by_money = left_tokens * money // left_uusd
+    if tokens == 0 and money == 0:
+        return
+    posting.post(state, "repay", ref, now, "debt repaid", tokens_available=-tokens,
+                 balance_uusd=-money, debt_uusd=-(uusd_by_tokens + money),
+                 debt_tokens=-(tokens + tokens_by_money))
+
+
+def debt_message(debt_uusd: int) -> str:
+    """What an account in debt is told on every refused request."""
+    return (f"Your account owes ${format_usd(debt_uusd)} for usage beyond its credit (an upstream "
+            "produced more than was held). Recharge your balance to pay it; requests are refused "
+            "until it is paid.")
 
 
 # -- credits and plans --------------------------------------------------------------------------
@@ -227,6 +301,7 @@ async def credit_balance(repository: BillingRepository, *, user_id: int, amount_
     posting = Posting()
     states = await current_accounts(repository, posting, [user_id], catalog, now)
     posting.post(states[user_id], kind, ref, now, description, balance_uusd=amount_uusd)
+    collect_debt(posting, states[user_id], ref=f"{kind}:{ref}", now=now)
     await posting.write(repository, now)
     return True
 

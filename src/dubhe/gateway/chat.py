@@ -18,6 +18,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from dubhe.billing.meter import Denied, SettleResult
 from dubhe.billing.pricing import format_usd
+from dubhe.billing.service import debt_message
 from dubhe.errors import (
     DubheError,
     InsufficientQuota,
@@ -128,6 +129,8 @@ async def chat_completions(
 
 
 def _insufficient_quota(denied: Denied, prompt_tokens: int) -> InsufficientQuota:
+    if denied.debt_uusd:
+        return InsufficientQuota(debt_message(denied.debt_uusd))
     return InsufficientQuota(
         "Your plan's included tokens and prepaid balance cannot cover this request: you have "
         f"{denied.balance.tokens_remaining} included tokens and "

@@ -23,6 +23,8 @@ class Account(Base):
         CheckConstraint("balance_uusd >= 0", name="balance_nonnegative"),
         CheckConstraint("balance_reserved_uusd >= 0", name="balance_reserved_nonnegative"),
         CheckConstraint("period_end > period_start", name="period_ordered"),
+        CheckConstraint("debt_uusd >= 0", name="debt_nonnegative"),
+        CheckConstraint("debt_tokens >= 0", name="debt_tokens_nonnegative"),
     )
 
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
@@ -35,8 +37,19 @@ class Account(Base):
     tokens_reserved: Mapped[int] = mapped_column(BigInteger, default=0)
     balance_uusd: Mapped[int] = mapped_column(BigInteger, default=0)
     balance_reserved_uusd: Mapped[int] = mapped_column(BigInteger, default=0)
-    # Usage that exceeded what was reserved and available: recorded, never a negative balance.
+    # Lifetime total of usage cost that nothing available could pay when it was settled (each
+    # such amount became debt; this total never decreases).
     uncollected_uusd: Mapped[int] = mapped_column(BigInteger, default=0)
+    # What the account owes now: usage an upstream produced beyond every credit the account had
+    # (never a negative balance). ``debt_tokens`` counts the tokens that money is the price of, so
+    # included tokens granted later repay it at the price the usage was charged. An account in
+    # debt is refused admission until the next credit or grant repays it.
+    debt_uusd: Mapped[int] = mapped_column(BigInteger, default=0)
+    debt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Bumped by every change that must stop or alter admission (a debt, a plan change): each
+    # worker compares it, once a second, with the epoch its lease was taken at, and retires a
+    # stale lease (see billing/meter.py).
+    epoch: Mapped[int] = mapped_column(BigInteger, default=0)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
@@ -98,7 +111,7 @@ class LedgerEntry(Base):
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
-    # grant | expire | renewal | lease | settle | release | topup | redeem | credit
+    # grant | expire | renewal | lease | settle | release | topup | redeem | credit | repay
     kind: Mapped[str] = mapped_column(String(16))
     ref: Mapped[str] = mapped_column(String(128))
     tokens_available: Mapped[int] = mapped_column(BigInteger, default=0)
@@ -106,6 +119,8 @@ class LedgerEntry(Base):
     balance_uusd: Mapped[int] = mapped_column(BigInteger, default=0)
     balance_reserved_uusd: Mapped[int] = mapped_column(BigInteger, default=0)
     uncollected_uusd: Mapped[int] = mapped_column(BigInteger, default=0)
+    debt_uusd: Mapped[int] = mapped_column(BigInteger, default=0)
+    debt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     description: Mapped[str] = mapped_column(String(255), default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
