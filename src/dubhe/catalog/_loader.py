@@ -65,6 +65,8 @@ def _build(raw: dict[str, Any]) -> Catalog:
             default_max_tokens=int(entry.get("default_max_tokens", default_max_tokens)),
             created=int(entry.get("created", created)),
             status=status,
+            description=_text(entry, "description", where),
+            best_for=_text(entry, "best_for", where),
         )
     plans: dict[str, PlanSpec] = {}
     for code, entry in raw.get("plans", {}).items():
@@ -131,6 +133,13 @@ def _upstream(entry: dict[str, Any], models: dict[str, ModelSpec]) -> UpstreamSp
         model_map=model_map,
         api_key_env=entry.get("api_key_env"),
     )
+
+
+def _text(entry: dict[str, Any], key: str, where: str) -> str:
+    value = entry.get(key, "")
+    if not isinstance(value, str):
+        raise CatalogError(f"{where}.{key} must be a string")
+    return value.strip()
 
 
 def _positive_int(entry: dict[str, Any], key: str, where: str) -> int:

@@ -17,6 +17,9 @@ class ModelSpec:
     default_max_tokens: int
     created: int
     status: str = "available"  # available | maintenance
+    # What the homepage says about the model: a sentence, and what it is best for.
+    description: str = ""
+    best_for: str = ""
 
 
 @dataclass(frozen=True, slots=True)
