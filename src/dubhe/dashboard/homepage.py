@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dubhe.billing.schemas import UUSD_PER_CENT
 from dubhe.catalog import Catalog, ModelSpec, PlanSpec
-
-CENT_UUSD = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +47,7 @@ def build_homepage(catalog: Catalog, public_url: str) -> Homepage:
     rows = [
         PlanRow(
             plan=plan,
-            price_uusd=plan.price_cents * CENT_UUSD,
+            price_uusd=plan.price_cents * UUSD_PER_CENT,
             model_names=[m.name for m in catalog.models.values() if m.id in plan.models],
             is_default=plan.code == catalog.default_plan,
         )

@@ -50,7 +50,7 @@ def usd(uusd: int, *, places: int = 2) -> str:
     sign = "-" if text.startswith("-") else ""
     whole, micro = text.lstrip("-").split(".")
     decimals = micro.rstrip("0").ljust(places, "0")
-    return f"{sign}${int(whole):,}.{decimals}"
+    return f"{sign}${int(whole):,}" + (f".{decimals}" if decimals else "")
 
 
 def tokens(count: int) -> str:
