@@ -10,14 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from dubhe.billing.periods import add_months, current_period
 from dubhe.billing.pricing import format_usd, split_cost
 from dubhe.billing.repository import COUNTERS, AccountState, BillingRepository
 from dubhe.catalog import Catalog, ModelSpec
-from dubhe.errors import NotFound, UnprocessableRequest
+from dubhe.errors import InsufficientQuota, NotFound, UnprocessableRequest
 from dubhe.models import Account
+
+PlanChange = Literal["upgraded", "scheduled", "unchanged"]
 
 
 @dataclass(slots=True)
@@ -339,3 +341,61 @@ async def change_plan(repository: BillingRepository, *, user_id: int, plan_code:
 
 def lease_deadline(now: datetime, ttl_seconds: float) -> datetime:
     return now + timedelta(seconds=ttl_seconds)
+
+
+async def buy_plan_from_balance(repository: BillingRepository, *, user_id: int, plan_code: str,
+                                catalog: Catalog, now: datetime, ref: str) -> AccountState:
+    """An upgrade paid from the prepaid balance: the payment, the replaced plan's tokens
+    expiring and the new period all commit together, or none does.
+
+    A second click cannot pay twice: once on the plan, buying it again is no upgrade. ``ref``
+    (the request id) is the payment's idempotency key in the ledger."""
+    wanted = catalog.plans.get(plan_code)
+    if wanted is None:
+        raise UnprocessableRequest(
+            f"unknown plan {plan_code!r}; choose one of {', '.join(catalog.plans)}", param="plan"
+        )
+    posting = Posting()
+    state = (await current_accounts(repository, posting, [user_id], catalog, now))[user_id]
+    current = catalog.plans[state.plan_code]
+    if wanted.price_cents <= current.price_cents:
+        raise UnprocessableRequest(
+            f"{wanted.name} is not an upgrade from {current.name}; downgrades are free and "
+            "take effect at the end of the period", param="plan", code="invalid_value",
+        )
+    price_uusd = wanted.price_cents * 10_000
+    if state.balance_uusd < price_uusd:
+        raise InsufficientQuota(
+            f"The {wanted.name} plan costs {format_usd(price_uusd)} USD and your available "
+            f"balance is {format_usd(state.balance_uusd)} USD: recharge, or pay by card.",
+            param="plan",
+        )
+    posting.post(state, "plan_payment", ref, now, f"{wanted.name} plan, paid from the balance",
+                 balance_uusd=-price_uusd)
+    await posting.write(repository, now)
+    return await change_plan(repository, user_id=user_id, plan_code=plan_code, catalog=catalog,
+                             now=now)
+
+
+async def choose_plan(repository: BillingRepository, *, user_id: int, plan_code: str,
+                      catalog: Catalog, now: datetime,
+                      ref: str) -> tuple[PlanChange, int, AccountState]:
+    """What the dashboard's plan buttons do: an upgrade is paid from the balance (402 when it
+    cannot cover the price; the page then offers the card), a downgrade waits for the period's
+    end, and choosing the current plan again cancels a waiting downgrade.
+    Returns the change (``upgraded``, ``scheduled``, ``unchanged``), what was paid, the account."""
+    if plan_code not in catalog.plans:
+        raise UnprocessableRequest(
+            f"unknown plan {plan_code!r}; choose one of {', '.join(catalog.plans)}", param="plan"
+        )
+    posting = Posting()
+    state = (await current_accounts(repository, posting, [user_id], catalog, now))[user_id]
+    await posting.write(repository, now)
+    current, wanted = catalog.plans[state.plan_code], catalog.plans[plan_code]
+    if wanted.price_cents > current.price_cents:
+        state = await buy_plan_from_balance(repository, user_id=user_id, plan_code=plan_code,
+                                            catalog=catalog, now=now, ref=ref)
+        return "upgraded", wanted.price_cents * 10_000, state
+    state = await change_plan(repository, user_id=user_id, plan_code=plan_code, catalog=catalog,
+                              now=now)
+    return ("unchanged" if plan_code == state.plan_code else "scheduled"), 0, state

@@ -12,10 +12,12 @@ from dubhe.models.billing import (
 )
 from dubhe.models.usage import UsageRecord
 from dubhe.models.user import User
+from dubhe.models.web_session import AuthAttempt, WebSession
 
 __all__ = [
     "Account",
     "ApiKey",
+    "AuthAttempt",
     "Base",
     "Lease",
     "LedgerEntry",
@@ -24,4 +26,5 @@ __all__ = [
     "SubscriptionPeriod",
     "UsageRecord",
     "User",
+    "WebSession",
 ]
