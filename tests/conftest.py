@@ -28,6 +28,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from dubhe.database import create_engine
+from tests.upstreams.realistic import Realistic, start_realistic
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -44,6 +45,8 @@ def free_port() -> int:
 
 
 def wait_until_up(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 120) -> None:
+    """Generous: on the shared 2-core box a cold start under load takes tens of seconds. A process
+    that does not come up is killed, so a failed fixture leaves nothing running."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -53,6 +56,8 @@ def wait_until_up(url: str, process: subprocess.Popen[bytes], log: Path, timeout
             return
         except httpx.HTTPError:
             time.sleep(0.05)
+    process.kill()
+    process.wait()
     raise RuntimeError(f"{url} did not come up:\n{log.read_text()}")
 
 
@@ -104,6 +109,14 @@ def sims(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Sim]]:
     yield started
     for sim in started.values():
         sim.running.stop()
+
+
+@pytest.fixture(scope="session")
+def realistic(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Realistic]:
+    """The realistic, fault-injecting upstream (tests/upstreams/realistic.py), its own process."""
+    upstream = start_realistic(tmp_path_factory.mktemp("realistic") / "realistic.log")
+    yield upstream
+    upstream.stop()
 
 
 @contextmanager
