@@ -7,6 +7,7 @@ from dubhe.models.billing import (
     Lease,
     LedgerEntry,
     Payment,
+    PaymentReversal,
     RedemptionCode,
     SubscriptionPeriod,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "Lease",
     "LedgerEntry",
     "Payment",
+    "PaymentReversal",
     "RedemptionCode",
     "SubscriptionPeriod",
     "UsageRecord",
