@@ -211,7 +211,8 @@ models = ["dubhe-qwen"]
 """
 
 
-def start_server(data_dir: Path, database_url: str, config: str, **extra_env: str) -> Server:
+def start_server(data_dir: Path, database_url: str, config: str, *, workers: int = 1,
+                 **extra_env: str) -> Server:
     """``dubhe serve`` as its own process, on ``database_url``, with ``config`` as its dubhe.toml."""
     (data_dir / "dubhe.toml").write_text(config)
     env = {
@@ -224,8 +225,10 @@ def start_server(data_dir: Path, database_url: str, config: str, **extra_env: st
     }
     port = free_port()
     log = data_dir / "serve.log"
-    running = start_process([str(BIN / "dubhe"), "serve", "--port", str(port)], log, env)
-    wait_until_up(f"http://127.0.0.1:{port}/healthz", running.process, log)
+    running = start_process([str(BIN / "dubhe"), "serve", "--port", str(port),
+                             "--workers", str(workers)], log, env)
+    # Generous: on a loaded 2-core machine a worker can take tens of seconds to start.
+    wait_until_up(f"http://127.0.0.1:{port}/healthz", running.process, log, timeout=120)
     return Server(f"http://127.0.0.1:{port}/v1", env, database_url, data_dir, running)
 
 

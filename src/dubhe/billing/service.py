@@ -8,6 +8,7 @@ written back by the caller with one guarded update per account (see ``meter.py``
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -15,8 +16,8 @@ from typing import Any, Literal
 from dubhe.billing.periods import add_months, current_period
 from dubhe.billing.pricing import format_usd, split_cost
 from dubhe.billing.repository import COUNTERS, AccountState, BillingRepository
-from dubhe.catalog import Catalog, ModelSpec
-from dubhe.errors import InsufficientQuota, NotFound, UnprocessableRequest
+from dubhe.catalog import Catalog, ModelSpec, PlanSpec
+from dubhe.errors import InsufficientQuota, NotFound, ServiceUnavailable, UnprocessableRequest
 from dubhe.models import Account
 
 PlanChange = Literal["upgraded", "scheduled", "unchanged"]
@@ -123,17 +124,22 @@ async def renew_if_due(repository: BillingRepository, posting: Posting, state: A
     """The first request after a period ends renews it (no cron): leftover included tokens
     expire, a pending downgrade applies, a paid plan is paid from the balance or falls back to
     the free plan, and the new period's tokens are granted. Runs under the account lock, and the
-    period's unique key makes it happen once however many requests race it."""
+    period's unique key makes it happen once however many requests race it.
+
+    The renewal sees the whole balance: when the price is more than what is available but not
+    more than what is available plus what workers hold leased, it waits for the leases to return
+    (every worker returns a lease of an ended period within a second, see ``meter.py``) and the
+    period stays ended until then; ``require_current_period`` turns that into a short 503."""
     if now < state.period_end:
         return
-    posting.post(state, "expire", f"{state.user_id}:{state.period_start.isoformat()}", now,
-                 "included tokens of the ended period expire",
-                 tokens_available=-state.tokens_available)
-    start, end = current_period(state.period_end, now)
     plan_code = state.next_plan_code or state.plan_code
     if plan_code not in catalog.plans:
         plan_code = catalog.default_plan
     price_uusd = catalog.plans[plan_code].price_cents * 10_000
+    if state.balance_uusd < price_uusd <= state.balance_uusd + state.balance_reserved_uusd:
+        return
+    start, end = current_period(state.period_end, now)
+    _close_period(posting, state, now, "included tokens of the ended period expire")
     if price_uusd > 0:
         if state.balance_uusd >= price_uusd:
             posting.post(state, "renewal", f"{state.user_id}:{start.isoformat()}", now,
@@ -141,6 +147,28 @@ async def renew_if_due(repository: BillingRepository, posting: Posting, state: A
                          balance_uusd=-price_uusd)
         else:
             plan_code = catalog.default_plan
+    await _open_period(repository, posting, state, plan_code, start, end, catalog, now)
+
+
+def require_current_period(state: AccountState, now: datetime) -> None:
+    """Refuse to lease credit of an ended period whose renewal waits for leased balance."""
+    if now >= state.period_end:
+        raise ServiceUnavailable(
+            "Your plan is renewing; retry in a second.", code="billing_unavailable",
+            headers={"retry-after": "1"},
+        )
+
+
+def _close_period(posting: Posting, state: AccountState, now: datetime, why: str) -> None:
+    """The included tokens left in the current period expire (no rollover)."""
+    posting.post(state, "expire", f"{state.user_id}:{state.period_start.isoformat()}", now, why,
+                 tokens_available=-state.tokens_available)
+
+
+async def _open_period(repository: BillingRepository, posting: Posting, state: AccountState,
+                       plan_code: str, start: datetime, end: datetime, catalog: Catalog,
+                       now: datetime) -> None:
+    """``plan_code`` from ``start`` to ``end``, with its included tokens granted."""
     posting.set_fields(state, plan_code=plan_code, next_plan_code=None, period_start=start,
                        period_end=end)
     posting.plan_changes[state.user_id] = plan_code
@@ -148,8 +176,10 @@ async def renew_if_due(repository: BillingRepository, posting: Posting, state: A
 
 
 async def current_accounts(repository: BillingRepository, posting: Posting, user_ids: list[int],
-                           catalog: Catalog, now: datetime) -> dict[int, AccountState]:
-    """Lock the accounts, opening any that do not exist yet and renewing any that are due."""
+                           catalog: Catalog, now: datetime, *,
+                           renew: bool = True) -> dict[int, AccountState]:
+    """Lock the accounts, opening any that do not exist yet and renewing any that are due
+    (unless ``renew`` is false: a plan change decides itself what follows an ended period)."""
     states = await repository.lock_accounts(sorted(set(user_ids)))
     for user_id in sorted(set(user_ids) - states.keys()):
         plan_code = await repository.plan_of_user(user_id)
@@ -158,8 +188,9 @@ async def current_accounts(repository: BillingRepository, posting: Posting, user
         states[user_id] = await open_account(repository, posting, user_id,
                                              plan_code if plan_code in catalog.plans else catalog.default_plan,
                                              catalog, now)
-    for state in states.values():
-        await renew_if_due(repository, posting, state, catalog, now)
+    if renew:
+        for state in states.values():
+            await renew_if_due(repository, posting, state, catalog, now)
     return states
 
 
@@ -308,35 +339,123 @@ async def credit_balance(repository: BillingRepository, *, user_id: int, amount_
     return True
 
 
-async def change_plan(repository: BillingRepository, *, user_id: int, plan_code: str,
-                      catalog: Catalog, now: datetime, ref: str | None = None) -> AccountState:
-    """Upgrades apply at once and start a new period; downgrades wait for the period's end.
-    ``ref`` names the payment that bought the plan, if one did."""
+def _plan(catalog: Catalog, plan_code: str) -> PlanSpec:
     if plan_code not in catalog.plans:
         raise UnprocessableRequest(
             f"unknown plan {plan_code!r}; choose one of {', '.join(catalog.plans)}", param="plan"
         )
+    return catalog.plans[plan_code]
+
+
+def _is_upgrade(catalog: Catalog, state: AccountState, wanted: PlanSpec) -> bool:
+    current = catalog.plans.get(state.plan_code)
+    return current is None or wanted.price_cents > current.price_cents
+
+
+async def _start_plan(repository: BillingRepository, posting: Posting, state: AccountState,
+                      plan_code: str, catalog: Catalog, now: datetime) -> None:
+    """``plan_code`` from now on, in a new period: the current period's tokens expire. An ended
+    period is closed without renewing its plan (nothing is charged for it): the new plan's
+    period replaces it."""
+    _close_period(posting, state, now, "included tokens of the replaced plan expire"
+                  if now < state.period_end else "included tokens of the ended period expire")
+    await _open_period(repository, posting, state, plan_code, now, add_months(now), catalog, now)
+
+
+async def change_plan(repository: BillingRepository, *, user_id: int, plan_code: str,
+                      catalog: Catalog, now: datetime) -> AccountState:
+    """An operator's plan change, at no charge: an upgrade applies at once and starts a new
+    period; a downgrade waits for the period's end; after the period ended, the plan starts its
+    own period now and the old plan is not renewed."""
+    wanted = _plan(catalog, plan_code)
     posting = Posting()
-    state = (await current_accounts(repository, posting, [user_id], catalog, now))[user_id]
-    current, wanted = catalog.plans[state.plan_code], catalog.plans[plan_code]
-    if plan_code == state.plan_code:
+    state = (await current_accounts(repository, posting, [user_id], catalog, now,
+                                    renew=False))[user_id]
+    if now >= state.period_end or (plan_code != state.plan_code
+                                   and _is_upgrade(catalog, state, wanted)):
+        await _start_plan(repository, posting, state, plan_code, catalog, now)
+    elif plan_code == state.plan_code:
         posting.set_fields(state, next_plan_code=None)
-    elif wanted.price_cents < current.price_cents:
-        posting.set_fields(state, next_plan_code=plan_code)
     else:
-        posting.post(state, "expire", f"{user_id}:{state.period_start.isoformat()}", now,
-                     "included tokens of the replaced plan expire",
-                     tokens_available=-state.tokens_available)
-        posting.set_fields(state, plan_code=plan_code, next_plan_code=None, period_start=now,
-                           period_end=add_months(now))
-        posting.plan_changes[user_id] = plan_code
-        await _grant_period(repository, posting, state, catalog, now)
-    if ref is not None:
-        # A plan paid outside the balance (by card): no counter moves, but the account's history
-        # shows the purchase, once (the ledger's unique key on kind and ref).
-        posting.post(state, "plan_purchase", ref, now, f"{wanted.name} plan bought")
+        posting.set_fields(state, next_plan_code=plan_code)
     await posting.write(repository, now)
     return state
+
+
+class PlanPurchase(enum.Enum):
+    STARTED = "started"  # the plan bought starts now, in a new period
+    CREDITED = "credited"  # no upgrade by the time it was paid: the payment went to the balance
+
+
+async def buy_plan(repository: BillingRepository, *, user_id: int, plan_code: str,
+                   paid_uusd: int, ref: str, catalog: Catalog, now: datetime) -> PlanPurchase:
+    """Apply a plan paid for outside the balance (by card), once per ``ref``.
+
+    What was paid is never lost: a payment that no longer buys an upgrade when it arrives (a
+    second session for the plan the first one bought, a lower plan after a higher one, a plan
+    the operator has since removed) is credited to the balance and the ledger says why. A plan
+    bought after the period ended starts its own period without renewing the old plan."""
+    posting = Posting()
+    state = (await current_accounts(repository, posting, [user_id], catalog, now,
+                                    renew=False))[user_id]
+    wanted = catalog.plans.get(plan_code)
+    if wanted is not None and (now >= state.period_end or _is_upgrade(catalog, state, wanted)):
+        await _start_plan(repository, posting, state, plan_code, catalog, now)
+        # No counter moves for the payment itself, but the account's history shows it, once
+        # (the ledger's unique key on kind and ref).
+        posting.post(state, "plan_purchase", ref, now, f"{wanted.name} plan bought")
+        await posting.write(repository, now)
+        return PlanPurchase.STARTED
+    await posting.write(repository, now)
+    current = catalog.plans.get(state.plan_code)
+    bought = wanted.name if wanted is not None else repr(plan_code)
+    await credit_balance(
+        repository, user_id=user_id, amount_uusd=paid_uusd, kind="topup", ref=ref,
+        description=(f"payment for the {bought} plan credited to your balance: the account "
+                     f"already had the {current.name if current else state.plan_code} plan"),
+        catalog=catalog, now=now)
+    return PlanPurchase.CREDITED
+
+
+# -- payments taken back (refunds, disputes) and given back ------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TakenBack:
+    taken_uusd: int  # from the balance
+    owed_uusd: int  # what the balance could not cover: the account owes it
+
+
+async def take_back(repository: BillingRepository, *, user_id: int, amount_uusd: int, kind: str,
+                    ref: str, description: str, catalog: Catalog, now: datetime) -> TakenBack:
+    """Take a credit back (a refunded or disputed payment), once per (kind, ref): from the
+    balance, and what was already spent as a debt of the account.
+
+    Balance that workers hold leased is not touched (requests may be spending it); what the
+    available balance cannot cover is owed, and the debt is collected from the next credit."""
+    posting = Posting()
+    state = (await current_accounts(repository, posting, [user_id], catalog, now))[user_id]
+    taken = min(amount_uusd, state.balance_uusd)
+    owed = amount_uusd - taken
+    # Until accounts carry a debt counter of their own, what is owed is recorded as
+    # uncollected (the counter of usage nothing was left to pay for), with the ledger entry
+    # saying so; ``give_back`` cancels it first.
+    posting.post(state, kind, ref, now, description, balance_uusd=-taken, uncollected_uusd=owed)
+    await posting.write(repository, now)
+    return TakenBack(taken, owed)
+
+
+async def give_back(repository: BillingRepository, *, user_id: int, taken: TakenBack, kind: str,
+                    ref: str, description: str, catalog: Catalog, now: datetime) -> None:
+    """Undo a ``take_back`` (a dispute won), once per (kind, ref): what it recorded as owed and
+    is still unpaid is cancelled, everything else returns to the balance."""
+    posting = Posting()
+    state = (await current_accounts(repository, posting, [user_id], catalog, now))[user_id]
+    cancelled = min(taken.owed_uusd, state.uncollected_uusd)
+    posting.post(state, kind, ref, now, description,
+                 balance_uusd=taken.taken_uusd + taken.owed_uusd - cancelled,
+                 uncollected_uusd=-cancelled)
+    await posting.write(repository, now)
 
 
 def lease_deadline(now: datetime, ttl_seconds: float) -> datetime:
