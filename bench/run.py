@@ -1430,6 +1430,8 @@ def ratios(results: dict) -> dict:
                                      mem_bare["mb_per_1000_streams"], "MB"),
         "cold_start": entry("cold_start", start["gateway"]["cold_start_s"],
                             start["bare"]["cold_start_s"], "s"),
+        "listening": entry("listening", start["gateway"]["listening_s"],
+                           start["bare"]["listening_s"], "s"),
         "idle_rss_after_start": entry("idle_rss_after_start",
                                       start["gateway"]["rss_after_start_mb"],
                                       start["bare"]["rss_after_start_mb"], "MB"),
@@ -1480,6 +1482,7 @@ def ratios_block(results: dict) -> list[str]:
         line("RSS per 1,000 streams", "mb_per_1000_streams"),
         f"start and memory: gateway / bare, 1 worker, median of {plan['start_runs']} starts each",
         line("cold start (spawn to first 200)", "cold_start"),
+        line("  of which: spawn to listening", "listening"),
         line("idle RSS after start", "idle_rss_after_start"),
         line(f"idle RSS after {WARM_UP_S}s of c=4", "idle_rss_after_warm_up"),
         f"CLI start, median of {cli['runs']}: python -c pass {median['python']:.2f} s, "
