@@ -198,8 +198,10 @@ models = ["dubhe-qwen"]
 """
 
 
-def start_server(data_dir: Path, database_url: str, config: str, **extra_env: str) -> Server:
-    """``dubhe serve`` as its own process, on ``database_url``, with ``config`` as its dubhe.toml."""
+def start_server(data_dir: Path, database_url: str, config: str, *args: str,
+                 **extra_env: str) -> Server:
+    """``dubhe serve`` as its own process, on ``database_url``, with ``config`` as its dubhe.toml;
+    ``args`` are added to its command line (e.g. ``"--workers", "2"``)."""
     (data_dir / "dubhe.toml").write_text(config)
     env = {
         **os.environ,
@@ -211,8 +213,9 @@ def start_server(data_dir: Path, database_url: str, config: str, **extra_env: st
     }
     port = free_port()
     log = data_dir / "serve.log"
-    running = start_process([str(BIN / "dubhe"), "serve", "--port", str(port)], log, env)
-    wait_until_up(f"http://127.0.0.1:{port}/healthz", running.process, log)
+    running = start_process([str(BIN / "dubhe"), "serve", "--port", str(port), *args], log, env)
+    # Generous: on a loaded 2-core machine a worker can take tens of seconds to import and start.
+    wait_until_up(f"http://127.0.0.1:{port}/healthz", running.process, log, timeout=120)
     return Server(f"http://127.0.0.1:{port}/v1", env, database_url, data_dir, running)
 
 
