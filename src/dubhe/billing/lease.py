@@ -63,15 +63,23 @@ class LeaseUsage:
 
 
 def admit(
-    lease: LiveLease, model: ModelSpec, *, prompt_tokens: int, max_tokens: int, final: bool
+    lease: LiveLease,
+    model: ModelSpec,
+    *,
+    prompt_tokens: int,
+    max_tokens: int,
+    n: int = 1,
+    final: bool,
 ) -> tuple[Hold, Admission] | None:
-    """Hold what the request needs from the lease. Unless ``final`` (the lease holds all the
-    account can give), a request the lease can only partly pay for is not admitted here: the
-    caller refills the lease instead of clamping what the account could still cover."""
+    """Hold what the request needs from the lease: the prompt plus ``max_tokens`` for each of
+    ``n`` choices. Unless ``final`` (the lease holds all the account can give), a request the
+    lease can only partly pay for is not admitted here: the caller refills the lease instead of
+    clamping what the account could still cover."""
     admission = size_admission(
         model,
         prompt_tokens=prompt_tokens,
         max_tokens=max_tokens,
+        n=n,
         tokens_available=lease.tokens_free,
         balance_uusd=lease.uusd_free,
     )

@@ -136,23 +136,25 @@ class Meter:
     # -- the hot path ---------------------------------------------------------------------------
 
     async def reserve(self, *, user_id: int, request_id: str, api_key_id: int | None, model: str,
-                      prompt_tokens: int, max_tokens: int) -> Reserved | Denied:
+                      prompt_tokens: int, max_tokens: int, n: int = 1) -> Reserved | Denied:
+        """Hold the prompt plus ``max_tokens`` for each of ``n`` choices (or a clamped limit)."""
         spec = self._catalog.models[model]
-        answer = self._from_lease(user_id, request_id, spec, prompt_tokens, max_tokens)
+        answer = self._from_lease(user_id, request_id, spec, prompt_tokens, max_tokens, n)
         if answer is not None:
             return answer
         async with self._account_locks[user_id]:
             # Another request may have refilled the lease while this one waited.
-            answer = self._from_lease(user_id, request_id, spec, prompt_tokens, max_tokens)
+            answer = self._from_lease(user_id, request_id, spec, prompt_tokens, max_tokens, n)
             if answer is not None:
                 return answer
-            lease = await self._refill(user_id, prompt_tokens + max_tokens,
-                                       cost_uusd(spec, prompt_tokens, max_tokens))
+            completion = max_tokens * n
+            lease = await self._refill(user_id, prompt_tokens + completion,
+                                       cost_uusd(spec, prompt_tokens, completion))
             if lease is None:
                 return self._owing(user_id)
             # The lease now holds all the account could give, if that was less than asked for.
             admitted = admit(lease, spec, prompt_tokens=prompt_tokens, max_tokens=max_tokens,
-                             final=True)
+                             n=n, final=True)
             if admitted is None or admitted[1].clamped:
                 lease.exhausted_until = time.monotonic() + _EXHAUSTED_SECONDS
             if admitted is None:
@@ -160,7 +162,7 @@ class Meter:
             return self._hold(request_id, lease, *admitted)
 
     def _from_lease(self, user_id: int, request_id: str, spec: ModelSpec, prompt_tokens: int,
-                    max_tokens: int) -> Reserved | Denied | None:
+                    max_tokens: int, n: int) -> Reserved | Denied | None:
         """Admit from memory when the lease covers the request; None when it needs a refill."""
         if user_id in self._debtors:
             if self._debtors[user_id][1] > time.monotonic():
@@ -170,7 +172,7 @@ class Meter:
         if lease is None or self._period_over(lease):
             return None
         exhausted = lease.exhausted_until > time.monotonic()
-        admitted = admit(lease, spec, prompt_tokens=prompt_tokens, max_tokens=max_tokens,
+        admitted = admit(lease, spec, prompt_tokens=prompt_tokens, max_tokens=max_tokens, n=n,
                          final=exhausted)
         if admitted is not None:
             return self._hold(request_id, lease, *admitted)

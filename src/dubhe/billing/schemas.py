@@ -23,9 +23,9 @@ UUSD_PER_CENT = 10_000
 # Far above any real recharge; a typo like "10000000" must not mint ten million dollars.
 MAX_AMOUNT_UUSD = 1_000_000 * UUSD_PER_USD
 
-# Digits, then at most six decimals: no sign, no exponent, no "NaN"/"inf", nothing a float
-# would round.
-_USD = re.compile(r"(\d{1,7})(?:\.(\d{1,6}))?")
+# ASCII digits, then at most six decimals: no sign, no exponent, no "NaN"/"inf", nothing a float
+# would round. Not ``\d``: it matches every script's digits, and Decimal reads "٥" as 5.
+_USD = re.compile(r"([0-9]{1,7})(?:\.([0-9]{1,6}))?", re.ASCII)
 
 
 def parse_usd(text: str, *, param: str = "amount_usd") -> int:
