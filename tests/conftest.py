@@ -43,7 +43,7 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def wait_until_up(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 30) -> None:
+def wait_until_up(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -212,7 +212,11 @@ def start_server(data_dir: Path, database_url: str, config: str, **extra_env: st
     port = free_port()
     log = data_dir / "serve.log"
     running = start_process([str(BIN / "dubhe"), "serve", "--port", str(port)], log, env)
-    wait_until_up(f"http://127.0.0.1:{port}/healthz", running.process, log)
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/healthz", running.process, log)
+    except RuntimeError:
+        running.stop()  # or it outlives the failed test
+        raise
     return Server(f"http://127.0.0.1:{port}/v1", env, database_url, data_dir, running)
 
 
