@@ -28,7 +28,10 @@ log = logging.getLogger(__name__)
 
 
 def create_web_app(state: WebState) -> FastAPI:
+    from dubhe.accounts.sessions import CsrfCookieMiddleware, LoginRequired, login_required_response
     from dubhe.billing.endpoints import router as billing_router
+    from dubhe.dashboard.assets import static_files
+    from dubhe.dashboard.endpoints import router as dashboard_router
     from dubhe.payments.endpoints import router as payments_router
 
     app = FastAPI(
@@ -40,10 +43,15 @@ def create_web_app(state: WebState) -> FastAPI:
     app.state.dubhe = state
     app.include_router(billing_router, prefix="/api")
     app.include_router(payments_router, prefix="/api")
+    app.include_router(dashboard_router)
+    app.mount("/static", static_files(), name="static")
     app.add_exception_handler(DubheError, _dubhe_error)
+    # More specific than DubheError: a page without a session redirects to /login instead.
+    app.add_exception_handler(LoginRequired, login_required_response)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _internal_error)
+    app.add_middleware(CsrfCookieMiddleware, secure=state.settings.https)
     app.add_middleware(RequestIdMiddleware)
     return app
 
