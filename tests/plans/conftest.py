@@ -36,6 +36,16 @@ lease_idle_seconds = 1.5
 input_price_usd_per_mtok = "1000"
 output_price_usd_per_mtok = "100000"
 
+# Pay as you go: every token is paid from the balance.
+[plans.metered]
+name = "Metered"
+price_usd = "0"
+models = ["dubhe-fast"]
+included_tokens = 0
+requests_per_minute = 100000
+tokens_per_minute = 100000000
+concurrent_requests = 1000
+
 [[upstreams]]
 name = "fast"
 kind = "openai"
