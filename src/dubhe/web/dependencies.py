@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from dubhe.catalog import Catalog
 from dubhe.keys.cache import KeyCache, KeyIdentity
+from dubhe.ratelimit import UnauthenticatedLimiter
 from dubhe.settings import Settings
 
 
@@ -22,6 +23,7 @@ class WebState:
     catalog: Catalog
     sessionmaker: async_sessionmaker[AsyncSession]
     keys: KeyCache
+    unauthenticated: UnauthenticatedLimiter
 
 
 def get_state(request: Request) -> WebState:
@@ -44,6 +46,10 @@ SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
 async def get_current_user(request: Request, state: StateDep) -> KeyIdentity:
     """The caller, by the same Bearer API key as /v1 and through the same per-worker cache,
     so a revoked key stops working here exactly when it stops working there."""
+    # Checked already, before the body was read (web.app.KeyFirstMiddleware).
+    identity = request.scope.get("state", {}).get("api_key_identity")
+    if isinstance(identity, KeyIdentity):
+        return identity
     authorization = request.headers.get("authorization")
     return await state.keys.authenticate(
         authorization.encode("latin-1") if authorization is not None else None
