@@ -27,6 +27,9 @@ class ApiKeyRepository:
         )
         return (await self.session.execute(statement)).first()
 
+    async def all_hashes(self) -> list[str]:
+        return list((await self.session.execute(select(ApiKey.key_hash))).scalars())
+
     async def identities_changed_since(self, since: datetime) -> list[Row[ApiKey, str]]:
         """Keys whose own row or whose owner changed after ``since`` (revocations, plan moves)."""
         statement = (
