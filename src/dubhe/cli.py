@@ -164,6 +164,10 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         log_level=settings.log_level,
         timeout_keep_alive=75,
         backlog=4096,
+        # uvicorn kills and restarts a worker that does not answer its supervisor's ping within
+        # this many seconds; its default of 5 restarts workers forever on a loaded small machine,
+        # where starting one (imports, first connections) can take longer than that.
+        timeout_worker_healthcheck=60,
     )
 
 
