@@ -12,7 +12,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import SecretStr
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -40,6 +40,59 @@ class Settings(BaseSettings):
     stripe_webhook_secret: SecretStr | None = None
     # Only to point the stripe package at a stand-in server (tests, stripe-mock).
     stripe_api_base: str | None = None
+    # Outgoing mail (verification and password reset): smtp://user:pass@host:port, or smtps://
+    # for TLS from the start; "?starttls=1" upgrades a plain connection.
+    smtp_url: SecretStr | None = None
+    smtp_from: str = "Dubhe <no-reply@localhost>"
+    # Who may create an account: open | email-verified | invite | closed. Unset: email-verified
+    # when mail can be sent, else open (with the per-address limit below).
+    signup_mode: Literal["open", "email-verified", "invite", "closed"] | None = None
+    # The first admin, created at start when no admin exists (nothing is created otherwise).
+    admin_email: str | None = None
+    admin_password: SecretStr | None = None
+    # Dashboard sessions and the limits on guessing and on scripted sign-ups. Attempts are rows
+    # in the database, so every worker and instance counts the same ones.
+    session_hours: int = Field(default=24 * 14, ge=1)
+    login_failures_per_ip: int = Field(default=20, ge=1)
+    login_failures_per_account: int = Field(default=10, ge=1)
+    login_window_minutes: int = Field(default=15, ge=1)
+    signups_per_ip_per_hour: int = Field(default=10, ge=1)
+    # In "open" mode, accounts one address may create per day (each gets the default plan's
+    # included tokens, so this bounds farming them).
+    accounts_per_ip_per_day: int = Field(default=3, ge=1)
+    reset_requests_per_ip_per_hour: int = Field(default=10, ge=1)
+
+    @property
+    def resolved_signup_mode(self) -> str:
+        if self.signup_mode is not None:
+            return self.signup_mode
+        return "email-verified" if self.smtp_url is not None else "open"
+
+    @property
+    def https(self) -> bool:
+        return self.public_url.startswith("https://")
+
+    # Connection limits, per worker (enforced by dubhe.server's protocol; see README, Limits).
+    max_header_bytes: int = Field(default=32_768, ge=1024)
+    max_header_count: int = Field(default=100, ge=8)
+    header_timeout_seconds: float = Field(default=10.0, gt=0)
+    body_timeout_seconds: float = Field(default=30.0, gt=0)
+    keepalive_timeout_seconds: int = Field(default=30, ge=1)
+    max_connections: int = Field(default=2048, ge=1)
+    # Bodies outside /v1 (whose limit is the catalog's max_request_bytes): /api routes, and the
+    # Stripe webhook, which is read before its signature can be checked.
+    api_max_body_bytes: int = Field(default=65_536, ge=1024)
+    webhook_max_body_bytes: int = Field(default=262_144, ge=1024)
+    # Requests that fail authentication, per client address: a sustained rate and a burst.
+    unauthenticated_per_minute: int = Field(default=600, ge=1)
+    unauthenticated_burst: int = Field(default=100, ge=1)
+    # Browser origins allowed to call /v1 (CORS), comma-separated; empty means CORS is off.
+    cors_allow_origins: str = ""
+
+    @cached_property
+    def cors_origins(self) -> frozenset[str]:
+        return frozenset(o.strip().rstrip("/") for o in self.cors_allow_origins.split(",")
+                         if o.strip())
 
     @cached_property
     def resolved_database_url(self) -> str:
@@ -80,4 +133,9 @@ def _development_secret(data_dir: Path) -> bytes:
 
 
 def load_settings() -> Settings:
-    return Settings()
+    try:
+        return Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = "_".join(str(part) for part in first["loc"]).upper()
+        raise ConfigurationError(f"DUBHE_{field}: {first['msg']}") from None

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Table, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -15,6 +15,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from dubhe.models import Account, Lease, LedgerEntry, SubscriptionPeriod, UsageRecord, User
 
 # Every counter an account has; each equals the sum of its column over the account's ledger.
+# Core inserts go to the tables themselves (typed as Table: the ORM declares them as FromClause).
+_LEDGER = cast(Table, LedgerEntry.__table__)
+_USAGE = cast(Table, UsageRecord.__table__)
+
 COUNTERS = ("tokens_available", "tokens_reserved", "balance_uusd", "balance_reserved_uusd",
             "debt_uusd", "debt_tokens")
 
@@ -164,7 +168,7 @@ class BillingRepository:
     async def insert_ledger(self, rows: list[dict[str, Any]]) -> None:
         # Core inserts on the table: the ORM's bulk path costs several times more per row.
         if rows:
-            await self.session.execute(self._insert(LedgerEntry.__table__), rows)
+            await self.session.execute(self._insert(_LEDGER), rows)
 
     async def ledger_entry_exists(self, kind: str, ref: str) -> bool:
         statement = select(LedgerEntry.id).where(LedgerEntry.kind == kind, LedgerEntry.ref == ref)
@@ -244,7 +248,7 @@ class BillingRepository:
 
     async def insert_usage(self, rows: list[dict[str, Any]]) -> None:
         if rows:
-            statement = self._insert(UsageRecord.__table__).on_conflict_do_nothing(
+            statement = self._insert(_USAGE).on_conflict_do_nothing(
                 index_elements=["request_id"]
             )
             await self.session.execute(statement, rows)

@@ -155,3 +155,80 @@ class CheckoutIn(BaseModel):
 class CheckoutOut(BaseModel):
     id: str
     url: str | None
+
+
+# -- usage summaries, requests, statements, plan changes ------------------------------------------
+
+
+class ModelUsageOut(BaseModel):
+    model: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: str
+
+
+class KeyUsageOut(BaseModel):
+    key_id: int | None = Field(description="null for usage of keys that no longer exist")
+    name: str | None
+    prefix: str | None
+    requests: int
+    tokens: int
+    cost_usd: str
+
+
+class UsageSummaryOut(BaseModel):
+    period: Literal["current", "previous"]
+    period_start: datetime
+    period_end: datetime
+    days: list[UsageDay]
+    models: list[ModelUsageOut]
+    keys: list[KeyUsageOut]
+
+
+class RequestOut(BaseModel):
+    request_id: str
+    created_at: datetime
+    model: str
+    api_key_id: int | None
+    stream: bool
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: str
+    status_code: int
+    outcome: str
+    usage_source: str
+
+
+class RequestPage(BaseModel):
+    data: list[RequestOut]
+    next_before: int | None
+
+
+class StatementLineOut(BaseModel):
+    id: int
+    created_at: datetime
+    kind: str
+    description: str
+    tokens: int = Field(description="change to the included tokens")
+    amount_usd: str = Field(description="change to the balance, negative for a charge")
+    balance_usd: str = Field(description="the balance after this line")
+
+
+class StatementPage(BaseModel):
+    data: list[StatementLineOut]
+    next_before: int | None
+
+
+class PlanChangeIn(BaseModel):
+    plan: str = Field(min_length=1, max_length=32)
+
+
+class PlanChangeOut(BaseModel):
+    """``change``: ``upgraded`` (paid from the balance, a new period started now),
+    ``scheduled`` (a downgrade at ``account.period_end``) or ``unchanged`` (the current plan
+    chosen again, which cancels a scheduled downgrade)."""
+
+    change: Literal["upgraded", "scheduled", "unchanged"]
+    paid_usd: str
+    account: AccountOut

@@ -8,16 +8,19 @@ written back by the caller with one guarded update per account (see ``meter.py``
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from dubhe.billing.periods import add_months, current_period
 from dubhe.billing.pricing import format_usd, split_cost
 from dubhe.billing.repository import COUNTERS, AccountState, BillingRepository
-from dubhe.catalog import Catalog, ModelSpec
-from dubhe.errors import NotFound, UnprocessableRequest
+from dubhe.catalog import Catalog, ModelSpec, PlanSpec
+from dubhe.errors import InsufficientQuota, NotFound, ServiceUnavailable, UnprocessableRequest
 from dubhe.models import Account
+
+PlanChange = Literal["upgraded", "scheduled", "unchanged"]
 
 
 @dataclass(slots=True)
@@ -121,17 +124,22 @@ async def renew_if_due(repository: BillingRepository, posting: Posting, state: A
     """The first request after a period ends renews it (no cron): leftover included tokens
     expire, a pending downgrade applies, a paid plan is paid from the balance or falls back to
     the free plan, and the new period's tokens are granted. Runs under the account lock, and the
-    period's unique key makes it happen once however many requests race it."""
+    period's unique key makes it happen once however many requests race it.
+
+    The renewal sees the whole balance: when the price is more than what is available but not
+    more than what is available plus what workers hold leased, it waits for the leases to return
+    (every worker returns a lease of an ended period within a second, see ``meter.py``) and the
+    period stays ended until then; ``require_current_period`` turns that into a short 503."""
     if now < state.period_end:
         return
-    posting.post(state, "expire", f"{state.user_id}:{state.period_start.isoformat()}", now,
-                 "included tokens of the ended period expire",
-                 tokens_available=-state.tokens_available)
-    start, end = current_period(state.period_end, now)
     plan_code = state.next_plan_code or state.plan_code
     if plan_code not in catalog.plans:
         plan_code = catalog.default_plan
     price_uusd = catalog.plans[plan_code].price_cents * 10_000
+    if state.balance_uusd < price_uusd <= state.balance_uusd + state.balance_reserved_uusd:
+        return
+    start, end = current_period(state.period_end, now)
+    _close_period(posting, state, now, "included tokens of the ended period expire")
     if price_uusd > 0:
         if state.balance_uusd >= price_uusd:
             posting.post(state, "renewal", f"{state.user_id}:{start.isoformat()}", now,
@@ -139,15 +147,45 @@ async def renew_if_due(repository: BillingRepository, posting: Posting, state: A
                          balance_uusd=-price_uusd)
         else:
             plan_code = catalog.default_plan
+    await _open_period(repository, posting, state, plan_code, start, end, catalog, now)
+
+
+def require_current_period(state: AccountState, now: datetime) -> None:
+    """Refuse to lease credit of an ended period whose renewal waits for leased balance."""
+    if now >= state.period_end:
+        raise ServiceUnavailable(
+            "Your plan is renewing; retry in a second.", code="billing_unavailable",
+            headers={"retry-after": "1"},
+        )
+
+
+def _close_period(posting: Posting, state: AccountState, now: datetime, why: str) -> None:
+    """The included tokens left in the current period expire (no rollover)."""
+    posting.post(state, "expire", f"{state.user_id}:{state.period_start.isoformat()}", now, why,
+                 tokens_available=-state.tokens_available)
+
+
+async def _open_period(repository: BillingRepository, posting: Posting, state: AccountState,
+                       plan_code: str, start: datetime, end: datetime, catalog: Catalog,
+                       now: datetime) -> None:
+    """``plan_code`` from ``start`` to ``end``, with its included tokens granted.
+
+    Every plan change comes here (renewal, a downgrade at period end, an upgrade, an operator's
+    change, a card purchase), and bumps the account's epoch: every worker retires its lease of
+    the old period within a second, so no request is admitted against a plan the account no
+    longer has (requests already running settle against what they were admitted with)."""
     posting.set_fields(state, plan_code=plan_code, next_plan_code=None, period_start=start,
                        period_end=end)
     posting.plan_changes[state.user_id] = plan_code
+    posting.bump_epoch(state)
     await _grant_period(repository, posting, state, catalog, now)
 
 
 async def current_accounts(repository: BillingRepository, posting: Posting, user_ids: list[int],
-                           catalog: Catalog, now: datetime) -> dict[int, AccountState]:
-    """Lock the accounts, opening any that do not exist yet and renewing any that are due."""
+                           catalog: Catalog, now: datetime, *,
+                           renew: bool = True) -> dict[int, AccountState]:
+    """Lock the accounts, opening any that do not exist yet and renewing any that are due
+    (unless ``renew`` is false: a plan change decides itself what follows an ended period)."""
     states = await repository.lock_accounts(sorted(set(user_ids)))
     for user_id in sorted(set(user_ids) - states.keys()):
         plan_code = await repository.plan_of_user(user_id)
@@ -156,8 +194,9 @@ async def current_accounts(repository: BillingRepository, posting: Posting, user
         states[user_id] = await open_account(repository, posting, user_id,
                                              plan_code if plan_code in catalog.plans else catalog.default_plan,
                                              catalog, now)
-    for state in states.values():
-        await renew_if_due(repository, posting, state, catalog, now)
+    if renew:
+        for state in states.values():
+            await renew_if_due(repository, posting, state, catalog, now)
     return states
 
 
@@ -306,36 +345,194 @@ async def credit_balance(repository: BillingRepository, *, user_id: int, amount_
     return True
 
 
+def _plan(catalog: Catalog, plan_code: str) -> PlanSpec:
+    if plan_code not in catalog.plans:
+        raise UnprocessableRequest(
+            f"unknown plan {plan_code!r}; choose one of {', '.join(catalog.plans)}", param="plan"
+        )
+    return catalog.plans[plan_code]
+
+
+def _is_upgrade(catalog: Catalog, state: AccountState, wanted: PlanSpec) -> bool:
+    current = catalog.plans.get(state.plan_code)
+    return current is None or wanted.price_cents > current.price_cents
+
+
+async def _start_plan(repository: BillingRepository, posting: Posting, state: AccountState,
+                      plan_code: str, catalog: Catalog, now: datetime) -> None:
+    """``plan_code`` from now on, in a new period: the current period's tokens expire. An ended
+    period is closed without renewing its plan (nothing is charged for it): the new plan's
+    period replaces it."""
+    _close_period(posting, state, now, "included tokens of the replaced plan expire"
+                  if now < state.period_end else "included tokens of the ended period expire")
+    await _open_period(repository, posting, state, plan_code, now, add_months(now), catalog, now)
+
+
 async def change_plan(repository: BillingRepository, *, user_id: int, plan_code: str,
-                      catalog: Catalog, now: datetime, ref: str | None = None) -> AccountState:
-    """Upgrades apply at once and start a new period; downgrades wait for the period's end.
-    ``ref`` names the payment that bought the plan, if one did."""
+                      catalog: Catalog, now: datetime) -> AccountState:
+    """An operator's plan change, at no charge: an upgrade applies at once and starts a new
+    period; a downgrade waits for the period's end; after the period ended, the plan starts its
+    own period now and the old plan is not renewed."""
+    wanted = _plan(catalog, plan_code)
+    posting = Posting()
+    state = (await current_accounts(repository, posting, [user_id], catalog, now,
+                                    renew=False))[user_id]
+    if now >= state.period_end or (plan_code != state.plan_code
+                                   and _is_upgrade(catalog, state, wanted)):
+        await _start_plan(repository, posting, state, plan_code, catalog, now)
+    elif plan_code == state.plan_code:
+        posting.set_fields(state, next_plan_code=None)
+    else:
+        posting.set_fields(state, next_plan_code=plan_code)
+    await posting.write(repository, now)
+    return state
+
+
+class PlanPurchase(enum.Enum):
+    STARTED = "started"  # the plan bought starts now, in a new period
+    CREDITED = "credited"  # no upgrade by the time it was paid: the payment went to the balance
+
+
+async def buy_plan(repository: BillingRepository, *, user_id: int, plan_code: str,
+                   paid_uusd: int, ref: str, catalog: Catalog, now: datetime) -> PlanPurchase:
+    """Apply a plan paid for outside the balance (by card), once per ``ref``.
+
+    What was paid is never lost: a payment that no longer buys an upgrade when it arrives (a
+    second session for the plan the first one bought, a lower plan after a higher one, a plan
+    the operator has since removed) is credited to the balance and the ledger says why. A plan
+    bought after the period ended starts its own period without renewing the old plan."""
+    posting = Posting()
+    state = (await current_accounts(repository, posting, [user_id], catalog, now,
+                                    renew=False))[user_id]
+    wanted = catalog.plans.get(plan_code)
+    if wanted is not None and (now >= state.period_end or _is_upgrade(catalog, state, wanted)):
+        await _start_plan(repository, posting, state, plan_code, catalog, now)
+        # No counter moves for the payment itself, but the account's history shows it, once
+        # (the ledger's unique key on kind and ref).
+        posting.post(state, "plan_purchase", ref, now, f"{wanted.name} plan bought")
+        await posting.write(repository, now)
+        return PlanPurchase.STARTED
+    await posting.write(repository, now)
+    current = catalog.plans.get(state.plan_code)
+    bought = wanted.name if wanted is not None else repr(plan_code)
+    await credit_balance(
+        repository, user_id=user_id, amount_uusd=paid_uusd, kind="topup", ref=ref,
+        description=(f"payment for the {bought} plan credited to your balance: the account "
+                     f"already had the {current.name if current else state.plan_code} plan"),
+        catalog=catalog, now=now)
+    return PlanPurchase.CREDITED
+
+
+# -- payments taken back (refunds, disputes) and given back ------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TakenBack:
+    taken_uusd: int  # from the balance
+    owed_uusd: int  # what the balance could not cover: the account owes it
+
+
+async def take_back(repository: BillingRepository, *, user_id: int, amount_uusd: int, kind: str,
+                    ref: str, description: str, catalog: Catalog, now: datetime) -> TakenBack:
+    """Take a credit back (a refunded or disputed payment), once per (kind, ref): from the
+    available balance, and what that cannot cover as a debt of the account.
+
+    Balance that workers hold leased is not touched here (requests may be spending it); the
+    debt bumps the epoch, so every worker retires its lease within a second, and the unused part
+    coming back repays the debt first (``release_lease``), as does every later credit."""
+    posting = Posting()
+    state = (await current_accounts(repository, posting, [user_id], catalog, now))[user_id]
+    taken = min(amount_uusd, state.balance_uusd)
+    owed = amount_uusd - taken
+    posting.post(state, kind, ref, now, description, balance_uusd=-taken, debt_uusd=owed)
+    if owed:
+        posting.bump_epoch(state)
+    await posting.write(repository, now)
+    return TakenBack(taken, owed)
+
+
+async def give_back(repository: BillingRepository, *, user_id: int, taken: TakenBack, kind: str,
+                    ref: str, description: str, catalog: Catalog, now: datetime) -> None:
+    """Undo a ``take_back`` (a dispute won), once per (kind, ref): the whole amount is credited
+    again, and like every credit it repays any debt first (the one the take-back made, if it is
+    still unpaid), so the account ends as if the payment had never been disputed."""
+    posting = Posting()
+    state = (await current_accounts(repository, posting, [user_id], catalog, now))[user_id]
+    posting.post(state, kind, ref, now, description,
+                 balance_uusd=taken.taken_uusd + taken.owed_uusd)
+    collect_debt(posting, state, ref=f"{kind}:{ref}", now=now)
+    await posting.write(repository, now)
+
+
+def lease_deadline(now: datetime, ttl_seconds: float) -> datetime:
+    return now + timedelta(seconds=ttl_seconds)
+
+
+async def buy_plan_from_balance(repository: BillingRepository, *, user_id: int, plan_code: str,
+                                catalog: Catalog, now: datetime, ref: str) -> AccountState:
+    """An upgrade paid from the prepaid balance: the payment, the replaced plan's tokens
+    expiring and the new period all commit together, or none does.
+
+    A second click cannot pay twice: once on the plan, buying it again is no upgrade. ``ref``
+    (the request id) is the payment's idempotency key in the ledger."""
+    wanted = catalog.plans.get(plan_code)
+    if wanted is None:
+        raise UnprocessableRequest(
+            f"unknown plan {plan_code!r}; choose one of {', '.join(catalog.plans)}", param="plan"
+        )
+    posting = Posting()
+    # Not renewed first: a plan bought after the period ended starts its own period, and the
+    # old plan is not charged for (``change_plan``).
+    state = (await current_accounts(repository, posting, [user_id], catalog, now,
+                                    renew=False))[user_id]
+    current = catalog.plans[state.plan_code]
+    if wanted.price_cents <= current.price_cents:
+        raise UnprocessableRequest(
+            f"{wanted.name} is not an upgrade from {current.name}; downgrades are free and "
+            "take effect at the end of the period", param="plan", code="invalid_value",
+        )
+    price_uusd = wanted.price_cents * 10_000
+    if state.balance_uusd < price_uusd <= state.balance_uusd + state.balance_reserved_uusd:
+        # The balance covers it, but workers hold part of it leased for requests in flight;
+        # unused leases return within seconds (idle), and then the purchase goes through.
+        raise ServiceUnavailable(
+            f"Part of your balance is held by requests in flight; the {wanted.name} plan can be "
+            "paid once it returns, in a few seconds: retry shortly.",
+            code="billing_unavailable", headers={"retry-after": "2"},
+        )
+    if state.balance_uusd < price_uusd:
+        raise InsufficientQuota(
+            f"The {wanted.name} plan costs {format_usd(price_uusd)} USD and your available "
+            f"balance is {format_usd(state.balance_uusd)} USD: recharge, or pay by card.",
+            param="plan",
+        )
+    posting.post(state, "plan_payment", ref, now, f"{wanted.name} plan, paid from the balance",
+                 balance_uusd=-price_uusd)
+    await posting.write(repository, now)
+    return await change_plan(repository, user_id=user_id, plan_code=plan_code, catalog=catalog,
+                             now=now)
+
+
+async def choose_plan(repository: BillingRepository, *, user_id: int, plan_code: str,
+                      catalog: Catalog, now: datetime,
+                      ref: str) -> tuple[PlanChange, int, AccountState]:
+    """What the dashboard's plan buttons do: an upgrade is paid from the balance (402 when it
+    cannot cover the price; the page then offers the card), a downgrade waits for the period's
+    end, and choosing the current plan again cancels a waiting downgrade.
+    Returns the change (``upgraded``, ``scheduled``, ``unchanged``), what was paid, the account."""
     if plan_code not in catalog.plans:
         raise UnprocessableRequest(
             f"unknown plan {plan_code!r}; choose one of {', '.join(catalog.plans)}", param="plan"
         )
     posting = Posting()
-    state = (await current_accounts(repository, posting, [user_id], catalog, now))[user_id]
-    current, wanted = catalog.plans[state.plan_code], catalog.plans[plan_code]
-    if plan_code == state.plan_code:
-        posting.set_fields(state, next_plan_code=None)
-    elif wanted.price_cents < current.price_cents:
-        posting.set_fields(state, next_plan_code=plan_code)
-    else:
-        posting.post(state, "expire", f"{user_id}:{state.period_start.isoformat()}", now,
-                     "included tokens of the replaced plan expire",
-                     tokens_available=-state.tokens_available)
-        posting.set_fields(state, plan_code=plan_code, next_plan_code=None, period_start=now,
-                           period_end=add_months(now))
-        posting.plan_changes[user_id] = plan_code
-        await _grant_period(repository, posting, state, catalog, now)
-    if ref is not None:
-        # A plan paid outside the balance (by card): no counter moves, but the account's history
-        # shows the purchase, once (the ledger's unique key on kind and ref).
-        posting.post(state, "plan_purchase", ref, now, f"{wanted.name} plan bought")
+    state = (await current_accounts(repository, posting, [user_id], catalog, now,
+                                    renew=False))[user_id]
     await posting.write(repository, now)
-    return state
-
-
-def lease_deadline(now: datetime, ttl_seconds: float) -> datetime:
-    return now + timedelta(seconds=ttl_seconds)
+    current, wanted = catalog.plans[state.plan_code], catalog.plans[plan_code]
+    if wanted.price_cents > current.price_cents:
+        state = await buy_plan_from_balance(repository, user_id=user_id, plan_code=plan_code,
+                                            catalog=catalog, now=now, ref=ref)
+        return "upgraded", wanted.price_cents * 10_000, state
+    state = await change_plan(repository, user_id=user_id, plan_code=plan_code, catalog=catalog,
+                              now=now)
+    return ("unchanged" if plan_code == state.plan_code else "scheduled"), 0, state

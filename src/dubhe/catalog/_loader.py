@@ -87,6 +87,8 @@ def _build(raw: dict[str, Any]) -> Catalog:
             max_image_tokens=_positive_int(entry, "max_image_tokens", where, 2048),
             message_overhead_tokens=_count(entry, "message_overhead_tokens", where, 8),
             request_overhead_tokens=_count(entry, "request_overhead_tokens", where, 128),
+            description=_text(entry, "description", where),
+            best_for=_text(entry, "best_for", where),
         )
     plans: dict[str, PlanSpec] = {}
     for code, entry in raw.get("plans", {}).items():
@@ -163,6 +165,13 @@ def _upstream(entry: dict[str, Any], models: dict[str, ModelSpec]) -> UpstreamSp
         api_key_env=entry.get("api_key_env"),
         output_limit_fields=tuple(dict.fromkeys(limit_fields)),
     )
+
+
+def _text(entry: dict[str, Any], key: str, where: str) -> str:
+    value = entry.get(key, "")
+    if not isinstance(value, str):
+        raise CatalogError(f"{where}.{key} must be a string")
+    return value.strip()
 
 
 def _positive_int(entry: dict[str, Any], key: str, where: str, default: int | None = None) -> int:

@@ -28,6 +28,9 @@ class ModelSpec:
     # per request (a default system text, tool-use instructions), beyond the request's own bytes.
     message_overhead_tokens: int = 8
     request_overhead_tokens: int = 128
+    # What the homepage says about the model: a sentence, and what it is best for.
+    description: str = ""
+    best_for: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Request
 
+from dubhe.billing.repository import BillingRepository
 from dubhe.billing.schemas import CheckoutIn, CheckoutOut
 from dubhe.models.base import utcnow
 from dubhe.payments import service
@@ -19,10 +20,13 @@ router = APIRouter(tags=["payments"])
 
 @router.post("/billing/checkout")
 async def create_checkout(order: CheckoutIn, user: CurrentUser, state: StateDep) -> CheckoutOut:
-    # The plan the key cache knows is at most ~1 s old; it only guards against buying a plan
-    # that is no upgrade. The webhook applies the purchase to the account as it is then.
+    # The plan as the database has it now (not the key cache's, up to a second old), read in a
+    # short transaction of its own: none stays open across the call to Stripe. A payment that
+    # still arrives for no upgrade (two sessions paid) is credited to the balance by the webhook.
+    async with state.sessionmaker() as session:
+        current_plan = await BillingRepository.from_session(session).plan_of_user(user.user_id)
     return await service.create_checkout(state.settings, state.catalog, user_id=user.user_id,
-                                         current_plan=user.plan_code, order=order)
+                                         current_plan=current_plan or user.plan_code, order=order)
 
 
 @router.post("/stripe/webhook")
