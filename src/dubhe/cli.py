@@ -167,6 +167,10 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         timeout_keep_alive=settings.keepalive_timeout_seconds,
         headers=SECURITY_HEADERS,
         backlog=4096,
+        # uvicorn kills and restarts a worker that does not answer its supervisor's ping within
+        # this many seconds; its default of 5 restarts workers forever on a loaded small machine,
+        # where starting one (imports, first connections) can take longer than that.
+        timeout_worker_healthcheck=60,
     )
 
 
