@@ -212,7 +212,12 @@ def start_server(data_dir: Path, database_url: str, config: str, **extra_env: st
     port = free_port()
     log = data_dir / "serve.log"
     running = start_process([str(BIN / "dubhe"), "serve", "--port", str(port)], log, env)
-    wait_until_up(f"http://127.0.0.1:{port}/healthz", running.process, log)
+    try:
+        # Generous: on a busy shared machine, importing everything can take most of a minute.
+        wait_until_up(f"http://127.0.0.1:{port}/healthz", running.process, log, timeout=120)
+    except BaseException:
+        running.stop()  # a server that came up late must not outlive the failed test
+        raise
     return Server(f"http://127.0.0.1:{port}/v1", env, database_url, data_dir, running)
 
 
