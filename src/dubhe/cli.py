@@ -124,9 +124,9 @@ def _context() -> tuple[Settings, Catalog]:
 
 
 def _migrate(settings: Settings) -> None:
-    from dubhe.migrations import upgrade
+    from dubhe.migrations import upgrade_if_needed
 
-    upgrade(settings.resolved_database_url)
+    upgrade_if_needed(settings.resolved_database_url)
 
 
 def _run_in_session(settings: Settings, work: Callable[[Any], Awaitable[Any]]) -> Any:
@@ -150,6 +150,8 @@ def _run_in_session(settings: Settings, work: Callable[[Any], Awaitable[Any]]) -
 def _cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
+    from dubhe.server import SECURITY_HEADERS, DubheHttpProtocol
+
     settings, catalog = _context()
     settings.resolved_secret  # noqa: B018 - fail now, before workers start, if it is missing
     if args.workers < 1:
@@ -169,12 +171,17 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         port=port,
         workers=args.workers,
         loop="uvloop",
-        http="httptools",
+        http=DubheHttpProtocol,
         lifespan="on",
         access_log=False,
         log_level=settings.log_level,
-        timeout_keep_alive=75,
+        timeout_keep_alive=settings.keepalive_timeout_seconds,
+        headers=SECURITY_HEADERS,
         backlog=4096,
+        # uvicorn kills and restarts a worker that does not answer its supervisor's ping within
+        # this many seconds; its default of 5 restarts workers forever on a loaded small machine,
+        # where starting one (imports, first connections) can take longer than that.
+        timeout_worker_healthcheck=60,
     )
 
 

@@ -101,7 +101,12 @@ async def test_checkout_for_a_plan_charges_its_price(shop: Shop) -> None:
     assert params["line_items[0][price_data][unit_amount]"] == "2900"
     assert params["metadata[purpose]"] == "plan" and params["metadata[plan]"] == "pro"
     assert params["metadata[amount_uusd]"] == "29000000"
-    for refused, param in [(same, "plan"), (lower, "plan"), (unknown, "plan"),
+    for refused in (same, lower):
+        assert refused.status_code == 409, refused.text
+        error = refused.json()["error"]
+        assert (error["param"], error["code"]) == ("plan", "plan_not_an_upgrade")
+        assert "Starter" in error["message"] and "only a more expensive plan" in error["message"]
+    for refused, param in [(unknown, "plan"),
                            (float_amount, "amount_usd"), (sub_cent, "amount_usd"),
                            (negative, "amount_usd"), (huge, "amount_usd"),
                            (no_amount, "amount_usd"), (bad_purpose, "purpose")]:

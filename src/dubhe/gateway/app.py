@@ -7,12 +7,22 @@ from dataclasses import dataclass
 
 from dubhe.billing.meter import Meter
 from dubhe.catalog import Catalog
-from dubhe.errors import DubheError, MethodNotAllowed, NotFound
-from dubhe.gateway.asgi import Receive, Scope, Send, header, new_request_id, send_error, send_json
+from dubhe.errors import AuthenticationFailed, DubheError, MethodNotAllowed, NotFound
+from dubhe.gateway.asgi import (
+    Message,
+    Receive,
+    Scope,
+    Send,
+    header,
+    new_request_id,
+    send_error,
+    send_json,
+)
 from dubhe.gateway.chat import chat_completions
 from dubhe.gateway.models_list import ModelListings
 from dubhe.keys.cache import KeyCache
 from dubhe.providers import UpstreamPool
+from dubhe.ratelimit import UnauthenticatedLimiter
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +38,7 @@ class GatewayState:
     upstreams: UpstreamPool
     meter: Meter
     listings: ModelListings
+    unauthenticated: UnauthenticatedLimiter
 
 
 class GatewayApp:
@@ -38,7 +49,7 @@ class GatewayApp:
         request_id = new_request_id()
         started = False
 
-        async def tracked_send(message: dict) -> None:  # type: ignore[type-arg]
+        async def tracked_send(message: Message) -> None:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
@@ -49,6 +60,8 @@ class GatewayApp:
         except DubheError as error:
             if started:
                 raise
+            if isinstance(error, AuthenticationFailed):
+                error = self.state.unauthenticated.judge(error, scope.get("client"))
             await send_error(send, error, request_id)
         except Exception:
             log.exception("unhandled error in %s %s (%s)", scope["method"], scope["path"], request_id)

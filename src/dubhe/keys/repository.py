@@ -29,7 +29,7 @@ class ApiKeyRepository:
     def add(self, key: ApiKey) -> None:
         self.session.add(key)
 
-    async def identity_by_hash(self, key_hash: str) -> Row[tuple[ApiKey, str]] | None:
+    async def identity_by_hash(self, key_hash: str) -> Row[ApiKey, str] | None:
         statement = (
             select(ApiKey, User.plan_code)
             .join(User, User.id == ApiKey.user_id)
@@ -37,7 +37,10 @@ class ApiKeyRepository:
         )
         return (await self.session.execute(statement)).first()
 
-    async def identities_changed_since(self, since: datetime) -> list[Row[tuple[ApiKey, str]]]:
+    async def all_hashes(self) -> list[str]:
+        return list((await self.session.execute(select(ApiKey.key_hash))).scalars())
+
+    async def identities_changed_since(self, since: datetime) -> list[Row[ApiKey, str]]:
         """Keys whose own row or whose owner changed after ``since`` (revocations, plan moves)."""
         statement = (
             select(ApiKey, User.plan_code)

@@ -7,6 +7,7 @@ from dubhe.models.billing import (
     Lease,
     LedgerEntry,
     Payment,
+    PaymentReversal,
     RedemptionCode,
     SubscriptionPeriod,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "Lease",
     "LedgerEntry",
     "Payment",
+    "PaymentReversal",
     "RedemptionCode",
     "SubscriptionPeriod",
     "UsageRecord",

@@ -20,10 +20,13 @@ router = APIRouter(tags=["payments"])
 
 
 @router.post("/billing/checkout")
-async def create_checkout(order: CheckoutIn, user: SessionWriterDep, state: StateDep) -> CheckoutOut:
+async def create_checkout(order: CheckoutIn, user: SessionWriterDep, session: SessionDep,
+                          state: StateDep) -> CheckoutOut:
     # Paying needs a dashboard session (and its CSRF token): a leaked API key cannot buy plans.
-    # The plan read with the session only guards against buying a plan that is no upgrade; the
-    # webhook applies the purchase to the account as it is then.
+    # The plan is the database's as of now (read with the session, not the key cache's copy); the
+    # request's transaction ends before the call to Stripe, so no lock is held across it. A
+    # payment that still arrives for no upgrade (two sessions paid) is credited to the balance.
+    await session.commit()
     return await service.create_checkout(state.settings, state.catalog, user_id=user.id,
                                          current_plan=user.plan_code, order=order)
 

@@ -1,7 +1,7 @@
 """dashboard sessions, auth attempts, e-mail verification, account deletion
 
-Revision ID: 0004
-Revises: 0003
+Revision ID: 0005
+Revises: 0004
 Create Date: 2026-12-01
 """
 
@@ -13,8 +13,8 @@ from alembic import op
 import dubhe.models.base
 
 
-revision = '0004'
-down_revision = '0003'
+revision = '0005'
+down_revision = '0004'
 branch_labels = None
 depends_on = None
 

@@ -1,0 +1,461 @@
+"""One chat completion, whatever carries it: admission, the upstream call and settlement.
+
+``ChatCompletion`` knows nothing of HTTP framing, so the SSE/JSON handler (``chat.py``) and, later,
+the WebSocket endpoint drive the same object:
+
+1. ``admit(raw)`` parses and validates the body, picks the model and upstream, sizes the hold and
+   reserves it with the meter; it raises ``DubheError`` for anything refused (nothing is held then).
+2. Either ``complete()`` (one JSON answer, settled before it is returned) or ``open_stream()``
+   (calls the upstream, then returns an async iterator of whole SSE events as the upstream sent
+   them; when it ends the request is settled and ``stream_end`` holds the usage chunk and the
+   settlement). An upstream failure is a
+   ``DubheError`` from either, raised after the request is metered.
+3. ``abandon()`` when the consumer went away (the transport cancels its task, then calls it): the
+   request is charged for what was delivered. ``close()`` always, last: it drops the upstream
+   connection and releases a hold that nothing metered.
+
+Errors raised, as a tree (all ``DubheError``):
+
+- before the upstream is called: ``InvalidRequest`` (400/404/422), ``InsufficientQuota`` (402),
+  ``ServiceUnavailable`` (503: maintenance, no upstream, billing unreachable);
+- from the upstream: ``UpstreamUnreachable`` (502: cannot connect, or it broke off its answer),
+  ``UpstreamError`` (its own non-200 status), ``InvalidRequest`` (it refused what the client sent).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import orjson
+from sqlalchemy.exc import SQLAlchemyError
+
+from dubhe.billing.meter import Balance, Denied, SettleResult
+from dubhe.billing.pricing import format_usd
+from dubhe.billing.service import debt_message
+from dubhe.errors import (
+    DubheError,
+    InsufficientQuota,
+    InvalidRequest,
+    NotFound,
+    ServiceUnavailable,
+    UnprocessableRequest,
+    UpstreamError,
+    UpstreamUnreachable,
+)
+from dubhe.gateway.relay import StreamRelay
+from dubhe.gateway.validation import ChatRequest, validate_chat_request
+from dubhe.models.base import utcnow
+from dubhe.usage import tokens
+from dubhe.usage.events import UsageEvent
+
+if TYPE_CHECKING:
+    from dubhe.catalog import ModelSpec
+    from dubhe.gateway.app import GatewayState
+    from dubhe.keys.cache import KeyIdentity
+    from dubhe.providers import Upstream
+
+log = logging.getLogger(__name__)
+
+# Upstream error bodies are read for their message, never relayed whole.
+_MAX_ERROR_BODY = 64 * 1024
+# Prompts up to this many characters are counted exactly (tens of µs); longer ones are estimated
+# generously for the hold and settled on the upstream's own count.
+_EXACT_COUNT_CHARS = 16_384
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """What a finished request was charged, and where the account stands after it."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    cost_uusd: int
+    balance: Balance
+
+
+@dataclass(frozen=True, slots=True)
+class Completed:
+    """A non-streaming answer: the upstream's JSON (model renamed to the public id)."""
+
+    body: bytes
+    settled: Settled | None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnd:
+    """How a stream ended: the usage chunk to send if the client asked for one (``cost_usd``
+    filled in), and the settlement."""
+
+    usage_chunk: dict[str, Any] | None
+    settled: Settled | None
+
+
+class ChatCompletion:
+    def __init__(self, state: GatewayState, request_id: str, identity: KeyIdentity) -> None:
+        self.state = state
+        self.request_id = request_id
+        self.identity = identity
+        self.started = time.perf_counter()
+        # Set by admit():
+        self.body: dict[str, Any] = {}
+        self.request: ChatRequest
+        self.model: ModelSpec
+        self.upstream: Upstream
+        self.balance: Balance
+        self.clamped_to: int | None = None  # the per-choice output limit, when lowered
+        self.stream_end: StreamEnd | None = None
+        self._payload = b""
+        self._response: aiohttp.ClientResponse | None = None
+        self._relay: StreamRelay | None = None
+
+    @property
+    def streaming(self) -> bool:
+        return self.request.stream
+
+    # -- admission ---------------------------------------------------------------------------
+
+    async def admit(self, raw: bytes) -> None:
+        """Everything before the upstream call; raises ``DubheError`` for what is refused."""
+        state = self.state
+        body = self.body = _parse_body(raw)
+        model = self.model = _resolve_model(body, self.identity, state)
+        request = self.request = validate_chat_request(body, model)
+        prompt_tokens = _check_context(body, request, model)
+        if model.status == "maintenance":
+            raise ServiceUnavailable(
+                f"The model '{model.id}' is under maintenance; retry later.",
+                code="model_maintenance",
+                headers={"retry-after": "60"},
+            )
+        upstreams = state.upstreams.for_model(model.id)
+        if not upstreams:
+            raise ServiceUnavailable(
+                f"No upstream is configured for '{model.id}'; retry later or contact the operator.",
+                code="no_healthy_upstream",
+                headers={"retry-after": "30"},
+            )
+        upstream = self.upstream = upstreams[0]
+        output = request.max_tokens or min(
+            model.default_max_tokens, model.context_window - prompt_tokens
+        )
+        try:
+            held = await state.meter.reserve(
+                user_id=self.identity.user_id,
+                request_id=self.request_id,
+                api_key_id=self.identity.key_id,
+                model=model.id,
+                prompt_tokens=prompt_tokens,
+                max_tokens=output * request.n,
+            )
+        except (SQLAlchemyError, OSError) as exc:
+            # Credit could not be leased (the database is unreachable): refuse rather than serve
+            # unbilled, and say it is temporary.
+            log.warning("admission of %s failed: %s", self.request_id, exc)
+            raise ServiceUnavailable(
+                "Your account's credit cannot be checked right now; retry shortly.",
+                code="billing_unavailable",
+                headers={"retry-after": "5"},
+            ) from None
+        if isinstance(held, Denied):
+            raise _insufficient_quota(held, prompt_tokens)
+        self.balance = held.balance
+        if held.admission.clamped:
+            # What the account can pay for, split over the n choices (at least one token each).
+            per_choice = max(1, held.admission.max_tokens // request.n)
+            for field in ("max_tokens", "max_completion_tokens"):
+                if field in body or field == request.max_tokens_field:
+                    body[field] = per_choice
+            self.clamped_to = per_choice
+        self._payload = _upstream_payload(
+            body, raw, request, model, upstream, held.admission.clamped
+        )
+
+    # -- the upstream call -------------------------------------------------------------------
+
+    async def _open(self) -> aiohttp.ClientResponse:
+        session = self.state.upstreams.session
+        assert session is not None
+        headers = dict(self.upstream.headers)
+        headers["x-request-id"] = self.request_id
+        try:
+            response = await session.post(
+                self.upstream.chat_url, data=self._payload, headers=headers
+            )
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            self._meter_failure("upstream_unreachable", 502)
+            raise UpstreamUnreachable(
+                f"The upstream for '{self.model.id}' could not be reached ({type(exc).__name__}); "
+                "retry later.",
+                code="upstream_unreachable",
+            ) from None
+        self._response = response
+        if response.status != 200:
+            error = await self._upstream_error(response)
+            self._meter_failure("upstream_error", error.status_code)
+            raise error
+        return response
+
+    async def _upstream_error(self, response: aiohttp.ClientResponse) -> DubheError:
+        try:
+            raw = await response.content.read(_MAX_ERROR_BODY)
+            detail = orjson.loads(raw).get("error", {})
+            message = detail.get("message") if isinstance(detail, dict) else None
+        except Exception:
+            message = None
+        status = response.status
+        if status in (400, 404, 413, 422) and message:
+            # The upstream refused something the client sent through (an unknown extra field).
+            return InvalidRequest(
+                f"The upstream rejected the request: {message}", code="upstream_rejected"
+            )
+        return UpstreamError(
+            f"The upstream for '{self.model.id}' answered with HTTP {status}"
+            + (f" ({message})" if message else "")
+            + "; retry with exponential backoff.",
+            code="upstream_error",
+        )
+
+    # -- non-streaming -----------------------------------------------------------------------
+
+    async def complete(self) -> Completed:
+        """The whole answer, settled (spooled) before it is returned."""
+        response = await self._open()
+        try:
+            raw = await response.read()
+            data = orjson.loads(raw)
+        except (TimeoutError, aiohttp.ClientError, OSError, orjson.JSONDecodeError):
+            self._meter_failure("upstream_unreachable", 502)
+            raise UpstreamUnreachable(
+                f"The upstream for '{self.model.id}' broke off its answer; retry later.",
+                code="upstream_unreachable",
+            ) from None
+        if data.get("model") != self.model.id:
+            data["model"] = self.model.id
+            raw = orjson.dumps(data)
+        usage = data.get("usage")
+        event = self._event("ok", 200)
+        if isinstance(usage, dict):
+            event.prompt_tokens = usage.get("prompt_tokens")
+            event.completion_tokens = usage.get("completion_tokens")
+        if event.prompt_tokens is None or event.completion_tokens is None:
+            event.prompt_tokens = event.completion_tokens = None
+            event.messages = self.body["messages"]
+            event.response = data
+        return Completed(raw, self._settle(event, wait=True))
+
+    # -- streaming ---------------------------------------------------------------------------
+
+    async def open_stream(self) -> AsyncGenerator[bytes, None]:
+        """Call the upstream (its refusal raises here, before anything is sent); then the events."""
+        response = await self._open()
+        self._relay = StreamRelay(
+            public_model=self.model.id,
+            upstream_model=self.upstream.upstream_model(self.model.id),
+            strip_usage_nulls=not self.request.include_usage,
+        )
+        return self._events(response, self._relay)
+
+    async def _events(
+        self, response: aiohttp.ClientResponse, relay: StreamRelay
+    ) -> AsyncGenerator[bytes, None]:
+        """Whole SSE events as they arrive, minus the usage chunk and ``[DONE]`` (held back until
+        the request is settled; then ``stream_end`` is set and the iterator ends)."""
+        try:
+            async for data in response.content.iter_any():
+                ready = relay.feed(data)
+                if ready:
+                    yield ready
+            interrupted = not relay.saw_done
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            interrupted = True
+        if interrupted:
+            self._meter_stream(relay, "stream_interrupted", 502, wait=False)
+            raise UpstreamUnreachable(
+                f"The upstream for '{self.model.id}' broke off the stream; retry the request.",
+                code="upstream_error",
+            )
+        settled = self._meter_stream(relay, "ok", 200, wait=True)
+        usage_chunk = relay.usage_event if self.request.include_usage else None
+        if usage_chunk is not None and settled is not None:
+            usage_chunk["usage"]["cost_usd"] = format_usd(settled.cost_uusd)
+        self.stream_end = StreamEnd(usage_chunk, settled)
+
+    # -- the end -----------------------------------------------------------------------------
+
+    def abandon(self) -> None:
+        """The consumer went away: charge what was delivered (the prompt, which the upstream may
+        have read, and for a stream what was relayed)."""
+        if not self.state.meter.holds(self.request_id):
+            return
+        if self._relay is not None:
+            self._meter_stream(self._relay, "client_cancelled", 499, wait=False)
+            return
+        event = self._event("client_cancelled", 499)
+        event.completion_tokens = 0
+        event.messages = self.body["messages"]
+        self.state.meter.settle(event, wait=False)
+
+    def close(self) -> None:
+        if self._response is not None:
+            # Closing (not releasing) drops the connection, so the upstream stops generating.
+            self._response.close()
+        if self.state.meter.holds(self.request_id):
+            # A path that metered nothing (an unexpected error): release the hold unused,
+            # or the worker's lease would keep it until the process ends.
+            event = self._event("error", 500)
+            event.prompt_tokens = event.completion_tokens = 0
+            self.state.meter.settle(event, wait=False)
+
+    # -- metering ----------------------------------------------------------------------------
+
+    def _settle(self, event: UsageEvent, *, wait: bool) -> Settled | None:
+        result = self.state.meter.settle(event, wait=wait)
+        if not isinstance(result, SettleResult):
+            return None
+        return Settled(
+            prompt_tokens=event.prompt_tokens or 0,
+            completion_tokens=event.completion_tokens or 0,
+            cost_uusd=result.cost_uusd,
+            balance=result.balance,
+        )
+
+    def _meter_stream(
+        self, relay: StreamRelay, outcome: str, status: int, *, wait: bool
+    ) -> Settled | None:
+        event = self._event(outcome, status)
+        usage = relay.usage
+        if usage is not None:
+            event.prompt_tokens = usage.get("prompt_tokens")
+            event.completion_tokens = usage.get("completion_tokens")
+        else:
+            event.messages = self.body["messages"]
+            event.relayed = relay.relayed_bytes
+        return self._settle(event, wait=wait)
+
+    def _meter_failure(self, outcome: str, status: int) -> None:
+        event = self._event(outcome, status)
+        event.prompt_tokens = 0
+        event.completion_tokens = 0
+        self.state.meter.settle(event, wait=False)
+
+    def _event(self, outcome: str, status: int) -> UsageEvent:
+        return UsageEvent(
+            request_id=self.request_id,
+            user_id=self.identity.user_id,
+            api_key_id=self.identity.key_id,
+            model=self.model.id,
+            upstream=self.upstream.spec.name,
+            stream=self.request.stream,
+            outcome=outcome,
+            status_code=status,
+            latency_ms=int((time.perf_counter() - self.started) * 1000),
+            created_at=utcnow(),
+        )
+
+
+def _insufficient_quota(denied: Denied, prompt_tokens: int) -> InsufficientQuota:
+    if denied.debt_uusd:
+        return InsufficientQuota(debt_message(denied.debt_uusd))
+    return InsufficientQuota(
+        "Your plan's included tokens and prepaid balance cannot cover this request: you have "
+        f"{denied.balance.tokens_remaining} included tokens and "
+        f"${format_usd(denied.balance.balance_uusd)} left, and it needs at least "
+        f"{prompt_tokens + 1} tokens (the prompt plus one). Recharge your balance or upgrade "
+        "your plan in the dashboard."
+    )
+
+
+def _parse_body(raw: bytes) -> dict[str, Any]:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(
+            f"The request body is not valid JSON ({exc.args[0]}); send a JSON object.",
+            code="invalid_json",
+        ) from None
+    if not isinstance(body, dict):
+        raise InvalidRequest(
+            "The request body must be a JSON object with 'model' and 'messages'.",
+            code="invalid_json",
+        )
+    for field in ("model", "messages"):
+        if body.get(field) is None:
+            raise InvalidRequest(
+                f"Missing required parameter: '{field}'.",
+                code="missing_required_parameter",
+                param=field,
+            )
+    return body
+
+
+def _resolve_model(body: dict[str, Any], identity: KeyIdentity, state: GatewayState) -> ModelSpec:
+    model_id = body["model"]
+    if not isinstance(model_id, str):
+        raise UnprocessableRequest(
+            "Invalid type for 'model': expected a string.", code="invalid_type", param="model"
+        )
+    catalog = state.catalog
+    plan = catalog.plans.get(identity.plan_code)
+    model = catalog.models.get(model_id)
+    if model is not None and plan is not None and model_id in plan.models:
+        return model
+    if model is None:
+        message = (
+            f"The model '{model_id}' does not exist. List the models you can use with "
+            "GET /v1/models."
+        )
+    else:
+        including = ", ".join(p.name for p in catalog.plans_including(model_id)) or "no plan"
+        message = (
+            f"The model '{model_id}' is not included in your plan; it is included in: "
+            f"{including}. Upgrade your plan in the dashboard, or list your models with "
+            "GET /v1/models."
+        )
+    raise NotFound(message, code="model_not_found", param="model")
+
+
+def _check_context(body: dict[str, Any], request: ChatRequest, model: ModelSpec) -> int:
+    """The prompt's tokens (exact for ordinary prompts), refusing what cannot fit the context."""
+    messages = body["messages"]
+    if request.text_chars <= _EXACT_COUNT_CHARS:
+        prompt = tokens.count_prompt(messages)
+    else:
+        # About three characters a token for prose and code: generous for the hold.
+        prompt = request.text_chars // 3 + 4 * len(messages) + 3
+    output = request.max_tokens or 1
+    if prompt + output > model.context_window and request.text_chars > _EXACT_COUNT_CHARS:
+        prompt = tokens.count_prompt(messages)
+    if prompt + output > model.context_window:
+        raise UnprocessableRequest(
+            f"This model's maximum context length is {model.context_window} tokens. However, "
+            f"you requested {prompt + (request.max_tokens or 0)} tokens ({prompt} in the messages, "
+            f"{request.max_tokens or 0} in the completion). Shorten the messages or lower max_tokens.",
+            code="context_length_exceeded",
+            param="messages",
+        )
+    return prompt
+
+
+def _upstream_payload(
+    body: dict[str, Any],
+    raw: bytes,
+    request: ChatRequest,
+    model: ModelSpec,
+    upstream: Upstream,
+    changed: bool,
+) -> bytes:
+    """The original bytes when nothing needs to change; re-serialised only when it must."""
+    upstream_model = upstream.upstream_model(model.id)
+    if upstream_model != model.id:
+        body["model"] = upstream_model
+        changed = True
+    if request.stream and not request.include_usage:
+        options = body.get("stream_options") or {}
+        body["stream_options"] = {**options, "include_usage": True}
+        changed = True
+    return orjson.dumps(body) if changed else raw
