@@ -228,8 +228,13 @@ def start_server(data_dir: Path, database_url: str, config: str, *args: str, wor
     log = data_dir / "serve.log"
     running = start_process([str(BIN / "dubhe"), "serve", "--port", str(port),
                              "--workers", str(workers), *args], log, env)
-    # Generous: on a loaded 2-core machine a worker can take tens of seconds to import and start.
-    wait_until_up(f"http://127.0.0.1:{port}/healthz", running.process, log, timeout=300)
+    try:
+        # Generous: on a loaded 2-core machine a worker can take tens of seconds to import and
+        # start.
+        wait_until_up(f"http://127.0.0.1:{port}/healthz", running.process, log, timeout=300)
+    except BaseException:
+        running.stop()  # a server that came up late must not outlive the failed test
+        raise
     return Server(f"http://127.0.0.1:{port}/v1", env, database_url, data_dir, running)
 
 
