@@ -13,7 +13,8 @@ from tests.plans.conftest import Store
 
 
 async def test_renewal_waits_for_leased_balance_instead_of_dropping_the_plan(
-        store: Store) -> None:
+        store2: Store) -> None:
+    store = store2
     email, key, user_id = await store.new_user("pro")
     store.server.cli("balance", "add", email, "35")  # Pro costs $29
     headers = {"authorization": f"Bearer {key}"}

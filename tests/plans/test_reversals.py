@@ -60,7 +60,7 @@ async def test_a_refund_before_its_payment_takes_the_credit_back_once(store: Sto
     assert refund["ref"].startswith(payment.session_id)  # points at the payment
     assert payment.session_id in refund["description"]
     account = await store.settled(user_id)
-    assert (account["balance_uusd"], account["uncollected_uusd"]) == (0, 0)
+    assert (account["balance_uusd"], account["debt_uusd"]) == (0, 0)
 
 
 async def test_a_refund_of_spent_credit_is_owed_and_partial_refunds_add_up(store: Store) -> None:
@@ -76,9 +76,9 @@ async def test_a_refund_of_spent_credit_is_owed_and_partial_refunds_add_up(store
 
     refunds = await store.ledger(user_id, "refund")
     assert sum(-row["balance_uusd"] for row in refunds) == 10_000_000 - cost
-    assert sum(row["uncollected_uusd"] for row in refunds) == cost  # spent: now owed
+    assert sum(row["debt_uusd"] for row in refunds) == cost  # spent: now owed
     account = await store.settled(user_id)
-    assert (account["balance_uusd"], account["uncollected_uusd"]) == (0, cost)
+    assert (account["balance_uusd"], account["debt_uusd"]) == (0, cost)
 
 
 async def test_a_dispute_won_before_it_was_opened_nets_to_nothing(store: Store) -> None:
@@ -92,7 +92,7 @@ async def test_a_dispute_won_before_it_was_opened_nets_to_nothing(store: Store) 
     assert (taken["balance_uusd"], given["balance_uusd"]) == (-20_000_000, 20_000_000)
     assert all(row["ref"].startswith(payment.session_id) for row in (taken, given))
     account = await store.settled(user_id)
-    assert (account["balance_uusd"], account["uncollected_uusd"]) == (20_000_000, 0)
+    assert (account["balance_uusd"], account["debt_uusd"]) == (20_000_000, 0)
 
 
 async def test_a_dispute_of_spent_credit_is_owed_then_cancelled_when_won(store: Store) -> None:
@@ -104,7 +104,7 @@ async def test_a_dispute_of_spent_credit_is_owed_then_cancelled_when_won(store: 
     opened = payment.dispute("created", "needs_response")
     await _deliver_all(store, opened, opened)
     account = await store.settled(user_id)
-    assert (account["balance_uusd"], account["uncollected_uusd"]) == (0, cost)
+    assert (account["balance_uusd"], account["debt_uusd"]) == (0, cost)
     # Owing, the account is refused: nothing left to spend.
     assert (await store.ask(key, "more [[sim:tokens=5]]")).status_code == 402
 
@@ -112,7 +112,7 @@ async def test_a_dispute_of_spent_credit_is_owed_then_cancelled_when_won(store: 
     await _deliver_all(store, won, won)
     account = await store.settled(user_id)
     # As if the dispute never happened: the debt is cancelled, the rest of the credit is back.
-    assert (account["balance_uusd"], account["uncollected_uusd"]) == (10_000_000 - cost, 0)
+    assert (account["balance_uusd"], account["debt_uusd"]) == (10_000_000 - cost, 0)
 
 
 async def test_a_dispute_lost_after_a_refund_takes_back_no_more_than_was_paid(
@@ -122,7 +122,7 @@ async def test_a_dispute_lost_after_a_refund_takes_back_no_more_than_was_paid(
     lost = payment.dispute("closed", "lost")
     await _deliver_all(store, lost, payment.checkout, payment.refunded(300), lost)
     account = await store.settled(user_id)
-    assert (account["balance_uusd"], account["uncollected_uusd"]) == (0, 0)
+    assert (account["balance_uusd"], account["debt_uusd"]) == (0, 0)
     entries = [*await store.ledger(user_id, "dispute"), *await store.ledger(user_id, "refund")]
     assert sum(row["balance_uusd"] for row in entries) == -10_000_000
 
@@ -169,4 +169,4 @@ async def test_malformed_signed_events_are_refused_not_crashed(store: Store) -> 
         assert body == {"received": True} or set(body["error"]) == {"message", "type", "param",
                                                                    "code"}, body
     account = await store.settled(user_id)
-    assert (account["balance_uusd"], account["uncollected_uusd"]) == (0, 0)
+    assert (account["balance_uusd"], account["debt_uusd"]) == (0, 0)
