@@ -96,9 +96,11 @@ class Store:
                                      headers={"authorization": f"Bearer {key}"})
 
     async def end_period(self, user_id: int, *, ago_seconds: float, start: datetime) -> None:
-        """Move the account's period end into the past (the clock moves; no counter does)."""
-        await execute(self.db, "UPDATE accounts SET period_start = :s, period_end = :e "
-                      "WHERE user_id = :u", s=start,
+        """Move the account's period end into the past (the clock moves; no counter does).
+        The workers learn of it as of any change to an account, by its epoch: a lease they hold
+        keeps the period end it was taken with, which real time would have reached."""
+        await execute(self.db, "UPDATE accounts SET period_start = :s, period_end = :e, "
+                      "epoch = epoch + 1 WHERE user_id = :u", s=start,
                       e=utcnow() - timedelta(seconds=ago_seconds), u=user_id)
 
     async def settled(self, user_id: int) -> dict[str, int]:

@@ -42,6 +42,7 @@ async def test_renewal_waits_for_leased_balance_instead_of_dropping_the_plan(
         async for _ in stream.content:
             pass  # the stream finished normally, settled against the lease it started on
     assert statuses[-1] == 200, statuses  # still on Pro: not a 404 for dubhe-code
+    assert 503 in statuses  # the renewal did wait for the leased balance
     [renewal] = await store.ledger(user_id, "renewal")
     assert renewal["balance_uusd"] == -29_000_000
     shown = store.show(email)

@@ -78,14 +78,12 @@ def checkout_params(settings: Settings, catalog: Catalog, *, user_id: int, curre
         if current is not None and wanted.price_cents <= current.price_cents:
             # Paying for the plan one already has, or a cheaper one, would buy nothing now:
             # downgrades are free and wait for the period's end.
-            same = wanted.code == current.code
-            raise Conflict(
-                f"You already have the {current.name} plan{'' if same else ', which includes more'}"
-                f"; only a more expensive plan can be bought. "
-                + ("" if same else f"To move to {wanted.name} at the end of your period, "
-                   "change your plan instead: downgrades are free."),
-                param="plan", code="plan_not_an_upgrade",
-            )
+            message = (f"You already have the {current.name} plan; only a more expensive plan "
+                       "can be bought.")
+            if wanted.code != current.code:
+                message += (f" To move to {wanted.name} at the end of your period, change your "
+                            "plan instead: downgrades are free.")
+            raise Conflict(message, param="plan", code="plan_not_an_upgrade")
         if wanted.price_cents == 0:
             raise UnprocessableRequest(f"the {wanted.name} plan is free: nothing to pay for",
                                        param="plan", code="invalid_value")
