@@ -13,7 +13,8 @@ from tests.plans.conftest import Store
 
 
 async def test_renewal_waits_for_leased_balance_instead_of_dropping_the_plan(
-        store: Store) -> None:
+        store2: Store) -> None:
+    store = store2
     email, key, user_id = await store.new_user("pro")
     store.server.cli("balance", "add", email, "35")  # Pro costs $29
     headers = {"authorization": f"Bearer {key}"}
@@ -41,6 +42,7 @@ async def test_renewal_waits_for_leased_balance_instead_of_dropping_the_plan(
         async for _ in stream.content:
             pass  # the stream finished normally, settled against the lease it started on
     assert statuses[-1] == 200, statuses  # still on Pro: not a 404 for dubhe-code
+    assert 503 in statuses  # the renewal did wait for the leased balance
     [renewal] = await store.ledger(user_id, "renewal")
     assert renewal["balance_uusd"] == -29_000_000
     shown = store.show(email)

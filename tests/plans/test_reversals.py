@@ -3,6 +3,7 @@ and a dispute won gives it back once, however Stripe orders and repeats its even
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 
@@ -52,7 +53,11 @@ async def test_a_refund_before_its_payment_takes_the_credit_back_once(store: Sto
     _, _, user_id = await store.new_user()
     payment = Payment(user_id, 2500)
     full = payment.refunded(2500)
-    await _deliver_all(store, full, payment.checkout, full, payment.checkout)
+    await _deliver_all(store, full)
+    # Then the payment and the refund again, all at the same instant.
+    answers = await asyncio.gather(*(store.deliver(payload)
+                                     for payload in (payment.checkout, full, payment.checkout)))
+    assert [answer.status_code for answer in answers] == [200] * 3, [a.text for a in answers]
 
     [topup] = await store.ledger(user_id, "topup")
     [refund] = await store.ledger(user_id, "refund")
@@ -60,7 +65,7 @@ async def test_a_refund_before_its_payment_takes_the_credit_back_once(store: Sto
     assert refund["ref"].startswith(payment.session_id)  # points at the payment
     assert payment.session_id in refund["description"]
     account = await store.settled(user_id)
-    assert (account["balance_uusd"], account["uncollected_uusd"]) == (0, 0)
+    assert (account["balance_uusd"], account["debt_uusd"]) == (0, 0)
 
 
 async def test_a_refund_of_spent_credit_is_owed_and_partial_refunds_add_up(store: Store) -> None:
@@ -76,9 +81,9 @@ async def test_a_refund_of_spent_credit_is_owed_and_partial_refunds_add_up(store
 
     refunds = await store.ledger(user_id, "refund")
     assert sum(-row["balance_uusd"] for row in refunds) == 10_000_000 - cost
-    assert sum(row["uncollected_uusd"] for row in refunds) == cost  # spent: now owed
+    assert sum(row["debt_uusd"] for row in refunds) == cost  # spent: now owed
     account = await store.settled(user_id)
-    assert (account["balance_uusd"], account["uncollected_uusd"]) == (0, cost)
+    assert (account["balance_uusd"], account["debt_uusd"]) == (0, cost)
 
 
 async def test_a_dispute_won_before_it_was_opened_nets_to_nothing(store: Store) -> None:
@@ -92,7 +97,7 @@ async def test_a_dispute_won_before_it_was_opened_nets_to_nothing(store: Store) 
     assert (taken["balance_uusd"], given["balance_uusd"]) == (-20_000_000, 20_000_000)
     assert all(row["ref"].startswith(payment.session_id) for row in (taken, given))
     account = await store.settled(user_id)
-    assert (account["balance_uusd"], account["uncollected_uusd"]) == (20_000_000, 0)
+    assert (account["balance_uusd"], account["debt_uusd"]) == (20_000_000, 0)
 
 
 async def test_a_dispute_of_spent_credit_is_owed_then_cancelled_when_won(store: Store) -> None:
@@ -104,7 +109,7 @@ async def test_a_dispute_of_spent_credit_is_owed_then_cancelled_when_won(store: 
     opened = payment.dispute("created", "needs_response")
     await _deliver_all(store, opened, opened)
     account = await store.settled(user_id)
-    assert (account["balance_uusd"], account["uncollected_uusd"]) == (0, cost)
+    assert (account["balance_uusd"], account["debt_uusd"]) == (0, cost)
     # Owing, the account is refused: nothing left to spend.
     assert (await store.ask(key, "more [[sim:tokens=5]]")).status_code == 402
 
@@ -112,7 +117,7 @@ async def test_a_dispute_of_spent_credit_is_owed_then_cancelled_when_won(store: 
     await _deliver_all(store, won, won)
     account = await store.settled(user_id)
     # As if the dispute never happened: the debt is cancelled, the rest of the credit is back.
-    assert (account["balance_uusd"], account["uncollected_uusd"]) == (10_000_000 - cost, 0)
+    assert (account["balance_uusd"], account["debt_uusd"]) == (10_000_000 - cost, 0)
 
 
 async def test_a_dispute_lost_after_a_refund_takes_back_no_more_than_was_paid(
@@ -122,7 +127,7 @@ async def test_a_dispute_lost_after_a_refund_takes_back_no_more_than_was_paid(
     lost = payment.dispute("closed", "lost")
     await _deliver_all(store, lost, payment.checkout, payment.refunded(300), lost)
     account = await store.settled(user_id)
-    assert (account["balance_uusd"], account["uncollected_uusd"]) == (0, 0)
+    assert (account["balance_uusd"], account["debt_uusd"]) == (0, 0)
     entries = [*await store.ledger(user_id, "dispute"), *await store.ledger(user_id, "refund")]
     assert sum(row["balance_uusd"] for row in entries) == -10_000_000
 
@@ -169,4 +174,4 @@ async def test_malformed_signed_events_are_refused_not_crashed(store: Store) -> 
         assert body == {"received": True} or set(body["error"]) == {"message", "type", "param",
                                                                    "code"}, body
     account = await store.settled(user_id)
-    assert (account["balance_uusd"], account["uncollected_uusd"]) == (0, 0)
+    assert (account["balance_uusd"], account["debt_uusd"]) == (0, 0)

@@ -533,6 +533,10 @@ async def choose_plan(repository: BillingRepository, *, user_id: int, plan_code:
         state = await buy_plan_from_balance(repository, user_id=user_id, plan_code=plan_code,
                                             catalog=catalog, now=now, ref=ref)
         return "upgraded", wanted.price_cents * 10_000, state
+    previous, ended = state.plan_code, now >= state.period_end
     state = await change_plan(repository, user_id=user_id, plan_code=plan_code, catalog=catalog,
                               now=now)
+    if ended and plan_code != previous:
+        # The period had ended: the chosen plan started now, in a new period (nothing renewed).
+        return "upgraded", 0, state
     return ("unchanged" if plan_code == state.plan_code else "scheduled"), 0, state

@@ -74,20 +74,18 @@ def checkout_params(settings: Settings, catalog: Catalog, *, user_id: int, curre
                 param="plan", code="invalid_value",
             )
         current = catalog.plans.get(current_plan)
-        if wanted.price_cents == 0:
-            raise UnprocessableRequest(f"the {wanted.name} plan is free: nothing to pay for",
-                                       param="plan", code="invalid_value")
         if current is not None and wanted.price_cents <= current.price_cents:
             # Paying for the plan one already has, or a cheaper one, would buy nothing now:
             # downgrades are free and wait for the period's end.
-            same = wanted.code == current.code
-            raise Conflict(
-                f"You already have the {current.name} plan{'' if same else ', which includes more'}"
-                f"; only a more expensive plan can be bought. "
-                + ("" if same else f"To move to {wanted.name} at the end of your period, "
-                   "change your plan instead: downgrades are free."),
-                param="plan", code="plan_not_an_upgrade",
-            )
+            message = (f"You already have the {current.name} plan; only a more expensive plan "
+                       "can be bought.")
+            if wanted.code != current.code:
+                message += (f" To move to {wanted.name} at the end of your period, change your "
+                            "plan instead: downgrades are free.")
+            raise Conflict(message, param="plan", code="plan_not_an_upgrade")
+        if wanted.price_cents == 0:
+            raise UnprocessableRequest(f"the {wanted.name} plan is free: nothing to pay for",
+                                       param="plan", code="invalid_value")
         amount_uusd = wanted.price_cents * UUSD_PER_CENT
         product = f"Dubhe {wanted.name} plan"
         metadata = {"purpose": "plan", "plan": wanted.code}
@@ -184,6 +182,8 @@ async def apply_event(session: AsyncSession, event: dict[str, Any], *, catalog: 
     A signed event is still parsed as outside data: a field of the wrong type or a number out
     of range is refused with a 422 and logged (Stripe shows it as failing), never a 500."""
     kind = event.get("type")
+    if not isinstance(kind, str):
+        raise _refused(event, "has no type")
     if kind in PAID_EVENTS:
         return await _apply_checkout(session, event, catalog=catalog, now=now)
     if kind in REVERSAL_EVENTS:
