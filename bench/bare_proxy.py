@@ -5,10 +5,10 @@
 Raw ASGI on the same server stack as `dubhe serve` (uvicorn, uvloop, stock httptools protocol,
 the same keep-alive and backlog), one aiohttp session configured like the gateway's upstream
 pool, and nothing else: no auth, no validation, no billing, no request id, no parsing of
-anything. It reads the request body, POSTs it unchanged to the upstream picked by the first path segment
-(`POST /fast/v1/chat/completions` goes to the `fast` upstream's `/chat/completions`), and relays
-the answer: non-streaming in one send with a content-length, streams byte for byte as the
-upstream's reads arrive. bench/run.py measures it exactly like the gateway, so "gateway / bare"
+anything. It reads the request body, POSTs it unchanged to the upstream picked by the first
+path segment (`POST /fast/v1/chat/completions` goes to the `fast` upstream's
+`/chat/completions`), and relays the answer: non-streaming in one send with a content-length,
+streams byte for byte as the upstream's reads arrive. bench/run.py measures it exactly like the gateway, so "gateway / bare"
 is what Dubhe's features cost on top of relaying, whatever the machine.
 
 It imports nothing from `dubhe` on purpose: its start time and memory are the stack's own.
