@@ -48,6 +48,7 @@ from dubhe.errors import (
     UpstreamError,
     UpstreamUnreachable,
 )
+from dubhe.gateway.admission import estimate_prompt
 from dubhe.gateway.relay import StreamRelay
 from dubhe.gateway.validation import ChatRequest, validate_chat_request
 from dubhe.models.base import utcnow
@@ -407,11 +408,10 @@ class ChatCompletion:
     # -- metering ----------------------------------------------------------------------------
 
     async def _prompt_estimate(self) -> int:
-        """The prompt's best estimate (tiktoken), for when the upstream's count is not used."""
-        messages = self.body["messages"]
-        if self.request.text_chars <= _EXACT_COUNT_CHARS:
-            return tokens.count_prompt(messages)
-        return await asyncio.to_thread(tokens.count_prompt, messages)
+        """The prompt's best estimate (tiktoken over texts, tools and schemas, the model's
+        allowance per image), for when the upstream's count is not used; off the event loop
+        for a large body."""
+        return await estimate_prompt(self.body, self.model, body_bytes=len(self._payload))
 
     def _estimated(self, event: UsageEvent, why: Untrusted) -> None:
         event.usage_source = "estimated"
