@@ -136,7 +136,7 @@ def count_completion_events(events: bytes) -> int:
             for choice in _list(chunk.get("choices")):
                 if isinstance(choice, dict):
                     generated_texts(choice.get("delta"), texts)
-    return count_text("".join(texts))
+    return count_long_text("".join(texts))
 
 
 def count_completion_message(response: dict[str, Any]) -> int:
@@ -144,7 +144,7 @@ def count_completion_message(response: dict[str, Any]) -> int:
     for choice in _list(response.get("choices")):
         if isinstance(choice, dict):
             generated_texts(choice.get("message"), texts)
-    return count_text("".join(texts))
+    return count_long_text("".join(texts))
 
 
 def visible_output_bytes(response: dict[str, Any]) -> int:
