@@ -89,7 +89,9 @@ async def test_relayed_tokens_are_counted_across_batches() -> None:
     count = 40_000  # about 2.4 MB: two batches counted in a thread, and the rest
     for _ in range(count):
         stream.feed(event)
-    assert await asyncio.wait_for(stream.completion_tokens(), 60) == count
+    counted = await asyncio.wait_for(stream.completion_tokens(), 60)
+    # Long texts are counted in pieces cut at spaces: a token per piece of noise at most.
+    assert count <= counted <= count + 10
 
 
 def test_error_messages_are_cut_and_redacted() -> None:
