@@ -47,10 +47,10 @@ from dubhe.errors import (
     UpstreamError,
     UpstreamUnreachable,
 )
+from dubhe.gateway import admission
 from dubhe.gateway.relay import StreamRelay
 from dubhe.gateway.validation import ChatRequest, validate_chat_request
 from dubhe.models.base import utcnow
-from dubhe.usage import tokens
 from dubhe.usage.events import UsageEvent
 
 if TYPE_CHECKING:
@@ -63,9 +63,6 @@ log = logging.getLogger(__name__)
 
 # Upstream error bodies are read for their message, never relayed whole.
 _MAX_ERROR_BODY = 64 * 1024
-# Prompts up to this many characters are counted exactly (tens of µs); longer ones are estimated
-# generously for the hold and settled on the upstream's own count.
-_EXACT_COUNT_CHARS = 16_384
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +122,7 @@ class ChatCompletion:
         body = self.body = _parse_body(raw)
         model = self.model = _resolve_model(body, self.identity, state)
         request = self.request = validate_chat_request(body, model)
-        prompt_tokens = _check_context(body, request, model)
+        estimate = await admission.estimate_prompt(body, model, body_bytes=len(raw))
         if model.status == "maintenance":
             raise ServiceUnavailable(
                 f"The model '{model.id}' is under maintenance; retry later.",
@@ -140,17 +137,17 @@ class ChatCompletion:
                 headers={"retry-after": "30"},
             )
         upstream = self.upstream = upstreams[0]
-        output = request.max_tokens or min(
-            model.default_max_tokens, model.context_window - prompt_tokens
-        )
+        # The hold: the prompt's bound plus each choice's output limit, n times (admission.py).
+        sizing = admission.size_request(body, request, model, upstream.spec, estimate)
         try:
             held = await state.meter.reserve(
                 user_id=self.identity.user_id,
                 request_id=self.request_id,
                 api_key_id=self.identity.key_id,
                 model=model.id,
-                prompt_tokens=prompt_tokens,
-                max_tokens=output * request.n,
+                prompt_tokens=sizing.prompt_bound,
+                max_tokens=sizing.per_choice,
+                n=request.n,
             )
         except (SQLAlchemyError, OSError) as exc:
             # Credit could not be leased (the database is unreachable): refuse rather than serve
@@ -162,18 +159,15 @@ class ChatCompletion:
                 headers={"retry-after": "5"},
             ) from None
         if isinstance(held, Denied):
-            raise _insufficient_quota(held, prompt_tokens)
+            raise _insufficient_quota(held, sizing.prompt_bound + request.n)
         self.balance = held.balance
+        self._payload = sizing.payload
         if held.admission.clamped:
-            # What the account can pay for, split over the n choices (at least one token each).
-            per_choice = max(1, held.admission.max_tokens // request.n)
-            for field in ("max_tokens", "max_completion_tokens"):
-                if field in body or field == request.max_tokens_field:
-                    body[field] = per_choice
-            self.clamped_to = per_choice
-        self._payload = _upstream_payload(
-            body, raw, request, model, upstream, held.admission.clamped
-        )
+            # Each choice's limit is what the account can pay for; the upstream is told that one.
+            self.clamped_to = held.admission.max_tokens
+            self._payload = admission.upstream_payload(
+                body, request, model, upstream.spec, self.clamped_to
+            )
 
     # -- the upstream call -------------------------------------------------------------------
 
@@ -358,15 +352,15 @@ class ChatCompletion:
         )
 
 
-def _insufficient_quota(denied: Denied, prompt_tokens: int) -> InsufficientQuota:
+def _insufficient_quota(denied: Denied, least_tokens: int) -> InsufficientQuota:
     if denied.debt_uusd:
         return InsufficientQuota(debt_message(denied.debt_uusd))
     return InsufficientQuota(
         "Your plan's included tokens and prepaid balance cannot cover this request: you have "
         f"{denied.balance.tokens_remaining} included tokens and "
         f"${format_usd(denied.balance.balance_uusd)} left, and it needs at least "
-        f"{prompt_tokens + 1} tokens (the prompt plus one). Recharge your balance or upgrade "
-        "your plan in the dashboard."
+        f"{least_tokens} tokens (the prompt plus one per choice). Recharge your balance or "
+        "upgrade your plan in the dashboard."
     )
 
 
@@ -418,44 +412,3 @@ def _resolve_model(body: dict[str, Any], identity: KeyIdentity, state: GatewaySt
         )
     raise NotFound(message, code="model_not_found", param="model")
 
-
-def _check_context(body: dict[str, Any], request: ChatRequest, model: ModelSpec) -> int:
-    """The prompt's tokens (exact for ordinary prompts), refusing what cannot fit the context."""
-    messages = body["messages"]
-    if request.text_chars <= _EXACT_COUNT_CHARS:
-        prompt = tokens.count_prompt(messages)
-    else:
-        # About three characters a token for prose and code: generous for the hold.
-        prompt = request.text_chars // 3 + 4 * len(messages) + 3
-    output = request.max_tokens or 1
-    if prompt + output > model.context_window and request.text_chars > _EXACT_COUNT_CHARS:
-        prompt = tokens.count_prompt(messages)
-    if prompt + output > model.context_window:
-        raise UnprocessableRequest(
-            f"This model's maximum context length is {model.context_window} tokens. However, "
-            f"you requested {prompt + (request.max_tokens or 0)} tokens ({prompt} in the messages, "
-            f"{request.max_tokens or 0} in the completion). Shorten the messages or lower max_tokens.",
-            code="context_length_exceeded",
-            param="messages",
-        )
-    return prompt
-
-
-def _upstream_payload(
-    body: dict[str, Any],
-    raw: bytes,
-    request: ChatRequest,
-    model: ModelSpec,
-    upstream: Upstream,
-    changed: bool,
-) -> bytes:
-    """The original bytes when nothing needs to change; re-serialised only when it must."""
-    upstream_model = upstream.upstream_model(model.id)
-    if upstream_model != model.id:
-        body["model"] = upstream_model
-        changed = True
-    if request.stream and not request.include_usage:
-        options = body.get("stream_options") or {}
-        body["stream_options"] = {**options, "include_usage": True}
-        changed = True
-    return orjson.dumps(body) if changed else raw
