@@ -152,7 +152,9 @@ def csv_response(filename: str, header: Sequence[str],
 @router.get("/ledger")
 async def get_ledger(user: CurrentUser, session: SessionDep,
                      limit: Annotated[int, Query(ge=1, le=200)] = 50,
-                     before: Annotated[int | None, Query(ge=1)] = None) -> LedgerPage:
+                     # Ids are BIGINT: a larger cursor would overflow the query (a 500).
+                     before: Annotated[int | None, Query(ge=1, le=2**63 - 1)] = None
+                     ) -> LedgerPage:
     rows, next_before = await BillingQueries.from_session(session).ledger_page(
         user.user_id, limit=limit, before=before
     )

@@ -18,7 +18,6 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-import stripe
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from dubhe.billing import service as billing
@@ -124,6 +123,7 @@ async def create_checkout(settings: Settings, catalog: Catalog, *, user_id: int,
         )
     params = checkout_params(settings, catalog, user_id=user_id, current_plan=current_plan,
                              order=order)
+    import stripe  # loaded at start only where payments are configured (~25 MB; see DubheApp)
     # aiohttp is already a dependency; the stripe package picks httpx only if it is installed.
     http_client = stripe.AIOHTTPClient(timeout=30)
     client = stripe.StripeClient(
@@ -156,6 +156,8 @@ def verify_event(settings: Settings, payload: bytes, signature: str | None) -> d
             "The Stripe webhook is not configured on this deployment (DUBHE_STRIPE_WEBHOOK_SECRET).",
             code="payments_not_configured",
         )
+    import stripe
+
     try:
         stripe.WebhookSignature.verify_header(
             payload, signature, settings.stripe_webhook_secret.get_secret_value(),
