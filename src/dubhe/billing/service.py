@@ -128,8 +128,9 @@ async def renew_if_due(repository: BillingRepository, posting: Posting, state: A
 
     The renewal sees the whole balance: when the price is more than what is available but not
     more than what is available plus what workers hold leased, it waits for the leases to return
-    (every worker returns a lease of an ended period within a second, see ``meter.py``) and the
-    period stays ended until then; ``require_current_period`` turns that into a short 503."""
+    (a worker returns its lease of an ended period as soon as the requests running on it settle,
+    see ``meter.py``) and the period stays ended until then; ``require_current_period`` turns
+    that into a 503 with ``retry-after: 1`` for the requests that come meanwhile."""
     if now < state.period_end:
         return
     plan_code = state.next_plan_code or state.plan_code
