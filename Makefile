@@ -30,6 +30,7 @@ test: lint tests/node/node_modules/.installed
 
 lint: setup
 	$(VENV)/ruff check src tests bench
+	$(VENV)/mypy
 
 bench: setup
 	$(VENV)/python bench/run.py

@@ -28,6 +28,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from dubhe.database import create_engine
+from tests.upstreams.realistic import Realistic, start_realistic
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -44,6 +45,8 @@ def free_port() -> int:
 
 
 def wait_until_up(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 120) -> None:
+    """Generous: on the shared 2-core box a cold start under load takes tens of seconds. A process
+    that does not come up is killed, so a failed fixture leaves nothing running."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -53,6 +56,8 @@ def wait_until_up(url: str, process: subprocess.Popen[bytes], log: Path, timeout
             return
         except httpx.HTTPError:
             time.sleep(0.05)
+    process.kill()
+    process.wait()
     raise RuntimeError(f"{url} did not come up:\n{log.read_text()}")
 
 
@@ -104,6 +109,14 @@ def sims(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Sim]]:
     yield started
     for sim in started.values():
         sim.running.stop()
+
+
+@pytest.fixture(scope="session")
+def realistic(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Realistic]:
+    """The realistic, fault-injecting upstream (tests/upstreams/realistic.py), its own process."""
+    upstream = start_realistic(tmp_path_factory.mktemp("realistic") / "realistic.log")
+    yield upstream
+    upstream.stop()
 
 
 @contextmanager
@@ -198,8 +211,10 @@ models = ["dubhe-qwen"]
 """
 
 
-def start_server(data_dir: Path, database_url: str, config: str, **extra_env: str) -> Server:
-    """``dubhe serve`` as its own process, on ``database_url``, with ``config`` as its dubhe.toml."""
+def start_server(data_dir: Path, database_url: str, config: str, *args: str, workers: int = 1,
+                 **extra_env: str) -> Server:
+    """``dubhe serve`` as its own process, on ``database_url``, with ``config`` as its dubhe.toml;
+    ``args`` are added to its command line."""
     (data_dir / "dubhe.toml").write_text(config)
     env = {
         **os.environ,
@@ -211,8 +226,15 @@ def start_server(data_dir: Path, database_url: str, config: str, **extra_env: st
     }
     port = free_port()
     log = data_dir / "serve.log"
-    running = start_process([str(BIN / "dubhe"), "serve", "--port", str(port)], log, env)
-    wait_until_up(f"http://127.0.0.1:{port}/healthz", running.process, log)
+    running = start_process([str(BIN / "dubhe"), "serve", "--port", str(port),
+                             "--workers", str(workers), *args], log, env)
+    try:
+        # Generous: on a loaded 2-core machine a worker can take tens of seconds to import and
+        # start.
+        wait_until_up(f"http://127.0.0.1:{port}/healthz", running.process, log, timeout=300)
+    except BaseException:
+        running.stop()  # a server that came up late must not outlive the failed test
+        raise
     return Server(f"http://127.0.0.1:{port}/v1", env, database_url, data_dir, running)
 
 

@@ -40,6 +40,37 @@ class Settings(BaseSettings):
     stripe_webhook_secret: SecretStr | None = None
     # Only to point the stripe package at a stand-in server (tests, stripe-mock).
     stripe_api_base: str | None = None
+    # Outgoing mail (verification and password reset): smtp://user:pass@host:port, or smtps://
+    # for TLS from the start; "?starttls=1" upgrades a plain connection.
+    smtp_url: SecretStr | None = None
+    smtp_from: str = "Dubhe <no-reply@localhost>"
+    # Who may create an account: open | email-verified | invite | closed. Unset: email-verified
+    # when mail can be sent, else open (with the per-address limit below).
+    signup_mode: Literal["open", "email-verified", "invite", "closed"] | None = None
+    # The first admin, created at start when no admin exists (nothing is created otherwise).
+    admin_email: str | None = None
+    admin_password: SecretStr | None = None
+    # Dashboard sessions and the limits on guessing and on scripted sign-ups. Attempts are rows
+    # in the database, so every worker and instance counts the same ones.
+    session_hours: int = Field(default=24 * 14, ge=1)
+    login_failures_per_ip: int = Field(default=20, ge=1)
+    login_failures_per_account: int = Field(default=10, ge=1)
+    login_window_minutes: int = Field(default=15, ge=1)
+    signups_per_ip_per_hour: int = Field(default=10, ge=1)
+    # In "open" mode, accounts one address may create per day (each gets the default plan's
+    # included tokens, so this bounds farming them).
+    accounts_per_ip_per_day: int = Field(default=3, ge=1)
+    reset_requests_per_ip_per_hour: int = Field(default=10, ge=1)
+
+    @property
+    def resolved_signup_mode(self) -> str:
+        if self.signup_mode is not None:
+            return self.signup_mode
+        return "email-verified" if self.smtp_url is not None else "open"
+
+    @property
+    def https(self) -> bool:
+        return self.public_url.startswith("https://")
 
     # Connection limits, per worker (enforced by dubhe.server's protocol; see README, Limits).
     max_header_bytes: int = Field(default=32_768, ge=1024)

@@ -32,7 +32,7 @@ from tests.conftest import (
 )
 
 COUNTERS = ("tokens_available", "tokens_reserved", "balance_uusd", "balance_reserved_uusd",
-            "uncollected_uusd")
+            "uncollected_uusd", "debt_uusd", "debt_tokens")
 
 
 # -- a stand-in for api.stripe.com ----------------------------------------------------------------
@@ -172,7 +172,7 @@ async def assert_ledger_matches(db: AsyncEngine, user_id: int) -> dict[str, int]
 def checkout_event(*, session_id: str, user_id: int, purpose: str, amount_cents: int,
                    plan: str | None = None, event_type: str = "checkout.session.completed",
                    event_id: str | None = None, payment_status: str = "paid",
-                   amount_uusd: int | None = None) -> bytes:
+                   amount_uusd: int | None = None, payment_intent: str | None = None) -> bytes:
     metadata = {"user_id": str(user_id), "purpose": purpose,
                 "amount_uusd": str(amount_cents * 10_000 if amount_uusd is None else amount_uusd)}
     if plan is not None:
@@ -192,7 +192,56 @@ def checkout_event(*, session_id: str, user_id: int, purpose: str, amount_cents:
             "client_reference_id": str(user_id),
             "metadata": metadata,
             "payment_status": payment_status,
+            "payment_intent": payment_intent,
             "status": "complete",
+        }},
+    }
+    return json.dumps(event).encode()
+
+
+def charge_refunded_event(*, payment_intent: str, charge_id: str, amount_cents: int,
+                          refunded_cents: int, event_id: str | None = None) -> bytes:
+    """``charge.refunded``: Stripe sends the charge, with the cumulative ``amount_refunded``."""
+    event = {
+        "id": event_id or "evt_" + secrets.token_hex(12),
+        "object": "event",
+        "type": "charge.refunded",
+        "livemode": False,
+        "created": 1_700_000_100,
+        "data": {"object": {
+            "id": charge_id,
+            "object": "charge",
+            "amount": amount_cents,
+            "amount_captured": amount_cents,
+            "amount_refunded": refunded_cents,
+            "currency": "usd",
+            "paid": True,
+            "payment_intent": payment_intent,
+            "refunded": refunded_cents == amount_cents,
+            "status": "succeeded",
+        }},
+    }
+    return json.dumps(event).encode()
+
+
+def dispute_event(*, event_type: str, payment_intent: str, charge_id: str, dispute_id: str,
+                  amount_cents: int, status: str, event_id: str | None = None) -> bytes:
+    """``charge.dispute.created`` / ``charge.dispute.closed``: Stripe sends the dispute."""
+    event = {
+        "id": event_id or "evt_" + secrets.token_hex(12),
+        "object": "event",
+        "type": event_type,
+        "livemode": False,
+        "created": 1_700_000_200,
+        "data": {"object": {
+            "id": dispute_id,
+            "object": "dispute",
+            "amount": amount_cents,
+            "charge": charge_id,
+            "currency": "usd",
+            "payment_intent": payment_intent,
+            "reason": "fraudulent",
+            "status": status,
         }},
     }
     return json.dumps(event).encode()

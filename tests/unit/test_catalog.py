@@ -74,3 +74,63 @@ def test_bad_configuration_is_refused_with_the_entry_named(tmp_path: Path, text:
     config.write_text(text)
     with pytest.raises(CatalogError, match=message):
         load_catalog(config)
+
+
+def test_input_kinds_and_prompt_bound_fields_default_and_override(tmp_path: Path) -> None:
+    shipped = load_catalog(None)
+    for model in shipped.models.values():
+        assert not model.audio_input and not model.file_input
+        assert model.max_image_tokens == 2048
+        assert (model.message_overhead_tokens, model.request_overhead_tokens) == (8, 128)
+    [builtin] = shipped.upstreams
+    assert builtin.output_limit_fields == ("max_tokens", "max_completion_tokens")
+
+    config = tmp_path / "dubhe.toml"
+    config.write_text(
+        """
+[defaults]
+max_image_tokens = 1500
+[models.dubhe-agent]
+audio_input = true
+max_image_tokens = 16384
+[[upstreams]]
+name = "openai"
+base_url = "https://api.openai.com/v1"
+models = ["dubhe-reasoning"]
+output_limit_fields = ["max_completion_tokens"]
+"""
+    )
+    catalog = load_catalog(config)
+    agent = catalog.models["dubhe-agent"]
+    assert agent.audio_input and not agent.file_input
+    assert agent.max_image_tokens == 16384
+    assert catalog.models["dubhe-vision"].max_image_tokens == 1500
+    [openai] = catalog.upstreams
+    assert openai.output_limit_fields == ("max_completion_tokens",)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[models.dubhe-fast]\nmax_image_tokens = 0\n", r"models\.dubhe-fast\.max_image_tokens"),
+        ("[defaults]\nmax_image_tokens = -1\n", r"defaults\.max_image_tokens must be a positive"),
+        ("[models.dubhe-fast]\naudio_input = 1\n", r"models\.dubhe-fast\.audio_input"),
+        ("[models.dubhe-fast]\nrequest_overhead_tokens = -1\n", r"request_overhead_tokens"),
+        ("[models.dubhe-fast]\ndefault_max_tokens = 0\n", r"models\.dubhe-fast\.default_max"),
+        (
+            '[[upstreams]]\nname = "x"\nbase_url = "http://a/v1"\noutput_limit_fields = ["max"]\n',
+            r"upstreams\.x\.output_limit_fields",
+        ),
+        (
+            '[[upstreams]]\nname = "x"\nbase_url = "http://a/v1"\noutput_limit_fields = []\n',
+            r"upstreams\.x\.output_limit_fields",
+        ),
+    ],
+)
+def test_bad_bound_fields_are_refused_with_the_field_named(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    config = tmp_path / "dubhe.toml"
+    config.write_text(text)
+    with pytest.raises(CatalogError, match=message):
+        load_catalog(config)

@@ -57,6 +57,46 @@ def test_admission_grants_the_most_the_account_can_pay_for(model_id: str) -> Non
         assert admission.balance_uusd <= balance
 
 
+@pytest.mark.parametrize("model_id", ["dubhe-fast", "dubhe-reasoning"])
+def test_a_clamp_splits_what_is_affordable_over_n_choices_never_rounding_up(model_id: str) -> None:
+    model = MODELS[model_id]
+    rng = random.Random(f"n-{model_id}")
+    for _ in range(300):
+        prompt = rng.randint(1, 300)
+        wanted = rng.randint(1, 500)
+        n = rng.randint(1, 9)
+        tokens = rng.choice([0, rng.randint(0, 2_000)])
+        balance = rng.choice([0, rng.randint(0, 5_000)])
+        admission = size_admission(model, prompt_tokens=prompt, max_tokens=wanted, n=n,
+                                   tokens_available=tokens, balance_uusd=balance)
+
+        # Every choice may generate its whole limit: the most c with c × n paid for in full.
+        best = max(
+            (c for c in range(0, wanted + 1)
+             if split_cost(model, prompt, c * n, min(tokens, prompt + c * n)) <= balance),
+            default=-1,
+        )
+        if best < 1:
+            assert admission is None
+            continue
+        assert admission is not None
+        assert admission.max_tokens == best
+        assert admission.clamped == (best < wanted)
+        assert admission.tokens == min(tokens, prompt + best * n)
+        assert admission.balance_uusd == split_cost(model, prompt, best * n, admission.tokens)
+        assert admission.balance_uusd <= balance
+
+
+def test_less_than_one_token_per_choice_is_refused_not_rounded_up() -> None:
+    fast = MODELS["dubhe-fast"]
+    # The prompt plus 3 tokens are affordable: 3 choices get one each, 4 choices get nothing.
+    three = size_admission(fast, prompt_tokens=10, max_tokens=100, n=3, tokens_available=13,
+                           balance_uusd=0)
+    assert three is not None and (three.max_tokens, three.tokens) == (1, 13)
+    assert size_admission(fast, prompt_tokens=10, max_tokens=100, n=4, tokens_available=13,
+                          balance_uusd=0) is None
+
+
 def test_format_usd_is_exact() -> None:
     assert format_usd(0) == "0.000000"
     assert format_usd(1) == "0.000001"

@@ -22,6 +22,8 @@ class LiveLease:
     user_id: int
     period_start: datetime
     period_end: datetime
+    # The account's epoch when this lease was taken: a newer one in the database retires it.
+    epoch: int
     tokens_free: int
     uusd_free: int
     # The account's available counters when this worker last looked (for response headers).
@@ -55,22 +57,29 @@ class Hold:
 class LeaseUsage:
     """What a settled request took from its lease, and what it cost."""
 
-    tokens_used: int  # included tokens spent
-    uusd_used: int  # balance spent
-    uncollected_uusd: int  # cost nothing was left to pay for
-    cost_uusd: int  # what the balance paid (uusd_used)
+    tokens_used: int  # included tokens spent from the lease
+    uusd_used: int  # balance spent from the lease
+    cost_uusd: int  # the full price beyond included tokens, whatever paid it
 
 
 def admit(
-    lease: LiveLease, model: ModelSpec, *, prompt_tokens: int, max_tokens: int, final: bool
+    lease: LiveLease,
+    model: ModelSpec,
+    *,
+    prompt_tokens: int,
+    max_tokens: int,
+    n: int = 1,
+    final: bool,
 ) -> tuple[Hold, Admission] | None:
-    """Hold what the request needs from the lease. Unless ``final`` (the lease holds all the
-    account can give), a request the lease can only partly pay for is not admitted here: the
-    caller refills the lease instead of clamping what the account could still cover."""
+    """Hold what the request needs from the lease: the prompt plus ``max_tokens`` for each of
+    ``n`` choices. Unless ``final`` (the lease holds all the account can give), a request the
+    lease can only partly pay for is not admitted here: the caller refills the lease instead of
+    clamping what the account could still cover."""
     admission = size_admission(
         model,
         prompt_tokens=prompt_tokens,
         max_tokens=max_tokens,
+        n=n,
         tokens_available=lease.tokens_free,
         balance_uusd=lease.uusd_free,
     )
@@ -86,8 +95,9 @@ def admit(
 def settle(hold: Hold, *, prompt_tokens: int, completion_tokens: int) -> LeaseUsage:
     """Charge the real usage against the hold, return the rest to the lease.
 
-    Usage beyond the hold (an upstream that ignored max_tokens) is taken from the lease's free
-    credit; what even that cannot cover is uncollected, never a negative balance.
+    Usage beyond the hold (an upstream that ignored its output limit) is taken from the lease's
+    free credit; what even that cannot cover is charged from the account when the settlement is
+    flushed (``service.settle_usage``), and becomes debt only if the account cannot pay it.
     """
     lease = hold.lease
     total = prompt_tokens + completion_tokens
@@ -97,10 +107,8 @@ def settle(hold: Hold, *, prompt_tokens: int, completion_tokens: int) -> LeaseUs
     cost = split_cost(hold.model, prompt_tokens, completion_tokens, plan_tokens)
     from_hold_uusd = min(cost, hold.uusd)
     extra_uusd = min(cost - from_hold_uusd, lease.uusd_free)
-    uncollected = cost - from_hold_uusd - extra_uusd
     lease.tokens_free += hold.tokens - from_hold - extra_tokens
     lease.uusd_free += hold.uusd - from_hold_uusd - extra_uusd
     lease.in_flight -= 1
     lease.last_used = time.monotonic()
-    paid = from_hold_uusd + extra_uusd
-    return LeaseUsage(plan_tokens, paid, uncollected, paid)
+    return LeaseUsage(plan_tokens, from_hold_uusd + extra_uusd, cost)

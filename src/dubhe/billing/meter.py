@@ -21,9 +21,25 @@ on the machine replays a dead worker's spool), and cannot overspend, because the
 out of the account up front. Workers renew their leases' deadlines; a sweeper in every worker
 returns the unused part of leases whose deadline passed (``reservation_ttl_seconds``).
 
+Usage beyond a request's hold (an upstream that ignored its output limit) is charged in full:
+from the lease's free credit in memory, then, at flush time and under the account lock, from the
+account's available credit; only what the account cannot pay becomes debt (``service.
+settle_usage``). A debt bumps the account's epoch. Each worker reads the epochs of the accounts
+it holds leases for once a second (one query) and retires a lease of an older epoch: no new
+admissions, in-flight requests settle, then its unused credit returns (repaying the debt first).
+So a debt, or a plan change, stops admission on every worker within about a second, and an
+account in debt is refused (402) until a credit repays it.
+
+A settlement the database cannot take must not block the others: records are validated before
+any SQL (``spool.record_problem``), and a batch the database still refuses is split until the
+refused record is found; that record is set aside in the dead-letter file with an ERROR line
+(``Meter.dead_letters`` counts them), and the rest are written. Only a database that cannot be
+reached keeps a batch waiting.
+
 What is given up: with several workers, a request may be refused while another worker's lease
-still holds the account's last credit, until that lease returns (idle timeout). Nothing is ever
-overspent.
+still holds the account's last credit, until that lease returns (idle timeout or epoch change);
+a request admitted on another worker in the second before it learns of a debt runs against that
+worker's lease. Nothing is ever overspent.
 """
 
 from __future__ import annotations
@@ -32,19 +48,21 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from dubhe.billing import service
 from dubhe.billing.lease import Hold, LiveLease, admit, settle
 from dubhe.billing.pricing import Admission, cost_uusd
-from dubhe.billing.repository import BillingRepository
-from dubhe.billing.spool import Spool, read_records
+from dubhe.billing.repository import BillingRepository, GuardFailed
+from dubhe.billing.spool import MAX_TOKEN_COUNT, DeadLetters, Spool, read_records, record_problem
 from dubhe.catalog import Catalog, ModelSpec
+from dubhe.errors import DubheError
 from dubhe.models.base import utcnow
 from dubhe.usage.events import UsageEvent
 
@@ -55,8 +73,14 @@ _FLUSH_RECORDS = 500
 # A refill takes this share of what the account has available (at least what the request needs):
 # few refills for a rich account, exact admission for the last credit of a poor one.
 _LEASE_SHARE = 4
-# After a refill finds the account empty, refuse from memory for this long.
+# After a refill finds the account empty, or in debt, refuse from memory for this long.
 _EXHAUSTED_SECONDS = 1.0
+# How often each worker reads the epochs of the accounts it holds leases for.
+_EPOCH_REFRESH_SECONDS = 1.0
+# What makes the database refuse one batch of records but not another: the records themselves
+# (a constraint, a value out of range, an account that cannot cover a guarded update, a user
+# that no longer exists). Anything else (the database unreachable or locked) is retried whole.
+_REFUSALS = (IntegrityError, DataError, GuardFailed, DubheError, KeyError, TypeError, ValueError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +100,8 @@ class Reserved:
 @dataclass(frozen=True, slots=True)
 class Denied:
     balance: Balance
+    # What the account owes: refused until a credit repays it (``service.debt_message``).
+    debt_uusd: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +121,10 @@ class Meter:
         self._leases: dict[int, LiveLease] = {}
         self._retiring: list[LiveLease] = []
         self._holds: dict[str, Hold] = {}
+        # Accounts a refill found in debt: (what they owe, refused from memory until).
+        self._debtors: dict[int, tuple[int, float]] = {}
+        self.dead_letters = 0  # records set aside since start, for metrics
+        self._dead_letter_file: DeadLetters | None = None
         self._account_locks: dict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._pending: list[dict[str, Any]] = []
         self._unflushed_files: list[Path] = []
@@ -106,21 +136,25 @@ class Meter:
     # -- the hot path ---------------------------------------------------------------------------
 
     async def reserve(self, *, user_id: int, request_id: str, api_key_id: int | None, model: str,
-                      prompt_tokens: int, max_tokens: int) -> Reserved | Denied:
+                      prompt_tokens: int, max_tokens: int, n: int = 1) -> Reserved | Denied:
+        """Hold the prompt plus ``max_tokens`` for each of ``n`` choices (or a clamped limit)."""
         spec = self._catalog.models[model]
-        answer = self._from_lease(user_id, request_id, spec, prompt_tokens, max_tokens)
+        answer = self._from_lease(user_id, request_id, spec, prompt_tokens, max_tokens, n)
         if answer is not None:
             return answer
         async with self._account_locks[user_id]:
             # Another request may have refilled the lease while this one waited.
-            answer = self._from_lease(user_id, request_id, spec, prompt_tokens, max_tokens)
+            answer = self._from_lease(user_id, request_id, spec, prompt_tokens, max_tokens, n)
             if answer is not None:
                 return answer
-            lease = await self._refill(user_id, prompt_tokens + max_tokens,
-                                       cost_uusd(spec, prompt_tokens, max_tokens))
+            completion = max_tokens * n
+            lease = await self._refill(user_id, prompt_tokens + completion,
+                                       cost_uusd(spec, prompt_tokens, completion))
+            if lease is None:
+                return self._owing(user_id)
             # The lease now holds all the account could give, if that was less than asked for.
             admitted = admit(lease, spec, prompt_tokens=prompt_tokens, max_tokens=max_tokens,
-                             final=True)
+                             n=n, final=True)
             if admitted is None or admitted[1].clamped:
                 lease.exhausted_until = time.monotonic() + _EXHAUSTED_SECONDS
             if admitted is None:
@@ -128,19 +162,26 @@ class Meter:
             return self._hold(request_id, lease, *admitted)
 
     def _from_lease(self, user_id: int, request_id: str, spec: ModelSpec, prompt_tokens: int,
-                    max_tokens: int) -> Reserved | Denied | None:
+                    max_tokens: int, n: int) -> Reserved | Denied | None:
         """Admit from memory when the lease covers the request; None when it needs a refill."""
+        if user_id in self._debtors:
+            if self._debtors[user_id][1] > time.monotonic():
+                return self._owing(user_id)
+            del self._debtors[user_id]
         lease = self._leases.get(user_id)
         if lease is None or self._period_over(lease):
             return None
         exhausted = lease.exhausted_until > time.monotonic()
-        admitted = admit(lease, spec, prompt_tokens=prompt_tokens, max_tokens=max_tokens,
+        admitted = admit(lease, spec, prompt_tokens=prompt_tokens, max_tokens=max_tokens, n=n,
                          final=exhausted)
         if admitted is not None:
             return self._hold(request_id, lease, *admitted)
         if exhausted:
             return Denied(Balance(lease.tokens_remaining, lease.uusd_remaining))
         return None
+
+    def _owing(self, user_id: int) -> Denied:
+        return Denied(Balance(0, 0), debt_uusd=self._debtors[user_id][0])
 
     def _hold(self, request_id: str, lease: LiveLease, hold: Hold, admission: Admission) -> Reserved:
         self._holds[request_id] = hold
@@ -157,6 +198,7 @@ class Meter:
         if hold is None:
             log.error("settlement of %s without a hold", event.request_id)
             return None
+        _distrust_bad_counts(event)
         if event.prompt_tokens is None or event.completion_tokens is None:
             if not wait:
                 counting = asyncio.ensure_future(self._settle_counted(hold, event))
@@ -173,7 +215,7 @@ class Meter:
     def _settle(self, hold: Hold, event: UsageEvent) -> SettleResult:
         used = settle(hold, prompt_tokens=event.prompt_tokens or 0,
                       completion_tokens=event.completion_tokens or 0)
-        record = {
+        record: dict[str, Any] = {
             "request_id": event.request_id, "user_id": event.user_id,
             "api_key_id": event.api_key_id, "lease_id": hold.lease.id, "model": event.model,
             "upstream": event.upstream, "stream": event.stream,
@@ -182,7 +224,7 @@ class Meter:
             "usage_source": event.usage_source, "outcome": event.outcome,
             "status_code": event.status_code, "latency_ms": event.latency_ms,
             "created_at": event.created_at.isoformat(), "tokens_used": used.tokens_used,
-            "uusd_used": used.uusd_used, "uncollected_uusd": used.uncollected_uusd,
+            "uusd_used": used.uusd_used,
         }
         assert self.spool is not None
         self.spool.append(record)  # durable against a crash of this process from here on
@@ -198,8 +240,9 @@ class Meter:
 
     # -- leases -----------------------------------------------------------------------------------
 
-    async def _refill(self, user_id: int, need_tokens: int, need_uusd: int) -> LiveLease:
-        """Take more of the account's credit into this worker's lease (one transaction)."""
+    async def _refill(self, user_id: int, need_tokens: int, need_uusd: int) -> LiveLease | None:
+        """Take more of the account's credit into this worker's lease (one transaction); None
+        when the account is in debt (then it is refused from memory for a second)."""
         now = utcnow()
         ttl = self._catalog.reservation_ttl_seconds
         current = self._leases.get(user_id)
@@ -208,10 +251,18 @@ class Meter:
             posting = service.Posting()
             state = (await service.current_accounts(repository, posting, [user_id],
                                                     self._catalog, now))[user_id]
-            if current is not None and current.period_start != state.period_start:
-                # The period renewed: that lease's included tokens belong to the ended period.
+            # A renewal waiting for leased balance to return: 503, retry in a second.
+            service.require_current_period(state, now)
+            if current is not None and (current.period_start != state.period_start
+                                        or current.epoch != state.epoch):
+                # The period renewed (that lease's included tokens belong to the ended period),
+                # or the account changed in a way that retires leases of its older epoch.
                 self._retire(current)
                 current = None
+            if state.debt_uusd > 0:
+                await posting.write(repository, now)  # a renewal may have happened
+                self._owes(user_id, state.debt_uusd)
+                return None
             take_tokens = min(state.tokens_available,
                               max(need_tokens, state.tokens_available // _LEASE_SHARE))
             take_uusd = min(state.balance_uusd, max(need_uusd, state.balance_uusd // _LEASE_SHARE))
@@ -234,7 +285,8 @@ class Meter:
             if current is not None:
                 self._retire(current)
             current = LiveLease(id=lease_id, user_id=user_id, period_start=state.period_start,
-                                period_end=state.period_end, tokens_free=0, uusd_free=0,
+                                period_end=state.period_end, epoch=state.epoch, tokens_free=0,
+                                uusd_free=0,
                                 account_tokens=0, account_uusd=0, last_used=time.monotonic())
             self._leases[user_id] = current
         current.grants = grants
@@ -244,6 +296,13 @@ class Meter:
         current.account_uusd = state.balance_uusd
         current.period_end = state.period_end
         return current
+
+    def _owes(self, user_id: int, debt_uusd: int) -> None:
+        """Refuse the account from memory for a while: it owes ``debt_uusd``."""
+        self._debtors[user_id] = (debt_uusd, time.monotonic() + _EXHAUSTED_SECONDS)
+        lease = self._leases.get(user_id)
+        if lease is not None:
+            self._retire(lease)
 
     def _retire(self, lease: LiveLease) -> None:
         """No new admissions; closed once its requests have settled."""
@@ -278,28 +337,67 @@ class Meter:
             assert self.spool is not None
             records, self._pending = self._pending, []
             files = [*self._unflushed_files, self.spool.rotate()]
-            closed: set[int] = set()
+            applied = _Applied()
             # Bounded transactions: each chunk's Python work runs on the event loop, so a
             # backlog is written in slices that never stall requests for long.
             for start in range(0, len(records), _FLUSH_RECORDS):
                 try:
-                    closed |= await self._apply(records[start : start + _FLUSH_RECORDS])
+                    applied |= await self._write(records[start : start + _FLUSH_RECORDS])
                 except BaseException:
-                    # Keep what is left: retried at the next flush (writes are idempotent by
-                    # request id), and replayed from the spool after a crash.
+                    # The database is out of reach. Keep what is left: retried at the next flush
+                    # (writes are idempotent by request id), and replayed from the spool after
+                    # a crash.
                     self._pending = records[start:] + self._pending
                     self._unflushed_files = files
                     raise
             self._unflushed_files = []
             for path in files:
                 path.unlink(missing_ok=True)
-            for lease in list(self._leases.values()):
-                if lease.id in closed:
-                    self._retire(lease)  # its deadline passed (heartbeats failed): stop using it
+            self._learn(applied)
 
-    async def _apply(self, records: list[dict[str, Any]]) -> set[int]:
+    def _learn(self, applied: _Applied) -> None:
+        for lease in list(self._leases.values()):
+            if lease.id in applied.closed_leases:
+                self._retire(lease)  # its deadline passed (heartbeats failed): stop using it
+        for user_id, debt_uusd in applied.debts.items():
+            self._owes(user_id, debt_uusd)  # this worker stops at once; the others by epoch
+
+    async def _write(self, records: list[dict[str, Any]]) -> _Applied:
+        """Write what the database will take; set aside, one by one, the records it refuses."""
+        valid = []
+        for record in records:
+            problem = record_problem(record, self._catalog.models)
+            if problem is None:
+                valid.append(record)
+            else:
+                self._set_aside(record, problem)
+        return await self._write_valid(valid)
+
+    async def _write_valid(self, records: list[dict[str, Any]]) -> _Applied:
+        if not records:
+            return _Applied()
+        try:
+            return await self._apply(records)
+        except _REFUSALS as exc:
+            if len(records) == 1:
+                self._set_aside(records[0], f"the database refused it: {exc!r}"[:2000])
+                return _Applied()
+        # Halve until the refused records are alone: log2(n) extra transactions per bad record.
+        middle = len(records) // 2
+        return await self._write_valid(records[:middle]) | await self._write_valid(records[middle:])
+
+    def _set_aside(self, record: Any, reason: str) -> None:
+        if self._dead_letter_file is None:
+            self._dead_letter_file = DeadLetters(self._spool_dir, self._owner)
+        self._dead_letter_file.append(record, reason)
+        self.dead_letters += 1
+        request_id = record.get("request_id") if isinstance(record, dict) else None
+        log.error("usage record %r set aside in %s (%s); the other records are written",
+                  request_id, self._dead_letter_file.path, reason)
+
+    async def _apply(self, records: list[dict[str, Any]]) -> _Applied:
         """Write settled usage: one transaction, one ledger entry per request, once ever.
-        Returns the ids of the leases it found closed."""
+        Returns the leases it found closed and the accounts it left in debt."""
         now = utcnow()
         async with self._sessionmaker() as session, session.begin():
             repository = BillingRepository.from_session(session)
@@ -319,31 +417,22 @@ class Meter:
                 state = states[record["user_id"]]
                 description = (f"{record['model']}: {record['prompt_tokens']} prompt + "
                                f"{record['completion_tokens']} completion tokens")
-                if statuses.get(record["lease_id"]) == "open":
-                    service.settle_from_lease(
-                        posting, state, request_id=record["request_id"],
-                        tokens=record["tokens_used"], uusd=record["uusd_used"],
-                        uncollected_uusd=record["uncollected_uusd"], description=description,
-                        now=now)
+                # Its lease may have closed before this usage arrived (a worker that died with
+                # it in its spool): what the lease paid went back to the account, so the account
+                # pays it all now.
+                from_lease = statuses.get(record["lease_id"]) == "open"
+                lease_tokens = record["tokens_used"] if from_lease else 0
+                lease_uusd = record["uusd_used"] if from_lease else 0
+                settled = service.settle_usage(
+                    posting, state, request_id=record["request_id"],
+                    model=self._catalog.models[record["model"]],
+                    prompt_tokens=record["prompt_tokens"],
+                    completion_tokens=record["completion_tokens"], lease_tokens=lease_tokens,
+                    lease_uusd=lease_uusd, description=description, now=now)
+                if from_lease:
                     use = lease_use[record["lease_id"]]
-                    use[0] += record["tokens_used"]
-                    use[1] += record["uusd_used"]
-                    tokens_from_plan = record["tokens_used"]
-                    cost, uncollected = record["uusd_used"], record["uncollected_uusd"]
-                else:
-                    # Its lease closed before this usage arrived (a worker that died with it in
-                    # its spool): charge what is available now; the rest is uncollected.
-                    model = self._catalog.models.get(record["model"])
-                    if model is None:
-                        log.error("usage of %s names an unknown model", record["request_id"])
-                        continue
-                    settled = service.settle(
-                        posting, state, request_id=record["request_id"], model=model,
-                        reserved_tokens=0, reserved_uusd=0, reserved_period=state.period_start,
-                        prompt_tokens=record["prompt_tokens"],
-                        completion_tokens=record["completion_tokens"], now=now)
-                    tokens_from_plan = settled.tokens_from_plan
-                    cost, uncollected = settled.cost_uusd, settled.uncollected_uusd
+                    use[0] += lease_tokens
+                    use[1] += lease_uusd
                 created_at = datetime.fromisoformat(record["created_at"])
                 usage_rows.append({
                     "request_id": record["request_id"], "user_id": record["user_id"],
@@ -353,8 +442,8 @@ class Meter:
                     "completion_tokens": record["completion_tokens"],
                     "usage_source": record["usage_source"], "outcome": record["outcome"],
                     "status_code": record["status_code"], "latency_ms": record["latency_ms"],
-                    "tokens_from_plan": tokens_from_plan, "cost_uusd": cost,
-                    "uncollected_uusd": uncollected, "created_at": created_at,
+                    "tokens_from_plan": settled.tokens_from_plan, "cost_uusd": settled.cost_uusd,
+                    "uncollected_uusd": settled.debt_uusd, "created_at": created_at,
                 })
                 if record["api_key_id"] is not None:
                     last_used[record["api_key_id"]] = max(created_at, last_used.get(record["api_key_id"], created_at))
@@ -363,7 +452,11 @@ class Meter:
                 await repository.use_lease(lease_id, tokens, uusd)
             await repository.insert_usage(usage_rows)
             await repository.touch_keys(last_used)
-        return {lease_id for lease_id, status in statuses.items() if status != "open"}
+        return _Applied(
+            closed_leases={lease_id for lease_id, status in statuses.items() if status != "open"},
+            debts={user_id: state.debt_uusd for user_id, state in states.items()
+                   if state.debt_uusd > 0},
+        )
 
     # -- lifecycle and housekeeping ---------------------------------------------------------------
 
@@ -380,6 +473,8 @@ class Meter:
             asyncio.create_task(self._every(ttl / 3, self._heartbeat), name="meter-heartbeat"),
             asyncio.create_task(self._every(0.25, self._close_idle), name="meter-idle"),
             asyncio.create_task(self._every(max(0.5, ttl / 4), self.sweep), name="meter-sweep"),
+            asyncio.create_task(self._every(_EPOCH_REFRESH_SECONDS, self._refresh_epochs),
+                                name="meter-epochs"),
         ]
 
     async def stop(self) -> None:
@@ -428,12 +523,30 @@ class Meter:
         async with self._sessionmaker() as session, session.begin():
             await BillingRepository.from_session(session).extend_leases(ids, until)
 
+    async def _refresh_epochs(self) -> None:
+        """Retire every lease whose account has moved to a newer epoch (a debt, a plan change):
+        one query for all the accounts this worker holds leases for."""
+        leases = list(self._leases.values())
+        if not leases:
+            return
+        async with self._sessionmaker() as session:
+            epochs = await BillingRepository.from_session(session).account_epochs(
+                lease.user_id for lease in leases)
+        for lease in leases:
+            if epochs.get(lease.user_id, lease.epoch + 1) > lease.epoch:
+                self._retire(lease)
+
     async def _close_idle(self) -> None:
         idle_after = self._catalog.lease_idle_seconds
         moment = time.monotonic()
         for lease in list(self._leases.values()):
-            if lease.in_flight == 0 and moment - lease.last_used > idle_after:
+            # A lease of an ended period returns as soon as its requests settle: the renewal
+            # waits for its balance.
+            if self._period_over(lease) or (lease.in_flight == 0
+                                            and moment - lease.last_used > idle_after):
                 self._retire(lease)
+        for user_id in [user for user, (_, until) in self._debtors.items() if until <= moment]:
+            del self._debtors[user_id]
         drained = [lease for lease in self._retiring if lease.in_flight == 0]
         if not drained:
             return
@@ -454,7 +567,7 @@ class Meter:
             for path in files:
                 records = read_records(path)
                 if records:
-                    await self._apply(records)
+                    self._learn(await self._write(records))
                 path.unlink(missing_ok=True)
             lock.unlink(missing_ok=True)
             log.warning("replayed the usage spool of a stopped worker (%s)", lock.name)
@@ -463,3 +576,27 @@ class Meter:
         for lease_id, user_id in expired:
             await self._close(lease_id, user_id)
             log.warning("returned the unused credit of lease %d (its worker stopped)", lease_id)
+
+
+@dataclass(slots=True)
+class _Applied:
+    """What writing a batch of settlements taught this worker about its leases and accounts."""
+
+    closed_leases: set[int] = field(default_factory=set)
+    debts: dict[int, int] = field(default_factory=dict)
+
+    def __or__(self, other: _Applied) -> _Applied:
+        return _Applied(self.closed_leases | other.closed_leases, {**self.debts, **other.debts})
+
+
+def _distrust_bad_counts(event: UsageEvent) -> None:
+    """A count that is not a non-negative integer of a possible size is not a count: drop it,
+    so Dubhe counts what was exchanged instead (the record is then marked estimated). The
+    upstream boundary should have done this already; the meter does not rely on it, because a
+    bad count reaching the lease or the database poisons every later settlement of the worker."""
+    for name in ("prompt_tokens", "completion_tokens"):
+        value = getattr(event, name)
+        if value is not None and (type(value) is not int or not 0 <= value <= MAX_TOKEN_COUNT):
+            log.warning("request %s: the upstream's %s %r is not a token count; counting instead",
+                        event.request_id, name, value)
+            setattr(event, name, None)

@@ -20,3 +20,8 @@ def current_period(anchor_end: datetime, now: datetime) -> tuple[datetime, datet
     while end <= now:
         start, end = end, add_months(end)
     return start, end
+
+
+def previous_period(start: datetime) -> tuple[datetime, datetime]:
+    """The monthly period that ended when the one starting at ``start`` began."""
+    return add_months(start, -1), start

@@ -42,7 +42,11 @@ def split_cost(
 
 @dataclass(frozen=True, slots=True)
 class Admission:
-    """What to hold for a request: included tokens, then balance, and the output limit it buys."""
+    """What to hold for a request: included tokens, then balance, and the output limit it buys.
+
+    ``max_tokens`` is the limit of each of the request's ``n`` choices: the hold pays for the
+    prompt plus ``max_tokens × n``.
+    """
 
     tokens: int
     balance_uusd: int
@@ -55,24 +59,28 @@ def size_admission(
     *,
     prompt_tokens: int,
     max_tokens: int,
+    n: int = 1,
     tokens_available: int,
     balance_uusd: int,
     may_use_balance: bool = True,
 ) -> Admission | None:
-    """Hold the prompt plus ``max_tokens``; if that is unaffordable, the largest output limit
-    that is (at least 1 token); None when not even the prompt plus one token can be paid for."""
+    """Hold the prompt plus ``max_tokens`` for each of ``n`` choices; if that is unaffordable,
+    the largest per-choice limit that is: ``floor(affordable / n)``, never rounded up, since each
+    choice may generate its whole limit. None when not even one token per choice can be paid for.
+    """
     affordable = affordable_completion(
         model,
         prompt_tokens=prompt_tokens,
         tokens_available=tokens_available,
         balance_uusd=balance_uusd if may_use_balance else 0,
     )
-    if affordable < 1:
+    granted = min(max_tokens, affordable // n) if affordable > 0 else 0
+    if granted < 1:
         return None
-    granted = min(max_tokens, affordable)
-    need = prompt_tokens + granted
+    completion = granted * n
+    need = prompt_tokens + completion
     plan_tokens = min(tokens_available, need)
-    money = split_cost(model, prompt_tokens, granted, plan_tokens)
+    money = split_cost(model, prompt_tokens, completion, plan_tokens)
     return Admission(
         tokens=plan_tokens, balance_uusd=money, max_tokens=granted, clamped=granted < max_tokens
     )

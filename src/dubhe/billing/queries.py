@@ -10,13 +10,18 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Date, cast, func, select
+from sqlalchemy import Date, cast, func, select, true
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from dubhe.billing import service
+from dubhe.billing.periods import previous_period
 from dubhe.billing.repository import AccountState, BillingRepository
 from dubhe.catalog import Catalog
-from dubhe.models import LedgerEntry, UsageRecord
+from dubhe.models import ApiKey, LedgerEntry, UsageRecord
+
+# Moves between a counter's available and reserved halves (credit a worker leased, and what it
+# returned): they change neither the balance nor the included tokens, so statements leave them out.
+INTERNAL_LEDGER_KINDS = ("lease", "release")
 
 
 async def current_account(session: AsyncSession, *, user_id: int, catalog: Catalog,
@@ -34,6 +39,28 @@ async def current_account(session: AsyncSession, *, user_id: int, catalog: Catal
 
 
 @dataclass(frozen=True, slots=True)
+class UsageSummary:
+    period_start: datetime
+    period_end: datetime
+    days: list[UsageBucket]
+    keys: list[KeyUsage]
+
+
+async def usage_summary(session: AsyncSession, *, user_id: int, catalog: Catalog, now: datetime,
+                        previous: bool = False) -> UsageSummary:
+    """Usage per day and model, and per key, in the account's current monthly period (or the
+    one before it)."""
+    account = await current_account(session, user_id=user_id, catalog=catalog, now=now)
+    start, end = account.period_start, account.period_end
+    if previous:
+        start, end = previous_period(start)
+    queries = BillingQueries.from_session(session)
+    return UsageSummary(period_start=start, period_end=end,
+                        days=await queries.usage_by_day(user_id, start, end),
+                        keys=await queries.usage_by_key(user_id, start, end))
+
+
+@dataclass(frozen=True, slots=True)
 class UsageBucket:
     day: date
     model: str
@@ -42,6 +69,27 @@ class UsageBucket:
     completion_tokens: int
     tokens_from_plan: int
     cost_uusd: int
+
+
+@dataclass(frozen=True, slots=True)
+class ModelTotal:
+    model: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_uusd: int
+
+
+def totals_by_model(buckets: list[UsageBucket]) -> list[ModelTotal]:
+    """Day buckets added up per model, in model order."""
+    sums: dict[str, list[int]] = {}
+    for bucket in buckets:
+        total = sums.setdefault(bucket.model, [0, 0, 0, 0])
+        total[0] += bucket.requests
+        total[1] += bucket.prompt_tokens
+        total[2] += bucket.completion_tokens
+        total[3] += bucket.cost_uusd
+    return [ModelTotal(model, *values) for model, values in sorted(sums.items())]
 
 
 def usage_window_start(now: datetime, days: int) -> datetime:
@@ -66,7 +114,8 @@ class BillingQueries:
             return cast(func.timezone("UTC", column), Date)
         return func.date(column)
 
-    async def usage_by_day(self, user_id: int, since: datetime) -> list[UsageBucket]:
+    async def usage_by_day(self, user_id: int, since: datetime,
+                           until: datetime | None = None) -> list[UsageBucket]:
         day = self._utc_day(UsageRecord.created_at).label("day")
         statement = (
             select(
@@ -78,7 +127,8 @@ class BillingQueries:
                 func.coalesce(func.sum(UsageRecord.tokens_from_plan), 0),
                 func.coalesce(func.sum(UsageRecord.cost_uusd), 0),
             )
-            .where(UsageRecord.user_id == user_id, UsageRecord.created_at >= since)
+            .where(UsageRecord.user_id == user_id, UsageRecord.created_at >= since,
+                   UsageRecord.created_at < until if until is not None else true())
             .group_by(day, UsageRecord.model)
             .order_by(day, UsageRecord.model)
         )
@@ -107,3 +157,100 @@ class BillingQueries:
         more = len(rows) > limit
         rows = rows[:limit]
         return rows, (rows[-1].id if more and rows else None)
+
+    async def usage_by_key(self, user_id: int, since: datetime,
+                           until: datetime) -> list[KeyUsage]:
+        """Requests, tokens and cost per API key in [since, until); deleted keys' usage is
+        grouped under ``key_id`` None."""
+        statement = (
+            select(
+                UsageRecord.api_key_id,
+                func.min(ApiKey.name),
+                func.min(ApiKey.prefix),
+                func.count(),
+                func.coalesce(func.sum(UsageRecord.prompt_tokens + UsageRecord.completion_tokens), 0),
+                func.coalesce(func.sum(UsageRecord.cost_uusd), 0),
+            )
+            .select_from(UsageRecord)
+            .outerjoin(ApiKey, (ApiKey.id == UsageRecord.api_key_id) & (ApiKey.user_id == user_id))
+            .where(UsageRecord.user_id == user_id, UsageRecord.created_at >= since,
+                   UsageRecord.created_at < until)
+            .group_by(UsageRecord.api_key_id)
+        )
+        rows = [
+            KeyUsage(key_id=row[0], name=row[1], prefix=row[2], requests=int(row[3]),
+                     tokens=int(row[4]), cost_uusd=int(row[5]))
+            for row in (await self.session.execute(statement)).all()
+        ]
+        return sorted(rows, key=lambda usage: (-usage.cost_uusd, -usage.tokens, usage.key_id or 0))
+
+    async def requests_page(self, user_id: int, *, limit: int, before: int | None = None,
+                            since: datetime | None = None,
+                            until: datetime | None = None) -> tuple[list[UsageRecord], int | None]:
+        """The caller's requests, newest first, keyset-paginated on id like the ledger."""
+        statement = select(UsageRecord).where(UsageRecord.user_id == user_id)
+        if before is not None:
+            statement = statement.where(UsageRecord.id < before)
+        if since is not None:
+            statement = statement.where(UsageRecord.created_at >= since)
+        if until is not None:
+            statement = statement.where(UsageRecord.created_at < until)
+        statement = statement.order_by(UsageRecord.id.desc()).limit(limit + 1)
+        rows = list((await self.session.execute(statement)).scalars().all())
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return rows, (rows[-1].id if more and rows else None)
+
+    async def statement_page(self, user_id: int, *, limit: int,
+                             before: int | None = None) -> tuple[list[StatementLine], int | None]:
+        """The ledger as a bank statement, newest first: each line's change to the balance and
+        to the included tokens, and the balance after it.
+
+        The balance after an entry is the sum of every balance delta up to it (the account is a
+        projection of its ledger), so one sum places the page; lines then step back from it."""
+        statement = select(LedgerEntry).where(LedgerEntry.user_id == user_id,
+                                              LedgerEntry.kind.not_in(INTERNAL_LEDGER_KINDS))
+        if before is not None:
+            statement = statement.where(LedgerEntry.id < before)
+        statement = statement.order_by(LedgerEntry.id.desc()).limit(limit + 1)
+        rows = list((await self.session.execute(statement)).scalars().all())
+        more = len(rows) > limit
+        rows = rows[:limit]
+        if not rows:
+            return [], None
+        balance = int((await self.session.execute(
+            select(func.coalesce(func.sum(LedgerEntry.balance_uusd
+                                          + LedgerEntry.balance_reserved_uusd), 0))
+            .where(LedgerEntry.user_id == user_id, LedgerEntry.id <= rows[0].id)
+        )).scalar_one())
+        lines = []
+        for row in rows:
+            amount = row.balance_uusd + row.balance_reserved_uusd
+            lines.append(StatementLine(
+                id=row.id, created_at=row.created_at, kind=row.kind, description=row.description,
+                tokens=row.tokens_available + row.tokens_reserved, amount_uusd=amount,
+                balance_after_uusd=balance,
+            ))
+            balance -= amount
+        return lines, (rows[-1].id if more else None)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyUsage:
+    key_id: int | None
+    name: str | None
+    prefix: str | None
+    requests: int
+    tokens: int
+    cost_uusd: int
+
+
+@dataclass(frozen=True, slots=True)
+class StatementLine:
+    id: int
+    created_at: datetime
+    kind: str
+    description: str
+    tokens: int  # change to the included tokens
+    amount_uusd: int  # change to the balance
+    balance_after_uusd: int

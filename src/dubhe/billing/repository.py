@@ -5,16 +5,22 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Table, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from dubhe.models import Account, Lease, LedgerEntry, SubscriptionPeriod, UsageRecord, User
 
-COUNTERS = ("tokens_available", "tokens_reserved", "balance_uusd", "balance_reserved_uusd")
+# Every counter an account has; each equals the sum of its column over the account's ledger.
+# Core inserts go to the tables themselves (typed as Table: the ORM declares them as FromClause).
+_LEDGER = cast(Table, LedgerEntry.__table__)
+_USAGE = cast(Table, UsageRecord.__table__)
+
+COUNTERS = ("tokens_available", "tokens_reserved", "balance_uusd", "balance_reserved_uusd",
+            "debt_uusd", "debt_tokens")
 
 
 class GuardFailed(Exception):
@@ -35,6 +41,9 @@ class AccountState:
     balance_uusd: int
     balance_reserved_uusd: int
     uncollected_uusd: int
+    debt_uusd: int = 0
+    debt_tokens: int = 0
+    epoch: int = 0
 
 
 class BillingRepository:
@@ -71,6 +80,9 @@ class BillingRepository:
                 balance_uusd=row.balance_uusd,
                 balance_reserved_uusd=row.balance_reserved_uusd,
                 uncollected_uusd=row.uncollected_uusd,
+                debt_uusd=row.debt_uusd,
+                debt_tokens=row.debt_tokens,
+                epoch=row.epoch,
             )
             self.session.expunge(row)
         return states
@@ -91,6 +103,9 @@ class BillingRepository:
                 balance_uusd=0,
                 balance_reserved_uusd=0,
                 uncollected_uusd=0,
+                debt_uusd=0,
+                debt_tokens=0,
+                epoch=0,
                 updated_at=now,
             )
         )
@@ -109,6 +124,29 @@ class BillingRepository:
         result = await self.session.execute(statement.values(**values))
         if result.rowcount != 1:  # type: ignore[attr-defined]
             raise GuardFailed(f"account {user_id} cannot cover {deltas}")
+
+    async def bump_epochs(self, user_ids: Iterable[int], now: datetime) -> None:
+        """Tell every worker that these accounts changed in a way that must stop or alter
+        admission: each retires its lease of an older epoch within a second."""
+        ids = sorted(set(user_ids))
+        if ids:
+            await self.session.execute(
+                update(Account).where(Account.user_id.in_(ids))
+                .values(epoch=Account.epoch + 1, updated_at=now)
+            )
+
+    async def account_epochs(self, user_ids: Iterable[int]) -> dict[int, int]:
+        """The current epoch of each account (one query, however many)."""
+        ids = sorted(set(user_ids))
+        epochs: dict[int, int] = {}
+        # In slices: both databases cap the parameters of one statement (about 32,000).
+        for start in range(0, len(ids), 10_000):
+            rows = await self.session.execute(
+                select(Account.user_id, Account.epoch)
+                .where(Account.user_id.in_(ids[start : start + 10_000]))
+            )
+            epochs.update({user_id: epoch for user_id, epoch in rows.all()})
+        return epochs
 
     async def set_user_plan(self, user_id: int, plan_code: str, now: datetime) -> None:
         # updated_at tells every worker's key cache that this user's plan changed.
@@ -130,7 +168,7 @@ class BillingRepository:
     async def insert_ledger(self, rows: list[dict[str, Any]]) -> None:
         # Core inserts on the table: the ORM's bulk path costs several times more per row.
         if rows:
-            await self.session.execute(self._insert(LedgerEntry.__table__), rows)
+            await self.session.execute(self._insert(_LEDGER), rows)
 
     async def ledger_entry_exists(self, kind: str, ref: str) -> bool:
         statement = select(LedgerEntry.id).where(LedgerEntry.kind == kind, LedgerEntry.ref == ref)
@@ -210,7 +248,7 @@ class BillingRepository:
 
     async def insert_usage(self, rows: list[dict[str, Any]]) -> None:
         if rows:
-            statement = self._insert(UsageRecord.__table__).on_conflict_do_nothing(
+            statement = self._insert(_USAGE).on_conflict_do_nothing(
                 index_elements=["request_id"]
             )
             await self.session.execute(statement, rows)

@@ -23,9 +23,9 @@ UUSD_PER_CENT = 10_000
 # Far above any real recharge; a typo like "10000000" must not mint ten million dollars.
 MAX_AMOUNT_UUSD = 1_000_000 * UUSD_PER_USD
 
-# Digits, then at most six decimals: no sign, no exponent, no "NaN"/"inf", nothing a float
-# would round.
-_USD = re.compile(r"(\d{1,7})(?:\.(\d{1,6}))?")
+# ASCII digits, then at most six decimals: no sign, no exponent, no "NaN"/"inf", nothing a float
+# would round. Not ``\d``: it matches every script's digits, and Decimal reads "٥" as 5.
+_USD = re.compile(r"([0-9]{1,7})(?:\.([0-9]{1,6}))?", re.ASCII)
 
 
 def parse_usd(text: str, *, param: str = "amount_usd") -> int:
@@ -56,7 +56,10 @@ def parse_usd(text: str, *, param: str = "amount_usd") -> int:
 class AccountOut(BaseModel):
     """An account as its owner sees it. ``tokens_remaining`` and ``balance_usd`` are what is not
     yet spent; the ``*_reserved`` fields say how much of that is held right now by requests in
-    flight and by the credit workers have leased (returned when unused)."""
+    flight and by the credit workers have leased (returned when unused). ``debt_usd`` is what
+    the account owes for usage beyond all its credit: requests are refused until a credit or
+    the next grant of included tokens repays it; ``uncollected_usd`` is the lifetime total of
+    such usage."""
 
     plan: str
     plan_name: str
@@ -69,6 +72,7 @@ class AccountOut(BaseModel):
     balance_usd: str
     balance_reserved_usd: str
     uncollected_usd: str
+    debt_usd: str
 
     @classmethod
     def from_state(cls, state: AccountState, catalog: Catalog) -> AccountOut:
@@ -85,6 +89,7 @@ class AccountOut(BaseModel):
             balance_usd=format_usd(state.balance_uusd + state.balance_reserved_uusd),
             balance_reserved_usd=format_usd(state.balance_reserved_uusd),
             uncollected_usd=format_usd(state.uncollected_uusd),
+            debt_usd=format_usd(state.debt_uusd),
         )
 
 
@@ -118,6 +123,7 @@ class LedgerEntryOut(BaseModel):
     balance_usd: str
     balance_reserved_usd: str
     uncollected_usd: str
+    debt_usd: str
 
 
 class LedgerPage(BaseModel):
@@ -149,3 +155,80 @@ class CheckoutIn(BaseModel):
 class CheckoutOut(BaseModel):
     id: str
     url: str | None
+
+
+# -- usage summaries, requests, statements, plan changes ------------------------------------------
+
+
+class ModelUsageOut(BaseModel):
+    model: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: str
+
+
+class KeyUsageOut(BaseModel):
+    key_id: int | None = Field(description="null for usage of keys that no longer exist")
+    name: str | None
+    prefix: str | None
+    requests: int
+    tokens: int
+    cost_usd: str
+
+
+class UsageSummaryOut(BaseModel):
+    period: Literal["current", "previous"]
+    period_start: datetime
+    period_end: datetime
+    days: list[UsageDay]
+    models: list[ModelUsageOut]
+    keys: list[KeyUsageOut]
+
+
+class RequestOut(BaseModel):
+    request_id: str
+    created_at: datetime
+    model: str
+    api_key_id: int | None
+    stream: bool
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: str
+    status_code: int
+    outcome: str
+    usage_source: str
+
+
+class RequestPage(BaseModel):
+    data: list[RequestOut]
+    next_before: int | None
+
+
+class StatementLineOut(BaseModel):
+    id: int
+    created_at: datetime
+    kind: str
+    description: str
+    tokens: int = Field(description="change to the included tokens")
+    amount_usd: str = Field(description="change to the balance, negative for a charge")
+    balance_usd: str = Field(description="the balance after this line")
+
+
+class StatementPage(BaseModel):
+    data: list[StatementLineOut]
+    next_before: int | None
+
+
+class PlanChangeIn(BaseModel):
+    plan: str = Field(min_length=1, max_length=32)
+
+
+class PlanChangeOut(BaseModel):
+    """``change``: ``upgraded`` (paid from the balance, a new period started now),
+    ``scheduled`` (a downgrade at ``account.period_end``) or ``unchanged`` (the current plan
+    chosen again, which cancels a scheduled downgrade)."""
+
+    change: Literal["upgraded", "scheduled", "unchanged"]
+    paid_usd: str
+    account: AccountOut

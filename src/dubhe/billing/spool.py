@@ -5,6 +5,11 @@ of its answer: the kernel keeps the bytes if the process dies, so a SIGKILL lose
 worker holds an exclusive ``flock`` on its own lock file while it lives; a spool whose lock can be
 taken belongs to a dead worker, and any worker on the machine replays it into the database
 (idempotently: settlements are keyed by request id).
+
+What comes back from a spool is checked before any SQL sees it (``record_problem``): a file on
+disk can hold anything, from a record of an older version to a line a bug wrote. A record that
+fails, or that the database refuses anyway, goes to the dead-letter file (``DeadLetters``), with
+the reason, for an operator to look at; it never blocks the records around it.
 """
 
 from __future__ import annotations
@@ -13,11 +18,39 @@ import fcntl
 import os
 import secrets
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
+
+from dubhe.models.base import utcnow
+
+# The usage columns are 32-bit on PostgreSQL; no request can use two billion tokens.
+MAX_TOKEN_COUNT = 2**31 - 1
+# Lease and money amounts are BIGINT.
+_MAX_AMOUNT = 2**62
+_USAGE_SOURCES = frozenset({"upstream", "estimated"})
+# name -> (accepted types, whether None is allowed, the largest value or string length)
+_FIELDS: dict[str, tuple[tuple[type, ...], bool, int]] = {
+    "request_id": ((str,), False, 64),
+    "user_id": ((int,), False, _MAX_AMOUNT),
+    "api_key_id": ((int,), True, _MAX_AMOUNT),
+    "lease_id": ((int,), False, _MAX_AMOUNT),
+    "model": ((str,), False, 64),
+    "upstream": ((str,), True, 64),
+    "stream": ((bool,), False, 1),
+    "prompt_tokens": ((int,), False, MAX_TOKEN_COUNT),
+    "completion_tokens": ((int,), False, MAX_TOKEN_COUNT),
+    "usage_source": ((str,), False, 16),
+    "outcome": ((str,), False, 24),
+    "status_code": ((int,), False, 999),
+    "latency_ms": ((int,), False, MAX_TOKEN_COUNT),
+    "created_at": ((str,), False, 64),
+    "tokens_used": ((int,), False, _MAX_AMOUNT),
+    "uusd_used": ((int,), False, _MAX_AMOUNT),
+}
 
 
 class Spool:
@@ -83,3 +116,56 @@ def read_records(path: Path) -> list[dict[str, Any]]:
         except orjson.JSONDecodeError:
             continue  # a line cut by a crash in the middle of its write was never acknowledged
     return records
+
+
+def record_problem(record: Any, models: Mapping[str, object]) -> str | None:
+    """Why a settled-usage record cannot be written, or None if it can: every field of the right
+    type and range (counts non-negative integers, never a bool or float), a known model, a
+    UTC timestamp, and a lease charge no larger than the usage."""
+    if not isinstance(record, dict):
+        return f"not a record: {type(record).__name__}"
+    for name, (types, nullable, limit) in _FIELDS.items():
+        if name not in record:
+            return f"{name} is missing"
+        value = record[name]
+        if value is None:
+            if nullable:
+                continue
+            return f"{name} is null"
+        if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
+            return f"{name} is a {type(value).__name__}"
+        if isinstance(value, str) and not 0 < len(value) <= limit:
+            return f"{name} is empty or longer than {limit} characters"
+        if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value <= limit:
+            return f"{name} is {value}, outside 0..{limit}"
+    if record["usage_source"] not in _USAGE_SOURCES:
+        return f"usage_source is {record['usage_source']!r}"
+    if record["model"] not in models:
+        return f"model {record['model']!r} is not in the catalog"
+    if record["tokens_used"] > record["prompt_tokens"] + record["completion_tokens"]:
+        return "it charges more included tokens than it used"
+    try:
+        created_at = datetime.fromisoformat(record["created_at"])
+    except ValueError:
+        return f"created_at {record['created_at']!r} is not a timestamp"
+    if created_at.tzinfo is None:
+        return "created_at has no time zone"
+    return None
+
+
+class DeadLetters:
+    """Where records the database cannot take are set aside, one JSON line each, with why."""
+
+    def __init__(self, spool_directory: Path, owner: str) -> None:
+        directory = spool_directory / "dead-letter"
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / f"{owner}.jsonl"
+
+    def append(self, record: Any, reason: str) -> None:
+        entry = {"reason": reason, "set_aside_at": utcnow().isoformat(), "record": record}
+        try:
+            line = orjson.dumps(entry, default=repr)
+        except TypeError:  # e.g. an integer beyond 64 bits
+            line = orjson.dumps({**entry, "record": repr(record)})
+        with self.path.open("ab") as file:
+            file.write(line + b"\n")

@@ -6,7 +6,15 @@ drops the entry, a new id adds one); ``[[upstreams]]`` and ``[defaults]`` keys r
 ones.
 """
 
-from dubhe.catalog._loader import CatalogError, load_catalog
+from dubhe.catalog._loader import OUTPUT_LIMIT_FIELDS, CatalogError, load_catalog
 from dubhe.catalog._types import Catalog, ModelSpec, PlanSpec, UpstreamSpec
 
-__all__ = ["Catalog", "CatalogError", "ModelSpec", "PlanSpec", "UpstreamSpec", "load_catalog"]
+__all__ = [
+    "OUTPUT_LIMIT_FIELDS",
+    "Catalog",
+    "CatalogError",
+    "ModelSpec",
+    "PlanSpec",
+    "UpstreamSpec",
+    "load_catalog",
+]

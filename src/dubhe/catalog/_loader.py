@@ -9,6 +9,7 @@ from typing import Any
 from dubhe.catalog._types import Catalog, ModelSpec, PlanSpec, UpstreamSpec
 
 UPSTREAM_KINDS = frozenset({"openai", "sim"})
+OUTPUT_LIMIT_FIELDS = ("max_tokens", "max_completion_tokens")
 
 
 class CatalogError(Exception):
@@ -45,11 +46,27 @@ def _merge_entries(shipped: dict[str, Any], given: dict[str, Any]) -> dict[str, 
 
 def _build(raw: dict[str, Any]) -> Catalog:
     defaults = raw.get("defaults", {})
-    default_max_tokens = int(defaults.get("default_max_tokens", 4096))
+    default_max_tokens = _positive_int(defaults, "default_max_tokens", "defaults", 4096)
+    # Model fields whose shipped value lives in [defaults], so one line changes every model.
+    inherited = {
+        key: defaults[key]
+        for key in (
+            "max_image_tokens",
+            "message_overhead_tokens",
+            "request_overhead_tokens",
+        )
+        if key in defaults
+    }
+    if "max_image_tokens" in inherited:
+        _positive_int(defaults, "max_image_tokens", "defaults")
+    for key in ("message_overhead_tokens", "request_overhead_tokens"):
+        if key in inherited:
+            _count(defaults, key, "defaults", 0)
     created = int(defaults.get("model_created", 1735689600))
     models: dict[str, ModelSpec] = {}
-    for model_id, entry in raw.get("models", {}).items():
+    for model_id, given in raw.get("models", {}).items():
         where = f"models.{model_id}"
+        entry = {**inherited, **given}
         status = entry.get("status", "available")
         if status not in ("available", "maintenance"):
             raise CatalogError(f"{where}.status must be 'available' or 'maintenance'")
@@ -62,9 +79,16 @@ def _build(raw: dict[str, Any]) -> Catalog:
             vision=bool(entry.get("vision", False)),
             input_price_uusd_per_mtok=_usd_to_micro(entry, "input_price_usd_per_mtok", where),
             output_price_uusd_per_mtok=_usd_to_micro(entry, "output_price_usd_per_mtok", where),
-            default_max_tokens=int(entry.get("default_max_tokens", default_max_tokens)),
+            default_max_tokens=_positive_int(entry, "default_max_tokens", where, default_max_tokens),
             created=int(entry.get("created", created)),
             status=status,
+            audio_input=_bool(entry, "audio_input", where),
+            file_input=_bool(entry, "file_input", where),
+            max_image_tokens=_positive_int(entry, "max_image_tokens", where, 2048),
+            message_overhead_tokens=_count(entry, "message_overhead_tokens", where, 8),
+            request_overhead_tokens=_count(entry, "request_overhead_tokens", where, 128),
+            description=_text(entry, "description", where),
+            best_for=_text(entry, "best_for", where),
         )
     plans: dict[str, PlanSpec] = {}
     for code, entry in raw.get("plans", {}).items():
@@ -102,6 +126,16 @@ def _build(raw: dict[str, Any]) -> Catalog:
         default_plan=default_plan,
         reservation_ttl_seconds=float(defaults.get("reservation_ttl_seconds", 120)),
         lease_idle_seconds=float(defaults.get("lease_idle_seconds", 10)),
+        max_upstream_event_bytes=_positive_int(
+            {"max_upstream_event_bytes": 8 * 1024 * 1024, **defaults},
+            "max_upstream_event_bytes",
+            "defaults",
+        ),
+        max_upstream_error_bytes=_positive_int(
+            {"max_upstream_error_bytes": 64 * 1024, **defaults},
+            "max_upstream_error_bytes",
+            "defaults",
+        ),
     )
 
 
@@ -123,6 +157,15 @@ def _upstream(entry: dict[str, Any], models: dict[str, ModelSpec]) -> UpstreamSp
     model_map = dict(entry.get("model_map", {}))
     if set(model_map) - set(served):
         raise CatalogError(f"{where}.model_map renames models it does not serve")
+    limit_fields = entry.get("output_limit_fields", list(OUTPUT_LIMIT_FIELDS))
+    if (
+        not isinstance(limit_fields, list)
+        or not limit_fields
+        or any(field not in OUTPUT_LIMIT_FIELDS for field in limit_fields)
+    ):
+        raise CatalogError(
+            f"{where}.output_limit_fields must be a non-empty list of {list(OUTPUT_LIMIT_FIELDS)}"
+        )
     return UpstreamSpec(
         name=name,
         kind=kind,
@@ -130,13 +173,35 @@ def _upstream(entry: dict[str, Any], models: dict[str, ModelSpec]) -> UpstreamSp
         models=served,
         model_map=model_map,
         api_key_env=entry.get("api_key_env"),
+        output_limit_fields=tuple(dict.fromkeys(limit_fields)),
     )
 
 
-def _positive_int(entry: dict[str, Any], key: str, where: str) -> int:
-    value = entry.get(key)
+def _text(entry: dict[str, Any], key: str, where: str) -> str:
+    value = entry.get(key, "")
+    if not isinstance(value, str):
+        raise CatalogError(f"{where}.{key} must be a string")
+    return value.strip()
+
+
+def _positive_int(entry: dict[str, Any], key: str, where: str, default: int | None = None) -> int:
+    value = entry.get(key, default)
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise CatalogError(f"{where}.{key} must be a positive integer")
+    return value
+
+
+def _count(entry: dict[str, Any], key: str, where: str, default: int) -> int:
+    value = entry.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise CatalogError(f"{where}.{key} must be an integer >= 0")
+    return value
+
+
+def _bool(entry: dict[str, Any], key: str, where: str) -> bool:
+    value = entry.get(key, False)
+    if not isinstance(value, bool):
+        raise CatalogError(f"{where}.{key} must be true or false")
     return value
 
 

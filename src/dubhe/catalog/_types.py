@@ -17,6 +17,20 @@ class ModelSpec:
     default_max_tokens: int
     created: int
     status: str = "available"  # available | maintenance
+    # Input kinds beyond text and images (images are ``vision``): ``input_audio`` and ``file``
+    # content parts are refused with 422 unless the model takes them.
+    audio_input: bool = False
+    file_input: bool = False
+    # The most tokens any one image can cost on this model's upstreams: the prompt bound holds
+    # this per image instead of the bytes of its URL (see ``gateway/admission.py``).
+    max_image_tokens: int = 2048
+    # Tokens a chat template may add around each message (role markers, separators) and once
+    # per request (a default system text, tool-use instructions), beyond the request's own bytes.
+    message_overhead_tokens: int = 8
+    request_overhead_tokens: int = 128
+    # What the homepage says about the model: a sentence, and what it is best for.
+    description: str = ""
+    best_for: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +53,10 @@ class UpstreamSpec:
     models: tuple[str, ...]
     model_map: dict[str, str] = field(default_factory=dict)
     api_key_env: str | None = None
+    # The request fields that carry the output limit upstream, each set to the limit Dubhe held.
+    # Both by default (vLLM, llama.cpp, Ollama read either); one where the upstream refuses the
+    # other (OpenAI's reasoning models refuse max_tokens).
+    output_limit_fields: tuple[str, ...] = ("max_tokens", "max_completion_tokens")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +75,10 @@ class Catalog:
     reservation_ttl_seconds: float
     # A lease unused for this long returns its credit to the account.
     lease_idle_seconds: float
+    # One upstream stream event may be at most this large (an event that never ends is cut).
+    max_upstream_event_bytes: int = 8 * 1024 * 1024
+    # Of an upstream's error answer, at most this much is read (for its message and the log).
+    max_upstream_error_bytes: int = 64 * 1024
 
     def plans_including(self, model_id: str) -> list[PlanSpec]:
         return [plan for plan in self.plans.values() if model_id in plan.models]

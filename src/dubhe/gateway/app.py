@@ -8,7 +8,16 @@ from dataclasses import dataclass
 from dubhe.billing.meter import Meter
 from dubhe.catalog import Catalog
 from dubhe.errors import AuthenticationFailed, DubheError, MethodNotAllowed, NotFound
-from dubhe.gateway.asgi import Receive, Scope, Send, header, new_request_id, send_error, send_json
+from dubhe.gateway.asgi import (
+    Message,
+    Receive,
+    Scope,
+    Send,
+    header,
+    new_request_id,
+    send_error,
+    send_json,
+)
 from dubhe.gateway.chat import chat_completions
 from dubhe.gateway.models_list import ModelListings
 from dubhe.keys.cache import KeyCache
@@ -40,7 +49,7 @@ class GatewayApp:
         request_id = new_request_id()
         started = False
 
-        async def tracked_send(message: dict) -> None:  # type: ignore[type-arg]
+        async def tracked_send(message: Message) -> None:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True

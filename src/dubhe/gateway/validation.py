@@ -27,7 +27,12 @@ class ChatRequest:
     max_tokens: int | None  # the client's own limit, if any
     max_tokens_field: str  # which field carries it upstream
     n: int
-    text_chars: int  # characters of message text, for the cheap prompt estimate
+    text_chars: int  # characters of message text: small prompts are counted on the event loop
+    messages: int
+    # Image parts, and the characters of their URLs: the prompt bound holds the model's
+    # ``max_image_tokens`` per image instead of the URL's bytes (a data: URL is megabytes).
+    images: int
+    image_url_chars: int
 
 
 def _invalid_type(param: str, expected: str) -> UnprocessableRequest:
@@ -82,14 +87,7 @@ def _bool(body: dict[str, Any], field: str) -> bool:
 
 
 def validate_chat_request(body: dict[str, Any], model: ModelSpec) -> ChatRequest:
-    text_chars, has_image = _validate_messages(body["messages"])
-    if has_image[0] and not model.vision:
-        raise UnprocessableRequest(
-            f"The model '{model.id}' does not accept images; send text only, or use a model "
-            "with vision (see GET /v1/models).",
-            code="unsupported_content",
-            param=has_image[1],
-        )
+    content = _validate_messages(body["messages"], model)
     stream = _bool(body, "stream")
     include_usage = False
     stream_options = body.get("stream_options")
@@ -149,17 +147,34 @@ def validate_chat_request(body: dict[str, Any], model: ModelSpec) -> ChatRequest
         max_tokens=max_tokens,
         max_tokens_field=max_tokens_field,
         n=n,
-        text_chars=text_chars,
+        text_chars=content.text_chars,
+        messages=len(body["messages"]),
+        images=content.images,
+        image_url_chars=content.image_url_chars,
     )
 
 
-def _validate_messages(messages: Any) -> tuple[int, tuple[bool, str | None]]:
+@dataclass(slots=True)
+class _Content:
+    text_chars: int = 0
+    images: int = 0
+    image_url_chars: int = 0
+
+
+# Content part types beyond text, and the model capability each needs.
+_PART_CAPABILITIES = {
+    "image_url": ("vision", "images"),
+    "input_audio": ("audio_input", "audio input"),
+    "file": ("file_input", "file input"),
+}
+
+
+def _validate_messages(messages: Any, model: ModelSpec) -> _Content:
     if not isinstance(messages, list):
         raise _invalid_type("messages", "an array of message objects")
     if not messages:
         raise _invalid_value("messages", "the array must contain at least one message.")
-    text_chars = 0
-    first_image: str | None = None
+    seen = _Content()
     for index, message in enumerate(messages):
         where = f"messages[{index}]"
         if not isinstance(message, dict):
@@ -178,6 +193,9 @@ def _validate_messages(messages: Any) -> tuple[int, tuple[bool, str | None]]:
                 f"{where}.role",
                 f"'{role}' is not a role; use one of {', '.join(sorted(ROLES))}.",
             )
+        name = message.get("name")
+        if name is not None and not isinstance(name, str):
+            raise _invalid_type(f"{where}.name", "a string")
         content = message.get("content")
         if content is None:
             # Only an assistant turn may omit content (it carried tool calls instead).
@@ -188,29 +206,52 @@ def _validate_messages(messages: Any) -> tuple[int, tuple[bool, str | None]]:
                     param=f"{where}.content",
                 )
         elif isinstance(content, str):
-            text_chars += len(content)
+            seen.text_chars += len(content)
         elif isinstance(content, list):
             for part_index, part in enumerate(content):
-                part_where = f"{where}.content[{part_index}]"
-                if not isinstance(part, dict):
-                    raise _invalid_type(part_where, "an object")
-                part_type = part.get("type")
-                if part_type not in CONTENT_PART_TYPES:
-                    raise _invalid_value(
-                        f"{part_where}.type",
-                        f"{part_type!r} is not a content part type; use one of "
-                        f"{', '.join(sorted(CONTENT_PART_TYPES))}.",
-                    )
-                if part_type == "text":
-                    text = part.get("text")
-                    if not isinstance(text, str):
-                        raise _invalid_type(f"{part_where}.text", "a string")
-                    text_chars += len(text)
-                elif part_type == "image_url" and first_image is None:
-                    first_image = part_where
+                _validate_part(part, f"{where}.content[{part_index}]", model, seen)
         else:
             raise _invalid_type(f"{where}.content", "a string or an array of content parts")
-    return text_chars, (first_image is not None, first_image)
+    return seen
+
+
+def _validate_part(part: Any, where: str, model: ModelSpec, seen: _Content) -> None:
+    if not isinstance(part, dict):
+        raise _invalid_type(where, "an object")
+    part_type = part.get("type")
+    if not isinstance(part_type, str):
+        # Checked before the set membership below: a list or object is not hashable.
+        raise _invalid_type(f"{where}.type", "a string")
+    if part_type not in CONTENT_PART_TYPES:
+        raise _invalid_value(
+            f"{where}.type",
+            f"{part_type!r} is not a content part type; use one of "
+            f"{', '.join(sorted(CONTENT_PART_TYPES))}.",
+        )
+    if part_type in ("text", "refusal"):
+        text = part.get(part_type)
+        if not isinstance(text, str):
+            raise _invalid_type(f"{where}.{part_type}", "a string")
+        seen.text_chars += len(text)
+        return
+    capability, kind = _PART_CAPABILITIES[part_type]
+    if not getattr(model, capability):
+        raise UnprocessableRequest(
+            f"The model '{model.id}' does not accept {kind}; remove this part, or use a model "
+            f"that does (see GET /v1/models).",
+            code="unsupported_content",
+            param=where,
+        )
+    detail = part.get(part_type)
+    if not isinstance(detail, dict):
+        raise _invalid_type(f"{where}.{part_type}", "an object")
+    if part_type == "image_url":
+        url = detail.get("url")
+        if not isinstance(url, str):
+            raise _invalid_type(f"{where}.image_url.url", "a string")
+        seen.images += 1
+        # Characters, not UTF-8 bytes: never more than the bytes, so the bound stays sound.
+        seen.image_url_chars += len(url)
 
 
 def _validate_stop(stop: Any) -> None:

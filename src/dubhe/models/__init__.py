@@ -7,21 +7,26 @@ from dubhe.models.billing import (
     Lease,
     LedgerEntry,
     Payment,
+    PaymentReversal,
     RedemptionCode,
     SubscriptionPeriod,
 )
 from dubhe.models.usage import UsageRecord
 from dubhe.models.user import User
+from dubhe.models.web_session import AuthAttempt, WebSession
 
 __all__ = [
     "Account",
     "ApiKey",
+    "AuthAttempt",
     "Base",
     "Lease",
     "LedgerEntry",
     "Payment",
+    "PaymentReversal",
     "RedemptionCode",
     "SubscriptionPeriod",
     "UsageRecord",
     "User",
+    "WebSession",
 ]

@@ -23,5 +23,9 @@ class ApiKey(Base):
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # Set on the playground's short-lived keys: revoked when that dashboard session logs out.
+    web_session_id: Mapped[int | None] = mapped_column(
+        ForeignKey("web_sessions.id", ondelete="SET NULL"), nullable=True, index=True
+    )
     # Bumped on revoke and edits, so every worker's key cache picks the change up within a second.
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)

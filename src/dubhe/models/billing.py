@@ -23,6 +23,8 @@ class Account(Base):
         CheckConstraint("balance_uusd >= 0", name="balance_nonnegative"),
         CheckConstraint("balance_reserved_uusd >= 0", name="balance_reserved_nonnegative"),
         CheckConstraint("period_end > period_start", name="period_ordered"),
+        CheckConstraint("debt_uusd >= 0", name="debt_nonnegative"),
+        CheckConstraint("debt_tokens >= 0", name="debt_tokens_nonnegative"),
     )
 
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
@@ -35,8 +37,19 @@ class Account(Base):
     tokens_reserved: Mapped[int] = mapped_column(BigInteger, default=0)
     balance_uusd: Mapped[int] = mapped_column(BigInteger, default=0)
     balance_reserved_uusd: Mapped[int] = mapped_column(BigInteger, default=0)
-    # Usage that exceeded what was reserved and available: recorded, never a negative balance.
+    # Lifetime total of usage cost that nothing available could pay when it was settled (each
+    # such amount became debt; this total never decreases).
     uncollected_uusd: Mapped[int] = mapped_column(BigInteger, default=0)
+    # What the account owes now: usage an upstream produced beyond every credit the account had
+    # (never a negative balance). ``debt_tokens`` counts the tokens that money is the price of, so
+    # included tokens granted later repay it at the price the usage was charged. An account in
+    # debt is refused admission until the next credit or grant repays it.
+    debt_uusd: Mapped[int] = mapped_column(BigInteger, default=0)
+    debt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Bumped by every change that must stop or alter admission (a debt, a plan change): each
+    # worker compares it, once a second, with the epoch its lease was taken at, and retires a
+    # stale lease (see billing/meter.py).
+    epoch: Mapped[int] = mapped_column(BigInteger, default=0)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
@@ -98,7 +111,7 @@ class LedgerEntry(Base):
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
-    # grant | expire | renewal | lease | settle | release | topup | redeem | credit
+    # grant | expire | renewal | lease | settle | release | topup | redeem | credit | repay
     kind: Mapped[str] = mapped_column(String(16))
     ref: Mapped[str] = mapped_column(String(128))
     tokens_available: Mapped[int] = mapped_column(BigInteger, default=0)
@@ -106,6 +119,8 @@ class LedgerEntry(Base):
     balance_uusd: Mapped[int] = mapped_column(BigInteger, default=0)
     balance_reserved_uusd: Mapped[int] = mapped_column(BigInteger, default=0)
     uncollected_uusd: Mapped[int] = mapped_column(BigInteger, default=0)
+    debt_uusd: Mapped[int] = mapped_column(BigInteger, default=0)
+    debt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     description: Mapped[str] = mapped_column(String(255), default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
@@ -129,7 +144,11 @@ class Payment(Base):
     """A payment provider's event that credits balance or buys a plan, applied once per event."""
 
     __tablename__ = "payments"
-    __table_args__ = (UniqueConstraint("provider", "event_id"),)
+    __table_args__ = (
+        UniqueConstraint("provider", "event_id"),
+        CheckConstraint("reversed_uusd >= 0 AND reversed_uusd <= amount_uusd",
+                        name="reversed_within_amount"),
+    )
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
     provider: Mapped[str] = mapped_column(String(16))
@@ -138,4 +157,44 @@ class Payment(Base):
     purpose: Mapped[str] = mapped_column(String(16))  # topup | plan
     amount_uusd: Mapped[int] = mapped_column(BigInteger)
     plan_code: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    # The provider's id of the money movement (Stripe's PaymentIntent): refunds and disputes
+    # name it, not the Checkout Session.
+    payment_intent: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
+    # Refunded so far (the provider's cumulative figure), and taken back net of disputes won.
+    refunded_uusd: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    reversed_uusd: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class PaymentReversal(Base):
+    """A fact from the payment provider that takes a payment's credit back, or gives it back: a
+    refund (Stripe's cumulative amount refunded, one row per level), a dispute, a dispute won.
+
+    Stored as it arrives, even before the payment it reverses (webhooks come in any order), and
+    applied to the account once, when both are known: ``applied_at`` is set by the one
+    transaction that applied it. A row of kind ``intent`` is the lock row of one payment intent:
+    every webhook touching that payment takes it first, so a reversal and its payment arriving at
+    the same instant cannot miss each other.
+    """
+
+    __tablename__ = "payment_reversals"
+    __table_args__ = (
+        UniqueConstraint("provider", "ref"),
+        Index("ix_payment_reversals_intent", "provider", "payment_intent"),
+        CheckConstraint("amount_uusd >= 0 AND applied_uusd >= 0 AND owed_uusd >= 0",
+                        name="amounts_nonnegative"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    provider: Mapped[str] = mapped_column(String(16))
+    ref: Mapped[str] = mapped_column(String(160))  # e.g. refund:ch_...:2500, dispute:dp_...
+    kind: Mapped[str] = mapped_column(String(16))  # intent | refund | dispute | dispute_won
+    payment_intent: Mapped[str] = mapped_column(String(128))
+    amount_uusd: Mapped[int] = mapped_column(BigInteger, default=0)
+    event_id: Mapped[str] = mapped_column(String(128))
+    # What applying it moved: taken from (or given back to) the account, and the part of a
+    # take-back the account could not pay and owes.
+    applied_uusd: Mapped[int] = mapped_column(BigInteger, default=0)
+    owed_uusd: Mapped[int] = mapped_column(BigInteger, default=0)
+    applied_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

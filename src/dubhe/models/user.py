@@ -17,5 +17,10 @@ class User(Base):
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
     plan_code: Mapped[str] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # None until the owner follows the e-mailed link (sign-up mode "email-verified"); accounts
+    # made by the operator, or in other modes, are verified at creation.
+    email_verified_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # A deleted account keeps its row (the ledger refers to it) with the e-mail scrubbed.
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     # Bumped on every change that API-key caches must see (plan, deactivation).
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)

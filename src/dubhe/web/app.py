@@ -31,7 +31,14 @@ log = logging.getLogger(__name__)
 
 
 def create_web_app(state: WebState) -> FastAPI:
+    from dubhe.accounts.endpoints import router as accounts_router
+    from dubhe.accounts.pages import router as accounts_pages
+    from dubhe.accounts.sessions import CsrfCookieMiddleware, LoginRequired, login_required_response
     from dubhe.billing.endpoints import router as billing_router
+    from dubhe.dashboard.assets import static_files
+    from dubhe.dashboard.endpoints import router as dashboard_router
+    from dubhe.keys.endpoints import router as keys_router
+    from dubhe.keys.pages import router as keys_pages
     from dubhe.payments.endpoints import router as payments_router
 
     app = FastAPI(
@@ -45,11 +52,20 @@ def create_web_app(state: WebState) -> FastAPI:
     app.state.dubhe = state
     app.include_router(billing_router, prefix="/api")
     app.include_router(payments_router, prefix="/api")
+    app.include_router(accounts_router, prefix="/api")
+    app.include_router(keys_router, prefix="/api")
+    app.include_router(dashboard_router)
+    app.include_router(accounts_pages)
+    app.include_router(keys_pages)
+    app.mount("/static", static_files(), name="static")
     app.add_exception_handler(DubheError, _dubhe_error)
+    # More specific than DubheError: a page without a session redirects to /login instead.
+    app.add_exception_handler(LoginRequired, login_required_response)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(Exception, _internal_error)
+    app.add_middleware(CsrfCookieMiddleware, secure=state.settings.https)
     app.add_middleware(KeyFirstMiddleware, state=state)
     app.add_middleware(RequestIdMiddleware)
     return app

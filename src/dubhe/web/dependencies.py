@@ -43,17 +43,37 @@ async def get_session(state: StateDep) -> AsyncIterator[AsyncSession]:
 SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
 
 
-async def get_current_user(request: Request, state: StateDep) -> KeyIdentity:
-    """The caller, by the same Bearer API key as /v1 and through the same per-worker cache,
-    so a revoked key stops working here exactly when it stops working there."""
-    # Checked already, before the body was read (web.app.KeyFirstMiddleware).
-    identity = request.scope.get("state", {}).get("api_key_identity")
-    if isinstance(identity, KeyIdentity):
-        return identity
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who calls a read-only /api route (or redeems a code): an API key's owner, or a user
+    logged in to the dashboard."""
+
+    user_id: int
+    plan_code: str
+    key_id: int | None  # None when the caller is a dashboard session
+
+
+async def get_current_user(request: Request, state: StateDep, session: SessionDep) -> Caller:
+    """By the same Bearer API key as /v1 and through the same per-worker cache (so a revoked key
+    stops working here exactly when it stops working there), or else by the dashboard session
+    cookie, which must bring its CSRF token on anything but a read."""
+    # Imported here: accounts.sessions builds on this module's SessionDep.
+    from dubhe.accounts.sessions import SESSION_COOKIE, load_session_user, require_csrf
+
+    # A key was checked already, before the body was read (web.app.KeyFirstMiddleware).
+    checked = request.scope.get("state", {}).get("api_key_identity")
+    if isinstance(checked, KeyIdentity):
+        return Caller(user_id=checked.user_id, plan_code=checked.plan_code, key_id=checked.key_id)
     authorization = request.headers.get("authorization")
-    return await state.keys.authenticate(
+    if authorization is None and request.cookies.get(SESSION_COOKIE):
+        user = await load_session_user(request, session)
+        if user is not None:
+            await require_csrf(request)
+            return Caller(user_id=user.id, plan_code=user.plan_code, key_id=None)
+    identity: KeyIdentity = await state.keys.authenticate(
         authorization.encode("latin-1") if authorization is not None else None
     )
+    return Caller(user_id=identity.user_id, plan_code=identity.plan_code, key_id=identity.key_id)
 
 
-CurrentUser = Annotated[KeyIdentity, Depends(get_current_user)]
+CurrentUser = Annotated[Caller, Depends(get_current_user)]
