@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 from asyncio import TimerHandle
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,6 +128,7 @@ class DubheHttpProtocol(HttpToolsProtocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
+            self._disarm()  # the WebSocket protocol takes the connection over, with its own limits
             if self._should_upgrade():
                 self.handle_websocket_upgrade()
             else:
@@ -179,7 +181,7 @@ class DubheHttpProtocol(HttpToolsProtocol):
 
     # -- deadlines --------------------------------------------------------------------------
 
-    def _arm(self, seconds: float, callback: Any) -> None:
+    def _arm(self, seconds: float, callback: Callable[[], None]) -> None:
         self._disarm()
         self._deadline = self.loop.call_later(seconds, callback)
 
