@@ -21,7 +21,7 @@ def bearer(key: str) -> dict[str, str]:
     return {"authorization": f"Bearer {key}"}
 
 
-def wait_for_status(url: str, key: str, status: int, timeout: float = 10) -> int:
+def wait_for_status(url: str, key: str, status: int, timeout: float = 30) -> int:
     """Poll ``url`` with ``key`` until it answers ``status`` (or the deadline passes)."""
     deadline = time.monotonic() + timeout
     while True:

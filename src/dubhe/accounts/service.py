@@ -357,6 +357,8 @@ async def reset_password(session: AsyncSession, token: str, new_password: str, *
     # address, too.
     user.email_verified_at = user.email_verified_at or now
     await WebSessionRepository.from_session(session).delete_for_user(user.id)
+    # The link proves the owner: a lock-out by someone guessing at the account ends here.
+    await AuthAttemptRepository.from_session(session).clear("login_account", user.email)
     return user
 
 

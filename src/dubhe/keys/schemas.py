@@ -15,7 +15,8 @@ class KeyCreateIn(BaseModel):
     # Either a moment or a number of days from now; neither: the key does not expire.
     expires_at: datetime | None = None
     expires_in_days: int | None = Field(default=None, ge=1, le=3650)
-    # USD as a decimal string ("25" or "12.50"), enforced per calendar month (UTC).
+    # USD as a decimal string ("25" or "12.50"), per calendar month (UTC). Stored and listed;
+    # the meter does not enforce it yet.
     spend_cap_usd: str | None = Field(default=None, max_length=32)
 
 
