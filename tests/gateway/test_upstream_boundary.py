@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,13 @@ from openai import OpenAI
 from dubhe.catalog import load_catalog
 from dubhe.database import create_engine
 from tests.billing.conftest import Billing
-from tests.conftest import assert_clean_log, fresh_database, start_server, wait_for_row
+from tests.conftest import (
+    Server,
+    assert_clean_log,
+    fresh_database,
+    start_server,
+    wait_for_row,
+)
 from tests.upstreams.realistic import (
     SECRET_HOST,
     SECRET_IP,
@@ -61,19 +67,27 @@ models = ["dubhe-fast", "dubhe-reasoning"]
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-async def boundary(
+def boundary_server(
     request: pytest.FixtureRequest, realistic: Realistic, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[Billing]:
+) -> Iterator[Server]:
+    """A server whose upstream is the realistic one (sync: creating a PostgreSQL database runs
+    its own event loop)."""
     tmp = tmp_path_factory.mktemp("boundary")
     with fresh_database(request.param, tmp) as url:
         server = start_server(tmp, url, boundary_config(realistic))
-        engine = create_engine(url)
         try:
-            yield Billing(server, engine, load_catalog(Path(server.env["DUBHE_CONFIG"])))
+            yield server
         finally:
-            await engine.dispose()
             server.running.stop()
         assert_clean_log(server)
+
+
+@pytest.fixture(scope="module")
+async def boundary(boundary_server: Server) -> AsyncIterator[Billing]:
+    engine = create_engine(boundary_server.database_url)
+    yield Billing(boundary_server, engine,
+                  load_catalog(Path(boundary_server.env["DUBHE_CONFIG"])))  # fmt: skip
+    await engine.dispose()
 
 
 def prompt_estimate(text: str) -> int:
