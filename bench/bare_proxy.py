@@ -2,13 +2,13 @@
 
     .venv/bin/python bench/bare_proxy.py --port P --upstream fast=http://127.0.0.1:S/v1 [...]
 
-Raw ASGI on the same server stack as `dubhe serve` (uvicorn, uvloop, httptools, the same
-keep-alive and backlog), one aiohttp session configured like the gateway's upstream pool, and
-nothing else: no auth, no validation, no billing, no request id, no parsing of anything. It reads
-the request body, POSTs it unchanged to the upstream picked by the first path segment
-(`POST /fast/v1/chat/completions` goes to the `fast` upstream's `/chat/completions`), and relays
-the answer: non-streaming in one send with a content-length, streams byte for byte as the
-upstream's reads arrive. bench/run.py measures it exactly like the gateway, so "gateway / bare"
+Raw ASGI on the same server stack as `dubhe serve` (uvicorn, uvloop, stock httptools protocol,
+the same keep-alive and backlog), one aiohttp session configured like the gateway's upstream
+pool, and nothing else: no auth, no validation, no billing, no request id, no parsing of
+anything. It reads the request body, POSTs it unchanged to the upstream picked by the first
+path segment (`POST /fast/v1/chat/completions` goes to the `fast` upstream's
+`/chat/completions`), and relays the answer: non-streaming in one send with a content-length,
+streams byte for byte as the upstream's reads arrive. bench/run.py measures it exactly like the gateway, so "gateway / bare"
 is what Dubhe's features cost on top of relaying, whatever the machine.
 
 It imports nothing from `dubhe` on purpose: its start time and memory are the stack's own.
@@ -139,7 +139,8 @@ def main() -> None:
     parser.add_argument("--upstream", type=_upstream, action="append", required=True,
                         metavar="NAME=BASE_URL", help="e.g. fast=http://127.0.0.1:9000/v1")  # fmt: skip
     args = parser.parse_args()
-    # `dubhe serve`'s settings, so the server stack costs the same on both sides.
+    # `dubhe serve`'s settings, so the server stack costs the same on both sides; its protocol
+    # subclass (connection limits) and security headers are Dubhe's features, so not here.
     uvicorn.run(
         BareProxy(dict(args.upstream)),
         host=args.host,
@@ -149,7 +150,7 @@ def main() -> None:
         lifespan="on",
         access_log=False,
         log_level="info",
-        timeout_keep_alive=75,
+        timeout_keep_alive=30,  # the default of Dubhe's keepalive_timeout_seconds
         backlog=4096,
     )
 

@@ -211,9 +211,10 @@ models = ["dubhe-qwen"]
 """
 
 
-def start_server(data_dir: Path, database_url: str, config: str, *, workers: int = 1,
+def start_server(data_dir: Path, database_url: str, config: str, *args: str, workers: int = 1,
                  **extra_env: str) -> Server:
-    """``dubhe serve`` as its own process, on ``database_url``, with ``config`` as its dubhe.toml."""
+    """``dubhe serve`` as its own process, on ``database_url``, with ``config`` as its dubhe.toml;
+    ``args`` are added to its command line."""
     (data_dir / "dubhe.toml").write_text(config)
     env = {
         **os.environ,
@@ -226,9 +227,14 @@ def start_server(data_dir: Path, database_url: str, config: str, *, workers: int
     port = free_port()
     log = data_dir / "serve.log"
     running = start_process([str(BIN / "dubhe"), "serve", "--port", str(port),
-                             "--workers", str(workers)], log, env)
-    # Generous: on a loaded 2-core machine a worker can take tens of seconds to start.
-    wait_until_up(f"http://127.0.0.1:{port}/healthz", running.process, log, timeout=120)
+                             "--workers", str(workers), *args], log, env)
+    try:
+        # Generous: on a loaded 2-core machine a worker can take tens of seconds to import and
+        # start.
+        wait_until_up(f"http://127.0.0.1:{port}/healthz", running.process, log, timeout=300)
+    except BaseException:
+        running.stop()  # a server that came up late must not outlive the failed test
+        raise
     return Server(f"http://127.0.0.1:{port}/v1", env, database_url, data_dir, running)
 
 

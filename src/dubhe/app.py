@@ -17,10 +17,12 @@ from dubhe.billing.meter import Meter
 from dubhe.catalog import Catalog, load_catalog
 from dubhe.database import create_engine, create_sessionmaker
 from dubhe.gateway.app import GatewayApp, GatewayState
-from dubhe.gateway.asgi import Receive, Scope, Send, new_request_id, send_json
+from dubhe.gateway.asgi import Receive, Scope, Send, new_request_id, send_error, send_json
 from dubhe.gateway.models_list import ModelListings
 from dubhe.keys.cache import KeyCache
 from dubhe.providers import UpstreamPool
+from dubhe.ratelimit import UnauthenticatedLimiter
+from dubhe.server import Cors, declared_too_large, limited_receive, request_too_large
 from dubhe.settings import Settings, load_settings
 from dubhe.web import WebState, create_web_app
 
@@ -36,13 +38,23 @@ class DubheApp:
         self.gateway: GatewayApp | None = None
         self.web: FastAPI | None = None
         self._state: GatewayState | None = None
+        self.unauthenticated = UnauthenticatedLimiter(
+            per_minute=settings.unauthenticated_per_minute, burst=settings.unauthenticated_burst
+        )
+        self.cors = Cors(settings.cors_origins) if settings.cors_origins else None
+        self.max_request_bytes = catalog.max_request_bytes
 
     async def startup(self) -> None:
+        if self.settings.stripe_secret_key or self.settings.stripe_webhook_secret:
+            # ~25 MB and a second of CPU: only where payments are configured, and now rather
+            # than on the event loop at the first payment.
+            import stripe  # noqa: F401
         keys = KeyCache(self.sessionmaker, self.settings.resolved_secret)
         upstreams = UpstreamPool(self.catalog)
         await upstreams.start()
         meter = Meter(self.sessionmaker, self.catalog, self.settings.data_dir / "spool")
         meter.start()
+        await keys.load()
         keys.start()
         self._state = GatewayState(
             catalog=self.catalog,
@@ -50,6 +62,7 @@ class DubheApp:
             upstreams=upstreams,
             meter=meter,
             listings=ModelListings(self.catalog),
+            unauthenticated=self.unauthenticated,
         )
         self.gateway = GatewayApp(self._state)
         # Everything built so far lives as long as the worker: keep it out of the collector's
@@ -61,7 +74,8 @@ class DubheApp:
         # The web app shares the worker's key cache, so /api sees a revocation or a plan
         # change at the same moment /v1 does.
         self.web = create_web_app(WebState(settings=self.settings, catalog=self.catalog,
-                                           sessionmaker=self.sessionmaker, keys=keys))
+                                           sessionmaker=self.sessionmaker, keys=keys,
+                                           unauthenticated=self.unauthenticated))
 
     async def shutdown(self) -> None:
         if self._state is not None:
@@ -76,12 +90,25 @@ class DubheApp:
             path: str = scope["path"]
             if path.startswith("/v1/") or path == "/v1":
                 assert self.gateway is not None
+                if self.cors is not None:
+                    if await self.cors.preflight(scope, send):
+                        return
+                    send = self.cors.wrap(scope, send)
+                if declared_too_large(scope, self.max_request_bytes):
+                    await send_error(send, request_too_large(self.max_request_bytes),
+                                     new_request_id())
+                    return
                 await self.gateway(scope, receive, send)
             elif path == "/healthz":
                 await send_json(send, 200, b'{"status":"ok"}', new_request_id())
             else:
                 assert self.web is not None
-                await self.web(scope, receive, send)
+                limit = (self.settings.webhook_max_body_bytes if path == "/api/stripe/webhook"
+                         else self.settings.api_max_body_bytes)
+                if declared_too_large(scope, limit):
+                    await send_error(send, request_too_large(limit), new_request_id())
+                    return
+                await self.web(scope, limited_receive(receive, limit), send)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
 

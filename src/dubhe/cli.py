@@ -59,6 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     user_plan.add_argument("plan")
     show_user = users.add_parser("show", help="print a user's plan and balance as one JSON object")
     show_user.add_argument("email")
+    invite_user = users.add_parser(
+        "invite", help="print a sign-up link for EMAIL (sign-up mode invite), valid 14 days"
+    )
+    invite_user.add_argument("email")
 
     keys = commands.add_parser("keys", help="manage API keys").add_subparsers(
         dest="keys_command", required=True, parser_class=_Parser
@@ -66,6 +70,12 @@ def _parser() -> argparse.ArgumentParser:
     create_key = keys.add_parser("create", help="create an API key; prints it, alone, once")
     create_key.add_argument("email")
     create_key.add_argument("--name", default="default")
+    create_key.add_argument("--spend-cap-usd", default=None,
+                            help="refuse requests past this spend per calendar month (UTC)")
+    list_keys = keys.add_parser("list", help="print a user's keys, one JSON object per line")
+    list_keys.add_argument("email")
+    revoke_key = keys.add_parser("revoke", help="revoke the one live key with this prefix")
+    revoke_key.add_argument("key_prefix", help="as the lists show it (sk-dubhe-AbCd), or the key")
 
     codes = commands.add_parser("codes", help="redemption codes").add_subparsers(
         dest="codes_command", required=True, parser_class=_Parser
@@ -114,9 +124,9 @@ def _context() -> tuple[Settings, Catalog]:
 
 
 def _migrate(settings: Settings) -> None:
-    from dubhe.migrations import upgrade
+    from dubhe.migrations import upgrade_if_needed
 
-    upgrade(settings.resolved_database_url)
+    upgrade_if_needed(settings.resolved_database_url)
 
 
 def _run_in_session(settings: Settings, work: Callable[[Any], Awaitable[Any]]) -> Any:
@@ -140,11 +150,14 @@ def _run_in_session(settings: Settings, work: Callable[[Any], Awaitable[Any]]) -
 def _cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
+    from dubhe.server import SECURITY_HEADERS, DubheHttpProtocol
+
     settings, catalog = _context()
     settings.resolved_secret  # noqa: B018 - fail now, before workers start, if it is missing
     if args.workers < 1:
         raise CommandError("--workers must be at least 1")
     _migrate(settings)
+    _ensure_first_admin(settings, catalog)
     for upstream in catalog.upstreams:
         if upstream.kind == "sim":
             _start_builtin_sim(upstream.name, upstream.base_url)
@@ -158,13 +171,30 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         port=port,
         workers=args.workers,
         loop="uvloop",
-        http="httptools",
+        http=DubheHttpProtocol,
         lifespan="on",
         access_log=False,
         log_level=settings.log_level,
-        timeout_keep_alive=75,
+        timeout_keep_alive=settings.keepalive_timeout_seconds,
+        headers=SECURITY_HEADERS,
         backlog=4096,
+        # uvicorn kills and restarts a worker that does not answer its supervisor's ping within
+        # this many seconds; its default of 5 restarts workers forever on a loaded small machine,
+        # where starting one (imports, first connections) can take longer than that.
+        timeout_worker_healthcheck=60,
     )
+
+
+def _ensure_first_admin(settings: Settings, catalog: Catalog) -> None:
+    """DUBHE_ADMIN_EMAIL / DUBHE_ADMIN_PASSWORD, read once here, before any worker starts."""
+    from dubhe.accounts.service import ensure_first_admin
+
+    async def work(session: Any) -> Any:
+        return await ensure_first_admin(session, settings=settings, catalog=catalog)
+
+    admin = _run_in_session(settings, work)
+    if admin is not None:
+        print(f"dubhe: {admin.email} is the first admin (from DUBHE_ADMIN_EMAIL)", file=sys.stderr)
 
 
 def _start_builtin_sim(name: str, base_url: str) -> None:
@@ -220,6 +250,14 @@ def _cmd_users(args: argparse.Namespace) -> None:
         _set_plan(settings, catalog, args.email, args.plan)
     elif args.users_command == "show":
         print(json.dumps(_show_user(settings, catalog, args.email)))
+    elif args.users_command == "invite":
+        from dubhe.accounts.service import invite_link
+        from dubhe.models.base import utcnow
+
+        if settings.resolved_signup_mode != "invite":
+            print(f"dubhe: note: sign-up mode is {settings.resolved_signup_mode}, not invite "
+                  "(DUBHE_SIGNUP_MODE)", file=sys.stderr)
+        print(invite_link(settings, args.email, utcnow()))
     elif args.users_command == "create":
 
         async def work(session: Any) -> Any:
@@ -237,18 +275,37 @@ def _cmd_users(args: argparse.Namespace) -> None:
 
 
 def _cmd_keys(args: argparse.Namespace) -> None:
-    from dubhe.keys.service import create_key
+    from dubhe.keys.service import create_key, list_keys, revoke_by_prefix
+    from dubhe.models.base import utcnow
 
     settings, _ = _context()
+    secret = settings.resolved_secret
+    cap = _usd(args.spend_cap_usd, "--spend-cap-usd") if getattr(args, "spend_cap_usd", None) else None
     _migrate(settings)
     if args.keys_command == "create":
-        secret = settings.resolved_secret
 
         async def work(session: Any) -> Any:
-            return await create_key(session, args.email, secret=secret, name=args.name)
+            return await create_key(session, args.email, secret=secret, name=args.name,
+                                    spend_cap_uusd=cap)
 
         created = _run_in_session(settings, work)
         print(created.secret)
+    elif args.keys_command == "list":
+        from dubhe.keys.schemas import KeyOut
+
+        async def rows(session: Any) -> Any:
+            return await list_keys(session, await _user_id(session, args.email), now=utcnow())
+
+        for row in _run_in_session(settings, rows):
+            print(KeyOut.from_row(row).model_dump_json())
+    elif args.keys_command == "revoke":
+
+        async def revoke(session: Any) -> Any:
+            return await revoke_by_prefix(session, args.key_prefix, secret=secret, now=utcnow())
+
+        key = _run_in_session(settings, revoke)
+        print(f"dubhe: revoked key {key.prefix} ({key.name}); every worker refuses it within "
+              "a second", file=sys.stderr)
 
 
 def _set_plan(settings: Settings, catalog: Catalog, email: str, plan: str) -> None:

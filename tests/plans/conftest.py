@@ -9,7 +9,8 @@ import asyncio
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -35,6 +36,16 @@ lease_idle_seconds = 1.5
 [models.dubhe-fast]
 input_price_usd_per_mtok = "1000"
 output_price_usd_per_mtok = "100000"
+
+# Pay as you go: every token is paid from the balance.
+[plans.metered]
+name = "Metered"
+price_usd = "0"
+models = ["dubhe-fast"]
+included_tokens = 0
+requests_per_minute = 100000
+tokens_per_minute = 100000000
+concurrent_requests = 1000
 
 [[upstreams]]
 name = "fast"
@@ -85,9 +96,11 @@ class Store:
                                      headers={"authorization": f"Bearer {key}"})
 
     async def end_period(self, user_id: int, *, ago_seconds: float, start: datetime) -> None:
-        """Move the account's period end into the past (the clock moves; no counter does)."""
-        await execute(self.db, "UPDATE accounts SET period_start = :s, period_end = :e "
-                      "WHERE user_id = :u", s=start,
+        """Move the account's period end into the past (the clock moves; no counter does).
+        The workers learn of it as of any change to an account, by its epoch: a lease they hold
+        keeps the period end it was taken with, which real time would have reached."""
+        await execute(self.db, "UPDATE accounts SET period_start = :s, period_end = :e, "
+                      "epoch = epoch + 1 WHERE user_id = :u", s=start,
                       e=utcnow() - timedelta(seconds=ago_seconds), u=user_id)
 
     async def settled(self, user_id: int) -> dict[str, int]:
@@ -114,26 +127,42 @@ class Store:
 
 
 
-@pytest.fixture(scope="session")
-def store_server(database_url: str, sims: dict[str, Sim],
-                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, str]]:
+def _serve(database_url: str, sims: dict[str, Sim], tmp_path_factory: pytest.TempPathFactory,
+           workers: int) -> tuple[Server, str]:
     webhook_secret = "whsec_" + secrets.token_hex(16)
     server = start_server(
         tmp_path_factory.mktemp("plans"), database_url,
         PLANS_CONFIG.format(fast=sims["fast"].base_url, paced=sims["paced"].base_url),
-        workers=2,
+        workers=workers,
         DUBHE_STRIPE_SECRET_KEY="sk_test_" + secrets.token_hex(12),
         DUBHE_STRIPE_WEBHOOK_SECRET=webhook_secret,
         DUBHE_STRIPE_API_BASE="http://127.0.0.1:9",  # no test here creates a session at Stripe
     )
-    yield server, webhook_secret
-    server.running.stop()
-    assert_clean_log(server)
+    return server, webhook_secret
+
+
+@asynccontextmanager
+async def _store(server: Server, webhook_secret: str) -> AsyncIterator[Store]:
+    engine = create_engine(server.database_url)
+    try:
+        yield Store(server, server.base_url.removesuffix("/v1"), webhook_secret, engine)
+    finally:
+        await engine.dispose()
+        server.running.stop()
+        assert_clean_log(server)
 
 
 @pytest.fixture(scope="session")
-async def store(store_server: tuple[Server, str]) -> AsyncIterator[Store]:
-    server, webhook_secret = store_server
-    engine = create_engine(server.database_url)
-    yield Store(server, server.base_url.removesuffix("/v1"), webhook_secret, engine)
-    await engine.dispose()
+async def store(database_url: str, sims: dict[str, Sim],
+                tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Store]:
+    """One worker: for what happens in one transaction (webhooks, plan purchases)."""
+    async with _store(*_serve(database_url, sims, tmp_path_factory, workers=1)) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+async def store2(database_url: str, sims: dict[str, Sim],
+                 tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Store]:
+    """Two workers, each leasing credit: for what must reach every worker's lease."""
+    async with _store(*_serve(database_url, sims, tmp_path_factory, workers=2)) as running:
+        yield running

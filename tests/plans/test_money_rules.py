@@ -12,6 +12,7 @@ from dubhe.billing.pricing import cost_uusd, split_cost
 from dubhe.billing.schemas import parse_usd
 from dubhe.catalog import load_catalog
 from dubhe.errors import UnprocessableRequest
+from tests.plans.conftest import Store
 
 MODELS = load_catalog(None).models
 
@@ -71,3 +72,13 @@ def test_rounding_at_scale_is_bounded_by_one_micro_dollar_a_request() -> None:
     assert charged == requests  # each 0.2 µUSD request is charged 1 µUSD, as documented
     # Realistic requests (hundreds of tokens) carry the same < 1 µUSD each, relatively nothing.
     assert cost_uusd(fast, 500, 300) == 280
+
+
+async def test_the_operator_cannot_credit_non_ascii_digits(store: Store) -> None:
+    email, _, user_id = await store.new_user()
+    for amount in ("٥", "５", "1٠"):
+        refused = store.server.cli("balance", "add", email, amount, check=False)
+        assert refused.returncode != 0 and "amount" in refused.stderr, refused.stderr
+    store.server.cli("balance", "add", email, "5")
+    account = await store.settled(user_id)
+    assert account["balance_uusd"] == 5_000_000  # only the ASCII "5" was credited

@@ -32,7 +32,7 @@ from tests.conftest import (
 )
 
 COUNTERS = ("tokens_available", "tokens_reserved", "balance_uusd", "balance_reserved_uusd",
-            "uncollected_uusd")
+            "uncollected_uusd", "debt_uusd", "debt_tokens")
 
 
 # -- a stand-in for api.stripe.com ----------------------------------------------------------------

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -27,6 +29,28 @@ async def _balance(shop: Shop, key: str) -> str:
     return answer.json()["balance_usd"]  # type: ignore[no-any-return]
 
 
+@asynccontextmanager
+async def _dashboard(root: str, email: str) -> AsyncIterator[httpx.AsyncClient]:
+    """A client logged in to the dashboard as ``email``, sending its CSRF token: starting a
+    checkout needs a session, not an API key. The shop's public URL is https, so its cookies are
+    Secure and no client keeps them over this test's plain http: they are sent by hand."""
+    async with httpx.AsyncClient(base_url=root) as client:
+        await _log_in(client, email)
+        yield client
+
+
+async def _log_in(client: httpx.AsyncClient, email: str) -> None:
+    session = await client.get("/api/auth/session")
+    cookies = dict(session.cookies)
+    client.headers["x-csrf-token"] = session.json()["csrf_token"]
+    client.headers["cookie"] = "; ".join(f"{k}={v}" for k, v in cookies.items())
+    login = await client.post("/api/auth/login",
+                              json={"email": email, "password": "correct-horse-battery"})
+    assert login.status_code == 200, login.text
+    cookies.update(login.cookies)
+    client.headers["cookie"] = "; ".join(f"{k}={v}" for k, v in cookies.items())
+
+
 async def _count(db: AsyncEngine, sql: str, **params: object) -> int:
     return int((await fetch_one(db, sql, **params))["n"])
 
@@ -35,6 +59,9 @@ async def test_checkout_for_a_topup_sends_stripe_the_charge(shop: Shop) -> None:
     email, key = shop.new_user()
     before = len(shop.fake_stripe.requests)
     async with httpx.AsyncClient(base_url=shop.root, headers={"authorization": f"Bearer {key}"}) as client:
+        by_key = await client.post("/api/billing/checkout", json={"purpose": "topup", "amount_usd": "12.34"})
+    assert by_key.status_code == 401  # a leaked key cannot start a payment
+    async with _dashboard(shop.root, email) as client:
         created = await client.post("/api/billing/checkout", json={"purpose": "topup", "amount_usd": "12.34"})
     assert created.status_code == 200, created.text
     body = created.json()
@@ -55,9 +82,9 @@ async def test_checkout_for_a_topup_sends_stripe_the_charge(shop: Shop) -> None:
 
 
 async def test_checkout_for_a_plan_charges_its_price(shop: Shop) -> None:
-    _, key = shop.new_user("starter")
+    email, _ = shop.new_user("starter")
     before = len(shop.fake_stripe.requests)
-    async with httpx.AsyncClient(base_url=shop.root, headers={"authorization": f"Bearer {key}"}) as client:
+    async with _dashboard(shop.root, email) as client:
         created = await client.post("/api/billing/checkout", json={"purpose": "plan", "plan": "pro"})
         assert created.status_code == 200, created.text
         same = await client.post("/api/billing/checkout", json={"purpose": "plan", "plan": "starter"})
@@ -89,7 +116,9 @@ async def test_checkout_for_a_plan_charges_its_price(shop: Shop) -> None:
 
 async def test_checkout_without_stripe_configured_is_503(server: Server) -> None:
     root = server.base_url.removesuffix("/v1")
-    async with httpx.AsyncClient(base_url=root, headers={"authorization": f"Bearer {server.key('free')}"}) as client:
+    email = f"nostripe-{secrets.token_hex(4)}@example.com"
+    server.cli("users", "create", email, "--password", "correct-horse-battery")
+    async with _dashboard(root, email) as client:
         created = await client.post("/api/billing/checkout", json={"purpose": "topup", "amount_usd": "10"})
         hook = await client.post("/api/stripe/webhook", content=b"{}", headers={"stripe-signature": "t=1,v1=00"})
     assert created.status_code == 503

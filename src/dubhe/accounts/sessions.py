@@ -13,6 +13,7 @@ there is no session yet to bind a token to.
 
     SessionUserDep          the logged-in user; anonymous: HTML pages redirect to /login?next=...,
                             /api answers 401 session_required
+    SessionWriterDep        the same, plus the CSRF check, for state-changing session-only calls
     OptionalSessionUserDep  the logged-in user or None (public pages that greet a user)
     csrf_token(request)     the token templates put in forms (sets the cookie when missing)
     require_csrf            the dependency that refuses a state-changing call without it (403)
@@ -146,6 +147,17 @@ async def get_optional_session_user(request: Request, session: SessionDep) -> Se
 
 
 SessionUserDep = Annotated[SessionUser, Depends(get_session_user)]
+
+
+async def get_session_writer(request: Request, session: SessionDep) -> SessionUser:
+    """The logged-in user, for a state-changing call: session first, so an API key is told it
+    needs a session (401) rather than that it lacks a CSRF token; then the token (403)."""
+    user = await get_session_user(request, session)
+    await require_csrf(request)
+    return user
+
+
+SessionWriterDep = Annotated[SessionUser, Depends(get_session_writer)]
 OptionalSessionUserDep = Annotated[SessionUser | None, Depends(get_optional_session_user)]
 
 
@@ -251,6 +263,7 @@ __all__ = [
     "OptionalSessionUserDep",
     "SessionUser",
     "SessionUserDep",
+    "SessionWriterDep",
     "csrf_token",
     "login_required_response",
     "require_csrf",

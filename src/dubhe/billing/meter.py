@@ -251,6 +251,8 @@ class Meter:
             posting = service.Posting()
             state = (await service.current_accounts(repository, posting, [user_id],
                                                     self._catalog, now))[user_id]
+            # A renewal waiting for leased balance to return: 503, retry in a second.
+            service.require_current_period(state, now)
             if current is not None and (current.period_start != state.period_start
                                         or current.epoch != state.epoch):
                 # The period renewed (that lease's included tokens belong to the ended period),
@@ -538,7 +540,10 @@ class Meter:
         idle_after = self._catalog.lease_idle_seconds
         moment = time.monotonic()
         for lease in list(self._leases.values()):
-            if lease.in_flight == 0 and moment - lease.last_used > idle_after:
+            # A lease of an ended period returns as soon as its requests settle: the renewal
+            # waits for its balance.
+            if self._period_over(lease) or (lease.in_flight == 0
+                                            and moment - lease.last_used > idle_after):
                 self._retire(lease)
         for user_id in [user for user, (_, until) in self._debtors.items() if until <= moment]:
             del self._debtors[user_id]

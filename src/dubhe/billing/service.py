@@ -128,8 +128,9 @@ async def renew_if_due(repository: BillingRepository, posting: Posting, state: A
 
     The renewal sees the whole balance: when the price is more than what is available but not
     more than what is available plus what workers hold leased, it waits for the leases to return
-    (every worker returns a lease of an ended period within a second, see ``meter.py``) and the
-    period stays ended until then; ``require_current_period`` turns that into a short 503."""
+    (a worker returns its lease of an ended period as soon as the requests running on it settle,
+    see ``meter.py``) and the period stays ended until then; ``require_current_period`` turns
+    that into a 503 with ``retry-after: 1`` for the requests that come meanwhile."""
     if now < state.period_end:
         return
     plan_code = state.next_plan_code or state.plan_code
@@ -168,10 +169,16 @@ def _close_period(posting: Posting, state: AccountState, now: datetime, why: str
 async def _open_period(repository: BillingRepository, posting: Posting, state: AccountState,
                        plan_code: str, start: datetime, end: datetime, catalog: Catalog,
                        now: datetime) -> None:
-    """``plan_code`` from ``start`` to ``end``, with its included tokens granted."""
+    """``plan_code`` from ``start`` to ``end``, with its included tokens granted.
+
+    Every plan change comes here (renewal, a downgrade at period end, an upgrade, an operator's
+    change, a card purchase), and bumps the account's epoch: every worker retires its lease of
+    the old period within a second, so no request is admitted against a plan the account no
+    longer has (requests already running settle against what they were admitted with)."""
     posting.set_fields(state, plan_code=plan_code, next_plan_code=None, period_start=start,
                        period_end=end)
     posting.plan_changes[state.user_id] = plan_code
+    posting.bump_epoch(state)
     await _grant_period(repository, posting, state, catalog, now)
 
 
@@ -429,32 +436,32 @@ class TakenBack:
 async def take_back(repository: BillingRepository, *, user_id: int, amount_uusd: int, kind: str,
                     ref: str, description: str, catalog: Catalog, now: datetime) -> TakenBack:
     """Take a credit back (a refunded or disputed payment), once per (kind, ref): from the
-    balance, and what was already spent as a debt of the account.
+    available balance, and what that cannot cover as a debt of the account.
 
-    Balance that workers hold leased is not touched (requests may be spending it); what the
-    available balance cannot cover is owed, and the debt is collected from the next credit."""
+    Balance that workers hold leased is not touched here (requests may be spending it); the
+    debt bumps the epoch, so every worker retires its lease within a second, and the unused part
+    coming back repays the debt first (``release_lease``), as does every later credit."""
     posting = Posting()
     state = (await current_accounts(repository, posting, [user_id], catalog, now))[user_id]
     taken = min(amount_uusd, state.balance_uusd)
     owed = amount_uusd - taken
-    # Until accounts carry a debt counter of their own, what is owed is recorded as
-    # uncollected (the counter of usage nothing was left to pay for), with the ledger entry
-    # saying so; ``give_back`` cancels it first.
-    posting.post(state, kind, ref, now, description, balance_uusd=-taken, uncollected_uusd=owed)
+    posting.post(state, kind, ref, now, description, balance_uusd=-taken, debt_uusd=owed)
+    if owed:
+        posting.bump_epoch(state)
     await posting.write(repository, now)
     return TakenBack(taken, owed)
 
 
 async def give_back(repository: BillingRepository, *, user_id: int, taken: TakenBack, kind: str,
                     ref: str, description: str, catalog: Catalog, now: datetime) -> None:
-    """Undo a ``take_back`` (a dispute won), once per (kind, ref): what it recorded as owed and
-    is still unpaid is cancelled, everything else returns to the balance."""
+    """Undo a ``take_back`` (a dispute won), once per (kind, ref): the whole amount is credited
+    again, and like every credit it repays any debt first (the one the take-back made, if it is
+    still unpaid), so the account ends as if the payment had never been disputed."""
     posting = Posting()
     state = (await current_accounts(repository, posting, [user_id], catalog, now))[user_id]
-    cancelled = min(taken.owed_uusd, state.uncollected_uusd)
     posting.post(state, kind, ref, now, description,
-                 balance_uusd=taken.taken_uusd + taken.owed_uusd - cancelled,
-                 uncollected_uusd=-cancelled)
+                 balance_uusd=taken.taken_uusd + taken.owed_uusd)
+    collect_debt(posting, state, ref=f"{kind}:{ref}", now=now)
     await posting.write(repository, now)
 
 
@@ -475,7 +482,10 @@ async def buy_plan_from_balance(repository: BillingRepository, *, user_id: int, 
             f"unknown plan {plan_code!r}; choose one of {', '.join(catalog.plans)}", param="plan"
         )
     posting = Posting()
-    state = (await current_accounts(repository, posting, [user_id], catalog, now))[user_id]
+    # Not renewed first: a plan bought after the period ended starts its own period, and the
+    # old plan is not charged for (``change_plan``).
+    state = (await current_accounts(repository, posting, [user_id], catalog, now,
+                                    renew=False))[user_id]
     current = catalog.plans[state.plan_code]
     if wanted.price_cents <= current.price_cents:
         raise UnprocessableRequest(
@@ -483,6 +493,14 @@ async def buy_plan_from_balance(repository: BillingRepository, *, user_id: int, 
             "take effect at the end of the period", param="plan", code="invalid_value",
         )
     price_uusd = wanted.price_cents * 10_000
+    if state.balance_uusd < price_uusd <= state.balance_uusd + state.balance_reserved_uusd:
+        # The balance covers it, but workers hold part of it leased for requests in flight;
+        # unused leases return within seconds (idle), and then the purchase goes through.
+        raise ServiceUnavailable(
+            f"Part of your balance is held by requests in flight; the {wanted.name} plan can be "
+            "paid once it returns, in a few seconds: retry shortly.",
+            code="billing_unavailable", headers={"retry-after": "2"},
+        )
     if state.balance_uusd < price_uusd:
         raise InsufficientQuota(
             f"The {wanted.name} plan costs {format_usd(price_uusd)} USD and your available "
@@ -508,13 +526,18 @@ async def choose_plan(repository: BillingRepository, *, user_id: int, plan_code:
             f"unknown plan {plan_code!r}; choose one of {', '.join(catalog.plans)}", param="plan"
         )
     posting = Posting()
-    state = (await current_accounts(repository, posting, [user_id], catalog, now))[user_id]
+    state = (await current_accounts(repository, posting, [user_id], catalog, now,
+                                    renew=False))[user_id]
     await posting.write(repository, now)
     current, wanted = catalog.plans[state.plan_code], catalog.plans[plan_code]
     if wanted.price_cents > current.price_cents:
         state = await buy_plan_from_balance(repository, user_id=user_id, plan_code=plan_code,
                                             catalog=catalog, now=now, ref=ref)
         return "upgraded", wanted.price_cents * 10_000, state
+    previous, ended = state.plan_code, now >= state.period_end
     state = await change_plan(repository, user_id=user_id, plan_code=plan_code, catalog=catalog,
                               now=now)
+    if ended and plan_code != previous:
+        # The period had ended: the chosen plan started now, in a new period (nothing renewed).
+        return "upgraded", 0, state
     return ("unchanged" if plan_code == state.plan_code else "scheduled"), 0, state

@@ -126,6 +126,16 @@ def _build(raw: dict[str, Any]) -> Catalog:
         default_plan=default_plan,
         reservation_ttl_seconds=float(defaults.get("reservation_ttl_seconds", 120)),
         lease_idle_seconds=float(defaults.get("lease_idle_seconds", 10)),
+        max_upstream_event_bytes=_positive_int(
+            {"max_upstream_event_bytes": 8 * 1024 * 1024, **defaults},
+            "max_upstream_event_bytes",
+            "defaults",
+        ),
+        max_upstream_error_bytes=_positive_int(
+            {"max_upstream_error_bytes": 64 * 1024, **defaults},
+            "max_upstream_error_bytes",
+            "defaults",
+        ),
     )
 
 

@@ -75,6 +75,10 @@ class Catalog:
     reservation_ttl_seconds: float
     # A lease unused for this long returns its credit to the account.
     lease_idle_seconds: float
+    # One upstream stream event may be at most this large (an event that never ends is cut).
+    max_upstream_event_bytes: int = 8 * 1024 * 1024
+    # Of an upstream's error answer, at most this much is read (for its message and the log).
+    max_upstream_error_bytes: int = 64 * 1024
 
     def plans_including(self, model_id: str) -> list[PlanSpec]:
         return [plan for plan in self.plans.values() if model_id in plan.models]

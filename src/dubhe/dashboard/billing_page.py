@@ -44,7 +44,9 @@ async def build_billing_page(session: AsyncSession, *, user_id: int, catalog: Ca
                              settings: Settings, now: datetime,
                              before: int | None) -> BillingPage:
     account = await current_account(session, user_id=user_id, catalog=catalog, now=now)
-    plan = catalog.plans[account.plan_code]
+    # A plan the operator has since removed from the catalog reads as the default plan, which
+    # is what the account renews onto.
+    plan = catalog.plans.get(account.plan_code) or catalog.plans[catalog.default_plan]
     statement, next_before = await BillingQueries.from_session(session).statement_page(
         user_id, limit=STATEMENT_LINES, before=before)
     balance = account.balance_uusd + account.balance_reserved_uusd

@@ -14,7 +14,12 @@ from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from dubhe.accounts.sessions import CsrfDep, OptionalSessionUserDep, SessionUser, SessionUserDep
+from dubhe.accounts.sessions import (
+    OptionalSessionUserDep,
+    SessionUser,
+    SessionUserDep,
+    SessionWriterDep,
+)
 from dubhe.billing.codes import redeem_code
 from dubhe.billing.endpoints import request_ref
 from dubhe.billing.repository import BillingRepository
@@ -84,8 +89,8 @@ async def checkout_return(checkout: str | None = None) -> RedirectResponse:
     return RedirectResponse(f"/dashboard/billing?notice={notice}", status_code=303)
 
 
-@router.post("/dashboard/billing/redeem", dependencies=[CsrfDep])
-async def billing_redeem(request: Request, user: SessionUserDep, session: SessionDep,
+@router.post("/dashboard/billing/redeem")
+async def billing_redeem(request: Request, user: SessionWriterDep, session: SessionDep,
                          state: StateDep,
                          code: Annotated[str, Form(max_length=64)] = "") -> Response:
     try:
@@ -99,8 +104,8 @@ async def billing_redeem(request: Request, user: SessionUserDep, session: Sessio
     return RedirectResponse("/dashboard/billing?notice=redeemed", status_code=303)
 
 
-@router.post("/dashboard/billing/plan", dependencies=[CsrfDep])
-async def billing_plan(request: Request, user: SessionUserDep, session: SessionDep,
+@router.post("/dashboard/billing/plan")
+async def billing_plan(request: Request, user: SessionWriterDep, session: SessionDep,
                        state: StateDep,
                        plan: Annotated[str, Form(max_length=32)] = "") -> Response:
     try:
@@ -119,8 +124,8 @@ async def billing_plan(request: Request, user: SessionUserDep, session: SessionD
     return RedirectResponse(f"/dashboard/billing?notice={change}", status_code=303)
 
 
-@router.post("/dashboard/billing/topup", dependencies=[CsrfDep])
-async def billing_topup(request: Request, user: SessionUserDep, session: SessionDep,
+@router.post("/dashboard/billing/topup")
+async def billing_topup(request: Request, user: SessionWriterDep, session: SessionDep,
                         state: StateDep,
                         amount_usd: Annotated[str, Form(max_length=32)] = "") -> Response:
     order = CheckoutIn(purpose="topup", amount_usd=amount_usd)

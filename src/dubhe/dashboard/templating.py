@@ -59,12 +59,11 @@ def tokens(count: int) -> str:
 
 
 def compact_tokens(count: int) -> str:
-    """A token count as people say it: 128K, 1M, 10M (exact multiples only, else separators)."""
-    for unit, size in (("M", 1_000_000), ("K", 1_000)):
+    """A context size as model cards say it: 131,072 -> 128K, 1,048,576 -> 1M (binary multiples,
+    as context windows are), 100,000 -> 100K; anything else with separators."""
+    for unit, size in (("M", 1 << 20), ("K", 1 << 10), ("M", 1_000_000), ("K", 1_000)):
         if count >= size and count % size == 0:
             return f"{count // size:,}{unit}"
-    if count >= 1024 and count % 1024 == 0:
-        return f"{count // 1024:,}K"
     return f"{count:,}"
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from dubhe.billing.meter import Meter
 from dubhe.catalog import Catalog
-from dubhe.errors import DubheError, MethodNotAllowed, NotFound
+from dubhe.errors import AuthenticationFailed, DubheError, MethodNotAllowed, NotFound
 from dubhe.gateway.asgi import (
     Message,
     Receive,
@@ -22,6 +22,7 @@ from dubhe.gateway.chat import chat_completions
 from dubhe.gateway.models_list import ModelListings
 from dubhe.keys.cache import KeyCache
 from dubhe.providers import UpstreamPool
+from dubhe.ratelimit import UnauthenticatedLimiter
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class GatewayState:
     upstreams: UpstreamPool
     meter: Meter
     listings: ModelListings
+    unauthenticated: UnauthenticatedLimiter
 
 
 class GatewayApp:
@@ -58,6 +60,8 @@ class GatewayApp:
         except DubheError as error:
             if started:
                 raise
+            if isinstance(error, AuthenticationFailed):
+                error = self.state.unauthenticated.judge(error, scope.get("client"))
             await send_error(send, error, request_id)
         except Exception:
             log.exception("unhandled error in %s %s (%s)", scope["method"], scope["path"], request_id)

@@ -77,9 +77,15 @@ class _Exchange:
         watcher = asyncio.ensure_future(self.receive())
 
         def on_disconnect(done: asyncio.Future[Any]) -> None:
-            if not self.finishing and not done.cancelled() and done.exception() is None:
-                self.client_gone = True
-                task.cancel()
+            if self.finishing or done.cancelled() or done.exception() is not None:
+                return
+            if not self.completion.streaming:
+                # A non-streaming answer is generated whole either way: let the bounded request
+                # finish and charge what the upstream generated (README, Billing).
+                self.completion.consumer_gone = True
+                return
+            self.client_gone = True
+            task.cancel()
 
         watcher.add_done_callback(on_disconnect)
         try:
@@ -91,7 +97,7 @@ class _Exchange:
             if not self.client_gone:
                 raise
             task.uncancel()
-            self.completion.abandon()
+            await self.completion.abandon()
         finally:
             self.finishing = True
             watcher.cancel()
@@ -137,6 +143,10 @@ class _Exchange:
             keepalive.stop()
         self.finishing = True
         end = completion.stream_end
+        if end is not None and end.upstream_error:
+            # The upstream's own error event was relayed as the last one: nothing follows it.
+            await send({"type": "http.response.body", "body": b""})
+            return
         tail = b""
         if end is not None and end.usage_chunk is not None:
             tail = b"data: " + orjson.dumps(end.usage_chunk) + b"\n\n"

@@ -24,6 +24,7 @@ Errors raised, as a tree (all ``DubheError``):
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator
@@ -51,7 +52,10 @@ from dubhe.gateway import admission
 from dubhe.gateway.relay import StreamRelay
 from dubhe.gateway.validation import ChatRequest, validate_chat_request
 from dubhe.models.base import utcnow
+from dubhe.providers.errors import read_error_body, redact_upstream_message
+from dubhe.usage import tokens
 from dubhe.usage.events import UsageEvent
+from dubhe.usage.reports import Untrusted, UsageReport, judge, parse_usage
 
 if TYPE_CHECKING:
     from dubhe.catalog import ModelSpec
@@ -61,8 +65,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Upstream error bodies are read for their message, never relayed whole.
-_MAX_ERROR_BODY = 64 * 1024
+# Counting more generated text than this (bytes of an answer) moves to a worker thread, which
+# tiktoken lets run in parallel (it releases the GIL): the event loop never stalls on it.
+_COUNT_INLINE_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +78,8 @@ class Settled:
     completion_tokens: int
     cost_uusd: int
     balance: Balance
+    # Dubhe's own count replaced the upstream's usage (missing or not believable).
+    estimated: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +97,8 @@ class StreamEnd:
 
     usage_chunk: dict[str, Any] | None
     settled: Settled | None
+    # The upstream's own error event was the stream's last one (relayed): no [DONE] follows.
+    upstream_error: bool = False
 
 
 class ChatCompletion:
@@ -105,6 +114,12 @@ class ChatCompletion:
         self.upstream: Upstream
         self.balance: Balance
         self.clamped_to: int | None = None  # the per-choice output limit, when lowered
+        self.prompt_tokens = 0  # the prompt's best estimate (what Dubhe charges without usage)
+        self.prompt_bound = 0  # at most what any upstream can count for the prompt
+        self.output_limit = 0  # output tokens held, over all choices
+        # The consumer left, but the answer is still taken and charged (non-streaming: see
+        # complete()).
+        self.consumer_gone = False
         self.stream_end: StreamEnd | None = None
         self._payload = b""
         self._response: aiohttp.ClientResponse | None = None
@@ -161,13 +176,18 @@ class ChatCompletion:
         if isinstance(held, Denied):
             raise _insufficient_quota(held, sizing.prompt_bound + request.n)
         self.balance = held.balance
+        self.prompt_tokens = estimate
+        # The usage rule judges a reported prompt count against the same bound the hold used.
+        self.prompt_bound = sizing.prompt_bound
         self._payload = sizing.payload
+        per_choice = sizing.per_choice
         if held.admission.clamped:
             # Each choice's limit is what the account can pay for; the upstream is told that one.
-            self.clamped_to = held.admission.max_tokens
+            self.clamped_to = per_choice = held.admission.max_tokens
             self._payload = admission.upstream_payload(
-                body, request, model, upstream.spec, self.clamped_to
+                body, request, model, upstream.spec, per_choice
             )
+        self.output_limit = per_choice * request.n
 
     # -- the upstream call -------------------------------------------------------------------
 
@@ -177,8 +197,10 @@ class ChatCompletion:
         headers = dict(self.upstream.headers)
         headers["x-request-id"] = self.request_id
         try:
+            # Redirects are not followed: a 3xx is an upstream error, and neither the prompt nor
+            # the upstream's key is ever sent to an address the operator did not configure.
             response = await session.post(
-                self.upstream.chat_url, data=self._payload, headers=headers
+                self.upstream.chat_url, data=self._payload, headers=headers, allow_redirects=False
             )
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             self._meter_failure("upstream_unreachable", 502)
@@ -195,52 +217,96 @@ class ChatCompletion:
         return response
 
     async def _upstream_error(self, response: aiohttp.ClientResponse) -> DubheError:
-        try:
-            raw = await response.content.read(_MAX_ERROR_BODY)
-            detail = orjson.loads(raw).get("error", {})
-            message = detail.get("message") if isinstance(detail, dict) else None
-        except Exception:
-            message = None
+        """Dubhe's own words for the upstream's failure; its message only where it tells the
+        client what to fix, redacted. The upstream's full text goes to the log."""
         status = response.status
+        try:
+            raw = await read_error_body(response, self.state.catalog.max_upstream_error_bytes)
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            raw = b""
+        log.warning(
+            "upstream %s answered HTTP %d to %s: %s",
+            self.upstream.spec.name, status, self.request_id, raw.decode("utf-8", "replace"),
+        )
+        message = _error_message(raw)
         if status in (400, 404, 413, 422) and message:
             # The upstream refused something the client sent through (an unknown extra field).
             return InvalidRequest(
-                f"The upstream rejected the request: {message}", code="upstream_rejected"
+                f"The upstream rejected the request: {redact_upstream_message(message)}",
+                code="upstream_rejected",
             )
+        if 300 <= status < 400:
+            what = f"a redirect (HTTP {status}), which Dubhe does not follow"
+        else:
+            what = f"HTTP {status}"
         return UpstreamError(
-            f"The upstream for '{self.model.id}' answered with HTTP {status}"
-            + (f" ({message})" if message else "")
-            + "; retry with exponential backoff.",
+            f"The upstream for '{self.model.id}' answered with {what}; retry with exponential "
+            "backoff.",
             code="upstream_error",
         )
 
     # -- non-streaming -----------------------------------------------------------------------
 
     async def complete(self) -> Completed:
-        """The whole answer, settled (spooled) before it is returned."""
+        """The whole answer, settled (spooled) before it is returned. A consumer that leaves
+        meanwhile does not cancel it: the upstream finishes the bounded request (its output
+        limit is held) and the answer is charged on its usage, exactly as if it had stayed."""
         response = await self._open()
         try:
             raw = await response.read()
-            data = orjson.loads(raw)
-        except (TimeoutError, aiohttp.ClientError, OSError, orjson.JSONDecodeError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             self._meter_failure("upstream_unreachable", 502)
             raise UpstreamUnreachable(
                 f"The upstream for '{self.model.id}' broke off its answer; retry later.",
                 code="upstream_unreachable",
             ) from None
-        if data.get("model") != self.model.id:
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            data = None
+        if not isinstance(data, dict):
+            log.warning("upstream %s answered %s with a 200 that is not a JSON object: %.200r",
+                        self.upstream.spec.name, self.request_id, raw)  # fmt: skip
+            self._meter_failure("upstream_invalid", 502)
+            raise UpstreamUnreachable(
+                f"The upstream for '{self.model.id}' answered with something that is not a chat "
+                "completion; retry later.",
+                code="upstream_unreachable",
+            )
+        changed = data.get("model") != self.model.id
+        if changed:
             data["model"] = self.model.id
+        outcome, status = ("client_cancelled", 499) if self.consumer_gone else ("ok", 200)
+        event = self._event(outcome, status)
+        report = parse_usage(data.get("usage"))
+        if isinstance(report, UsageReport):
+            choices = data.get("choices")
+            verdict = judge(
+                report,
+                prompt_bound=self.prompt_bound,
+                visible_bytes=tokens.visible_output_bytes(data),
+                choices=len(choices) if isinstance(choices, list) and choices else 1,
+                output_limit=self.output_limit,
+            )
+            report = verdict or report
+        if isinstance(report, UsageReport):
+            event.prompt_tokens = report.prompt_tokens
+            event.completion_tokens = report.completion_tokens
+        else:
+            event.prompt_tokens = self.prompt_tokens
+            if len(raw) > _COUNT_INLINE_BYTES:
+                event.completion_tokens = await asyncio.to_thread(
+                    tokens.count_completion_message, data
+                )
+            else:
+                event.completion_tokens = tokens.count_completion_message(data)
+            self._estimated(event, report)
+            # The client sees the counts it is charged for, not the upstream's.
+            data["usage"] = _usage_object(event.prompt_tokens, event.completion_tokens)
+            changed = True
+        if changed:
             raw = orjson.dumps(data)
-        usage = data.get("usage")
-        event = self._event("ok", 200)
-        if isinstance(usage, dict):
-            event.prompt_tokens = usage.get("prompt_tokens")
-            event.completion_tokens = usage.get("completion_tokens")
-        if event.prompt_tokens is None or event.completion_tokens is None:
-            event.prompt_tokens = event.completion_tokens = None
-            event.messages = self.body["messages"]
-            event.response = data
-        return Completed(raw, self._settle(event, wait=True))
+        return Completed(raw, self._settle(event))
 
     # -- streaming ---------------------------------------------------------------------------
 
@@ -251,6 +317,7 @@ class ChatCompletion:
             public_model=self.model.id,
             upstream_model=self.upstream.upstream_model(self.model.id),
             strip_usage_nulls=not self.request.include_usage,
+            max_event_bytes=self.state.catalog.max_upstream_event_bytes,
         )
         return self._events(response, self._relay)
 
@@ -264,35 +331,61 @@ class ChatCompletion:
                 ready = relay.feed(data)
                 if ready:
                     yield ready
-            interrupted = not relay.saw_done
+                if relay.ended:
+                    break  # whatever an upstream sends after [DONE] is not relayed
+            interrupted = not relay.ended
         except (TimeoutError, aiohttp.ClientError, OSError):
             interrupted = True
+        if relay.fault is not None:
+            log.warning("upstream %s broke the stream of %s: %s",
+                        self.upstream.spec.name, self.request_id, relay.fault)  # fmt: skip
+            await self._settle_stream(relay, "upstream_invalid", 502)
+            raise UpstreamUnreachable(
+                f"The upstream for '{self.model.id}' sent an invalid stream event; retry the "
+                "request.",
+                code="upstream_error",
+            ) from None
+        if relay.upstream_error:
+            settled = await self._settle_stream(relay, "upstream_error", 502)
+            self.stream_end = StreamEnd(None, settled, upstream_error=True)
+            return
         if interrupted:
-            self._meter_stream(relay, "stream_interrupted", 502, wait=False)
+            await self._settle_stream(relay, "stream_interrupted", 502)
             raise UpstreamUnreachable(
                 f"The upstream for '{self.model.id}' broke off the stream; retry the request.",
                 code="upstream_error",
             )
-        settled = self._meter_stream(relay, "ok", 200, wait=True)
-        usage_chunk = relay.usage_event if self.request.include_usage else None
-        if usage_chunk is not None and settled is not None:
-            usage_chunk["usage"]["cost_usd"] = format_usd(settled.cost_uusd)
+        settled = await self._settle_stream(relay, "ok", 200)
+        usage_chunk = None
+        if self.request.include_usage and settled is not None:
+            usage_chunk = relay.usage_event or {
+                "id": f"chatcmpl-{self.request_id}",
+                "object": "chat.completion.chunk",
+                "created": int(time.time()),
+                "model": self.model.id,
+                "choices": [],
+            }
+            usage = usage_chunk.get("usage")
+            if settled.estimated or not isinstance(usage, dict):
+                usage = _usage_object(settled.prompt_tokens, settled.completion_tokens)
+            usage_chunk["usage"] = {**usage, "cost_usd": format_usd(settled.cost_uusd)}
         self.stream_end = StreamEnd(usage_chunk, settled)
 
     # -- the end -----------------------------------------------------------------------------
 
-    def abandon(self) -> None:
+    async def abandon(self) -> None:
         """The consumer went away: charge what was delivered (the prompt, which the upstream may
         have read, and for a stream what was relayed)."""
         if not self.state.meter.holds(self.request_id):
             return
         if self._relay is not None:
-            self._meter_stream(self._relay, "client_cancelled", 499, wait=False)
+            await self._settle_stream(self._relay, "client_cancelled", 499)
             return
         event = self._event("client_cancelled", 499)
+        event.prompt_tokens = self.prompt_tokens
         event.completion_tokens = 0
-        event.messages = self.body["messages"]
-        self.state.meter.settle(event, wait=False)
+        self._estimated(event, Untrusted("the client left before the answer"))
+        self._settle(event)
 
     def close(self) -> None:
         if self._response is not None:
@@ -307,8 +400,15 @@ class ChatCompletion:
 
     # -- metering ----------------------------------------------------------------------------
 
-    def _settle(self, event: UsageEvent, *, wait: bool) -> Settled | None:
-        result = self.state.meter.settle(event, wait=wait)
+    def _estimated(self, event: UsageEvent, why: Untrusted) -> None:
+        event.usage_source = "estimated"
+        level = logging.INFO if why.reason == "no usage reported" else logging.WARNING
+        log.log(level, "usage of %s from upstream %s is Dubhe's own count: %s",
+                self.request_id, self.upstream.spec.name, why.reason)  # fmt: skip
+
+    def _settle(self, event: UsageEvent) -> Settled | None:
+        # Counts are always filled in by now, so the meter never tokenizes on the event loop.
+        result = self.state.meter.settle(event, wait=True)
         if not isinstance(result, SettleResult):
             return None
         return Settled(
@@ -316,20 +416,33 @@ class ChatCompletion:
             completion_tokens=event.completion_tokens or 0,
             cost_uusd=result.cost_uusd,
             balance=result.balance,
+            estimated=event.usage_source == "estimated",
         )
 
-    def _meter_stream(
-        self, relay: StreamRelay, outcome: str, status: int, *, wait: bool
-    ) -> Settled | None:
+    async def _settle_stream(self, relay: StreamRelay, outcome: str, status: int) -> Settled | None:
+        """Charge a stream on the upstream's usage if it is believable, else on Dubhe's count of
+        the prompt and of every generated token relayed."""
         event = self._event(outcome, status)
-        usage = relay.usage
-        if usage is not None:
-            event.prompt_tokens = usage.get("prompt_tokens")
-            event.completion_tokens = usage.get("completion_tokens")
+        report = relay.usage
+        if isinstance(report, UsageReport):
+            report = judge(
+                report,
+                prompt_bound=self.prompt_bound,
+                # Every visible byte was relayed inside a JSON string, which never encodes text
+                # in fewer bytes than UTF-8: a sound bound that costs nothing per chunk.
+                visible_bytes=relay.relayed_size,
+                choices=self.request.n,
+                output_limit=self.output_limit,
+            ) or report
+        if isinstance(report, UsageReport):
+            relay.forget_counts()
+            event.prompt_tokens = report.prompt_tokens
+            event.completion_tokens = report.completion_tokens
         else:
-            event.messages = self.body["messages"]
-            event.relayed = relay.relayed_bytes
-        return self._settle(event, wait=wait)
+            event.prompt_tokens = self.prompt_tokens
+            event.completion_tokens = await relay.completion_tokens()
+            self._estimated(event, report or Untrusted("no usage reported"))
+        return self._settle(event)
 
     def _meter_failure(self, outcome: str, status: int) -> None:
         event = self._event(outcome, status)
@@ -350,6 +463,25 @@ class ChatCompletion:
             latency_ms=int((time.perf_counter() - self.started) * 1000),
             created_at=utcnow(),
         )
+
+
+def _usage_object(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _error_message(raw: bytes) -> str | None:
+    """The ``error.message`` of an OpenAI error envelope, if the body is one."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    detail = body.get("error") if isinstance(body, dict) else None
+    message = detail.get("message") if isinstance(detail, dict) else None
+    return message if isinstance(message, str) and message else None
 
 
 def _insufficient_quota(denied: Denied, least_tokens: int) -> InsufficientQuota:

@@ -4,31 +4,66 @@ Only whole events are forwarded (a TCP read can end mid-event), so the relay can
 two events the gateway must act on: the usage chunk (Dubhe always asks the upstream for one, and
 strips it if the client did not) and ``[DONE]`` (sent only after the request is metered). They are
 found by a byte search; no other chunk is parsed.
+
+The upstream is untrusted, so its framing is checked at this boundary without parsing every
+chunk: an event is at most ``max_event_bytes`` (the bytes of an unfinished event are kept as a
+list of reads, never re-joined per read); every ``data:`` line must hold a JSON object (it starts
+with ``{`` and ends with ``}``: arrays, strings, numbers and cut-off JSON fail) or ``[DONE]``; an
+error event of the upstream's own is relayed once and ends the stream; nothing after ``[DONE]`` is
+relayed. A violation ends the relay with ``fault`` set (the valid events before it are
+still returned). The usage chunk, the one event that is parsed, becomes
+a ``UsageReport`` (or the reason it cannot be trusted) right here.
+
+What was relayed is counted incrementally for when the upstream's usage cannot be trusted: whole
+events are kept in batches of ``_COUNT_BATCH`` bytes, and each full batch is counted with tiktoken
+in a worker thread (which releases the GIL) and dropped, so a stream of any length is counted in
+full with bounded memory and without stalling the event loop.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
 
 import orjson
 
+from dubhe.usage import tokens
+from dubhe.usage.reports import Untrusted, UsageReport, parse_usage
+
 _USAGE_MARK = b'"usage":{'
 _DONE_EVENT = b"data: [DONE]"
-# Keep at most this much relayed text for counting tokens if the upstream never reports usage.
-_RETAIN_LIMIT = 4 * 1024 * 1024
+_ERROR_EVENT = b'data: {"error"'
+_COUNT_BATCH = 1024 * 1024
+
+
+class StreamFault(Exception):
+    """How the upstream's stream broke the protocol (for the log); kept, not raised."""
 
 
 class StreamRelay:
-    def __init__(self, *, public_model: str, upstream_model: str, strip_usage_nulls: bool) -> None:
-        self._pending = b""
+    def __init__(
+        self,
+        *,
+        public_model: str,
+        upstream_model: str,
+        strip_usage_nulls: bool,
+        max_event_bytes: int,
+    ) -> None:
+        # An unfinished event: the reads so far, joined only once its end arrives.
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._max_event_bytes = max_event_bytes
         # The client did not ask for usage, but Dubhe did: drop the "usage":null OpenAI adds
         # to every chunk then, so the client sees the chunks it would have seen without it.
         self._strip_usage_nulls = strip_usage_nulls
-        self.usage: dict[str, Any] | None = None
-        self.usage_event: dict[str, Any] | None = None
+        self.usage: UsageReport | Untrusted | None = None
+        self.usage_event: dict[str, object] | None = None
         self.saw_done = False
-        self.relayed: list[bytes] = []
-        self._retained = 0
+        self.upstream_error = False  # the upstream sent its own error event (relayed)
+        self.fault: StreamFault | None = None  # how the upstream broke the protocol
+        self.relayed_size = 0
+        self._batch: list[bytes] = []
+        self._batch_size = 0
+        self._counts: list[asyncio.Future[int]] = []
         self._rename: tuple[bytes, bytes] | None = None
         if upstream_model != public_model:
             self._rename = (
@@ -36,43 +71,109 @@ class StreamRelay:
                 b'"model":"' + public_model.encode() + b'"',
             )
 
+    @property
+    def ended(self) -> bool:
+        """Nothing more from the upstream is relayed."""
+        return self.saw_done or self.upstream_error or self.fault is not None
+
     def feed(self, data: bytes) -> bytes:
-        """Take bytes from the upstream; return the whole events ready for the client."""
+        """Take bytes from the upstream; return the whole events ready for the client. After a
+        fault (``fault`` is set) only the valid events before it are returned, then nothing."""
+        if self.saw_done or self.upstream_error or self.fault is not None:
+            return b""  # content after [DONE], its own error or a fault is never relayed
         if self._pending:
-            data = self._pending + data
+            data = self._joined(data)
+            if not data:
+                return b""
         end = data.rfind(b"\n\n")
         if end == -1:
             end = data.rfind(b"\r\n\r\n")
             if end == -1:
-                self._pending = data
+                self._keep(data)
                 return b""
             end += 4
         else:
             end += 2
-        ready, self._pending = data[:end], data[end:]
+        ready = data[:end]
+        if end < len(data):
+            self._keep(data[end:])
         if self._rename is not None:
             ready = ready.replace(*self._rename)
         if self._strip_usage_nulls:
             ready = ready.replace(b',"usage":null', b"")
-        if _USAGE_MARK in ready or _DONE_EVENT in ready:
+        if not (ready.startswith(b"data: {") and ready.endswith(b"}\n\n")
+                and ready.find(b"\n\n") == len(ready) - 2):  # fmt: skip
+            ready = self._check_events(ready)
+        if _USAGE_MARK in ready or _DONE_EVENT in ready or _ERROR_EVENT in ready:
             ready = self._hold_back(ready)
-        if ready and self._retained < _RETAIN_LIMIT:
-            self.relayed.append(ready)
-            self._retained += len(ready)
+        if ready:
+            self.relayed_size += len(ready)
+            self._batch.append(ready)
+            self._batch_size += len(ready)
+            if self._batch_size >= _COUNT_BATCH:
+                self._count_batch()
         return ready
+
+    def _joined(self, data: bytes) -> bytes:
+        """The pending event plus this read, joined only if the read may end an event."""
+        last = self._pending[-1]
+        if b"\n\n" not in data and b"\r\n\r\n" not in data and not (
+            last[-1:] == b"\n" and data[:1] in (b"\n", b"\r")
+            or last[-3:].endswith(b"\r") and data[:3].startswith(b"\n")
+        ):
+            self._keep(data)
+            return b""
+        data = b"".join((*self._pending, data))
+        self._pending.clear()
+        self._pending_size = 0
+        return data
+
+    def _keep(self, data: bytes) -> None:
+        self._pending.append(data)
+        self._pending_size += len(data)
+        if self._pending_size > self._max_event_bytes:
+            self.fault = StreamFault(
+                f"an event exceeded {self._max_event_bytes} bytes without ending"
+            )
+            self._pending.clear()
+
+    def _check_events(self, ready: bytes) -> bytes:
+        """Each event is comments, fields, and ``data:`` lines holding an object or [DONE].
+        Returns the valid events before the first that is not (then ``fault`` is set)."""
+        valid: list[bytes] = []
+        for event in ready.replace(b"\r\n", b"\n").split(b"\n\n"):
+            fault = _event_fault(event)
+            if fault is not None:
+                self.fault = StreamFault(fault)
+                break
+            if event:
+                valid.append(event + b"\n\n")
+        return b"".join(valid)
 
     def _hold_back(self, ready: bytes) -> bytes:
         kept: list[bytes] = []
         for event in ready.replace(b"\r\n", b"\n").split(b"\n\n"):
-            if not event:
+            if not event or self.ended:
                 continue
             if event.startswith(_DONE_EVENT):
                 self.saw_done = True
                 continue
+            if event.startswith(_ERROR_EVENT):
+                # The upstream's own error: relayed once, and the stream ends with it.
+                self.upstream_error = True
+                kept.append(event)
+                continue
             if _USAGE_MARK in event and event.startswith(b"data:"):
-                parsed = orjson.loads(event[5:].strip())
+                try:
+                    parsed = orjson.loads(event[5:].strip())
+                except orjson.JSONDecodeError as exc:
+                    self.fault = StreamFault(f"an event is not valid JSON ({exc})")
+                    break
+                if not isinstance(parsed, dict):
+                    self.fault = StreamFault("an event is not a JSON object")
+                    break
                 if isinstance(parsed.get("usage"), dict):
-                    self.usage = parsed["usage"]
+                    self.usage = parse_usage(parsed["usage"])
                     if parsed.get("choices"):
                         # A provider that puts usage on a content chunk: relay the content now.
                         content = dict(parsed)
@@ -84,6 +185,40 @@ class StreamRelay:
             kept.append(event)
         return b"".join(event + b"\n\n" for event in kept)
 
-    @property
-    def relayed_bytes(self) -> bytes:
-        return b"".join(self.relayed)
+    # -- counting what was relayed ------------------------------------------------------------
+
+    def _count_batch(self) -> None:
+        batch = b"".join(self._batch)
+        self._batch.clear()
+        self._batch_size = 0
+        self._counts.append(
+            asyncio.ensure_future(asyncio.to_thread(tokens.count_completion_events, batch))
+        )
+
+    async def completion_tokens(self) -> int:
+        """Dubhe's own count of every generated token relayed (content, reasoning, tools)."""
+        rest = b"".join(self._batch)
+        if len(rest) > _COUNT_BATCH // 16:
+            last = await asyncio.to_thread(tokens.count_completion_events, rest)
+        else:
+            last = tokens.count_completion_events(rest)
+        return sum(await asyncio.gather(*self._counts)) + last
+
+    def forget_counts(self) -> None:
+        """Cancel batch counts nobody will read (the upstream's usage was trusted)."""
+        for count in self._counts:
+            count.cancel()
+
+
+def _event_fault(event: bytes) -> str | None:
+    for line in event.split(b"\n"):
+        if not line or line.startswith(b":"):
+            continue  # a comment (a keep-alive)
+        if line.startswith(b"data:"):
+            payload = line[5:].strip()
+            if payload == b"[DONE]" or (payload[:1] == b"{" and payload[-1:] == b"}"):
+                continue
+            return f"a data line is not a JSON object: {payload[:80]!r}"
+        if not line.startswith((b"event:", b"id:", b"retry:")):
+            return f"a line is not server-sent events: {line[:80]!r}"
+    return None

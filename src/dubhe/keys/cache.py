@@ -1,8 +1,15 @@
 """The hot path's view of API keys: a per-worker map from key HMAC to who is calling.
 
-A warm key costs one HMAC and one dict lookup. A miss reads the database once. Every second a
-refresh reads the keys and users changed since the last refresh, so a revocation or a plan change
-made on any instance reaches every worker within about a second without a query per request.
+A warm key costs one HMAC and one dict lookup. Every second a refresh reads the keys and users
+changed since the last refresh, so a revocation or a plan change made on any instance reaches
+every worker within about a second without a query per request.
+
+Unknown keys cost no query either: the worker holds a filter of every key hash in the database
+(loaded at start, extended by each refresh). A key whose hash is in the filter but not yet in the
+map (its first use on this worker) is read once. A key whose hash is not in it is either made up
+or created in the last second: it waits for the next refresh, which starts early on demand but
+at most every ``_MIN_REFRESH_INTERVAL`` seconds, so a flood of guessed keys shares a few queries a
+second however fast it comes.
 """
 
 from __future__ import annotations
@@ -26,6 +33,15 @@ log = logging.getLogger(__name__)
 # Clocks of different instances drift; re-read a little of the past on every refresh.
 _REFRESH_OVERLAP = timedelta(seconds=5)
 _NEGATIVE_CACHE_LIMIT = 100_000
+_MIN_REFRESH_INTERVAL = 0.05
+# How long a request with a key the filter does not know waits for a refresh before it is
+# refused (only reached when the database is slow or down).
+_UNKNOWN_KEY_WAIT = 5.0
+
+
+def _fingerprint(key_hash: str) -> int:
+    """64 bits of the HMAC: a compact filter entry; a collision only costs one query."""
+    return int(key_hash[:16], 16)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,8 +76,13 @@ class KeyCache:
         self._refresh_seconds = refresh_seconds
         self._by_hash: dict[str, KeyIdentity] = {}
         self._unknown: set[str] = set()
+        self._known: set[int] = set()
         self._watermark = utcnow()
         self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        # Resolved by the next refresh to *start*: a key created before a request arrived is seen
+        # by a refresh that starts after it.
+        self._next_refresh: asyncio.Future[None] | None = None
 
     async def authenticate(self, authorization: bytes | None) -> KeyIdentity:
         if not authorization:
@@ -83,6 +104,10 @@ class KeyCache:
         if identity is None:
             if key_hash in self._unknown:
                 raise _invalid_key()
+            if _fingerprint(key_hash) not in self._known:
+                await self._refreshed()
+                if _fingerprint(key_hash) not in self._known:
+                    raise _invalid_key()
             identity = await self._load(key_hash)
         if identity.revoked:
             raise _invalid_key()
@@ -105,6 +130,14 @@ class KeyCache:
         self._by_hash[key_hash] = identity
         return identity
 
+    async def load(self) -> None:
+        """Fill the filter with every key hash in the database (once, at start)."""
+        started = utcnow()
+        async with self._sessionmaker() as session:
+            hashes = await ApiKeyRepository.from_session(session).all_hashes()
+        self._known = {_fingerprint(key_hash) for key_hash in hashes}
+        self._watermark = started
+
     async def refresh(self) -> None:
         """Apply the key and user changes made since the last refresh (on any instance)."""
         started = utcnow()
@@ -113,10 +146,22 @@ class KeyCache:
                 self._watermark - _REFRESH_OVERLAP
             )
         for key, plan_code in rows:
+            self._known.add(_fingerprint(key.key_hash))
             if key.key_hash in self._by_hash or key.key_hash in self._unknown:
                 self._unknown.discard(key.key_hash)
                 self._by_hash[key.key_hash] = _identity(key, plan_code)
         self._watermark = started
+
+    async def _refreshed(self) -> None:
+        """Wait for a refresh that starts after now (bounded: the database may be down)."""
+        if self._next_refresh is None:
+            self._next_refresh = asyncio.get_running_loop().create_future()
+        waiting = self._next_refresh
+        self._wake.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(waiting), _UNKNOWN_KEY_WAIT)
+        except TimeoutError:
+            pass
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._refresh_forever(), name="key-cache-refresh")
@@ -131,11 +176,21 @@ class KeyCache:
 
     async def _refresh_forever(self) -> None:
         while True:
-            await asyncio.sleep(self._refresh_seconds)
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._refresh_seconds)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            waiting, self._next_refresh = self._next_refresh, None
             try:
                 await self.refresh()
             except Exception:  # a database hiccup must not stop revocations for good
                 log.exception("refreshing the API key cache failed; retrying")
+            finally:
+                if waiting is not None and not waiting.done():
+                    waiting.set_result(None)
+            # However often unknown keys wake it, refresh at most this often.
+            await asyncio.sleep(_MIN_REFRESH_INTERVAL)
 
 
 def _invalid_key() -> AuthenticationFailed:

@@ -1,6 +1,7 @@
 """``/api`` payment routes: start a Stripe Checkout, and Stripe's webhook.
 
-The webhook is not key-authenticated: Stripe calls it, and its signature is its authentication.
+Starting a checkout needs a dashboard session. The webhook is not key-authenticated: Stripe calls
+it, and its signature is its authentication.
 """
 
 from __future__ import annotations
@@ -9,24 +10,25 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Request
 
-from dubhe.billing.repository import BillingRepository
+from dubhe.accounts.sessions import SessionWriterDep
 from dubhe.billing.schemas import CheckoutIn, CheckoutOut
 from dubhe.models.base import utcnow
 from dubhe.payments import service
-from dubhe.web.dependencies import CurrentUser, SessionDep, StateDep
+from dubhe.web.dependencies import SessionDep, StateDep
 
 router = APIRouter(tags=["payments"])
 
 
 @router.post("/billing/checkout")
-async def create_checkout(order: CheckoutIn, user: CurrentUser, state: StateDep) -> CheckoutOut:
-    # The plan as the database has it now (not the key cache's, up to a second old), read in a
-    # short transaction of its own: none stays open across the call to Stripe. A payment that
-    # still arrives for no upgrade (two sessions paid) is credited to the balance by the webhook.
-    async with state.sessionmaker() as session:
-        current_plan = await BillingRepository.from_session(session).plan_of_user(user.user_id)
-    return await service.create_checkout(state.settings, state.catalog, user_id=user.user_id,
-                                         current_plan=current_plan or user.plan_code, order=order)
+async def create_checkout(order: CheckoutIn, user: SessionWriterDep, session: SessionDep,
+                          state: StateDep) -> CheckoutOut:
+    # Paying needs a dashboard session (and its CSRF token): a leaked API key cannot buy plans.
+    # The plan is the database's as of now (read with the session, not the key cache's copy); the
+    # request's transaction ends before the call to Stripe, so no lock is held across it. A
+    # payment that still arrives for no upgrade (two sessions paid) is credited to the balance.
+    await session.commit()
+    return await service.create_checkout(state.settings, state.catalog, user_id=user.id,
+                                         current_plan=user.plan_code, order=order)
 
 
 @router.post("/stripe/webhook")

@@ -95,8 +95,11 @@ class PaymentRepository:
         return list((await self.session.execute(statement)).scalars().all())
 
     async def reversal(self, provider: str, ref: str) -> PaymentReversal | None:
-        statement = select(PaymentReversal).where(PaymentReversal.provider == provider,
-                                                  PaymentReversal.ref == ref)
+        statement = (
+            select(PaymentReversal)
+            .where(PaymentReversal.provider == provider, PaymentReversal.ref == ref)
+            .execution_options(populate_existing=True)
+        )
         return (await self.session.execute(statement)).scalars().first()
 
     async def mark_applied(self, reversal_id: int, *, applied_uusd: int, owed_uusd: int,

@@ -18,7 +18,6 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-import stripe
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from dubhe.billing import service as billing
@@ -75,20 +74,18 @@ def checkout_params(settings: Settings, catalog: Catalog, *, user_id: int, curre
                 param="plan", code="invalid_value",
             )
         current = catalog.plans.get(current_plan)
-        if wanted.price_cents == 0:
-            raise UnprocessableRequest(f"the {wanted.name} plan is free: nothing to pay for",
-                                       param="plan", code="invalid_value")
         if current is not None and wanted.price_cents <= current.price_cents:
             # Paying for the plan one already has, or a cheaper one, would buy nothing now:
             # downgrades are free and wait for the period's end.
-            same = wanted.code == current.code
-            raise Conflict(
-                f"You already have the {current.name} plan{'' if same else ', which includes more'}"
-                f"; only a more expensive plan can be bought. "
-                + ("" if same else f"To move to {wanted.name} at the end of your period, "
-                   "change your plan instead: downgrades are free."),
-                param="plan", code="plan_not_an_upgrade",
-            )
+            message = (f"You already have the {current.name} plan; only a more expensive plan "
+                       "can be bought.")
+            if wanted.code != current.code:
+                message += (f" To move to {wanted.name} at the end of your period, change your "
+                            "plan instead: downgrades are free.")
+            raise Conflict(message, param="plan", code="plan_not_an_upgrade")
+        if wanted.price_cents == 0:
+            raise UnprocessableRequest(f"the {wanted.name} plan is free: nothing to pay for",
+                                       param="plan", code="invalid_value")
         amount_uusd = wanted.price_cents * UUSD_PER_CENT
         product = f"Dubhe {wanted.name} plan"
         metadata = {"purpose": "plan", "plan": wanted.code}
@@ -126,6 +123,7 @@ async def create_checkout(settings: Settings, catalog: Catalog, *, user_id: int,
         )
     params = checkout_params(settings, catalog, user_id=user_id, current_plan=current_plan,
                              order=order)
+    import stripe  # loaded at start only where payments are configured (~25 MB; see DubheApp)
     # aiohttp is already a dependency; the stripe package picks httpx only if it is installed.
     http_client = stripe.AIOHTTPClient(timeout=30)
     client = stripe.StripeClient(
@@ -158,6 +156,8 @@ def verify_event(settings: Settings, payload: bytes, signature: str | None) -> d
             "The Stripe webhook is not configured on this deployment (DUBHE_STRIPE_WEBHOOK_SECRET).",
             code="payments_not_configured",
         )
+    import stripe
+
     try:
         stripe.WebhookSignature.verify_header(
             payload, signature, settings.stripe_webhook_secret.get_secret_value(),
@@ -182,6 +182,8 @@ async def apply_event(session: AsyncSession, event: dict[str, Any], *, catalog: 
     A signed event is still parsed as outside data: a field of the wrong type or a number out
     of range is refused with a 422 and logged (Stripe shows it as failing), never a 500."""
     kind = event.get("type")
+    if not isinstance(kind, str):
+        raise _refused(event, "has no type")
     if kind in PAID_EVENTS:
         return await _apply_checkout(session, event, catalog=catalog, now=now)
     if kind in REVERSAL_EVENTS:

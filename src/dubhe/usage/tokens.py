@@ -117,7 +117,8 @@ def count_prompt(messages: list[Any]) -> int:
 
 
 def count_completion_events(events: bytes) -> int:
-    """Count the tokens of what a stream delivered, from its raw SSE bytes."""
+    """Count the tokens of what a stream delivered, from its raw SSE bytes: content,
+    reasoning_content, refusals and tool calls of every choice."""
     texts: list[str] = []
     for line in events.split(b"\n"):
         if not line.startswith(b"data:"):
@@ -129,23 +130,47 @@ def count_completion_events(events: bytes) -> int:
             chunk = orjson.loads(payload)
         except orjson.JSONDecodeError:
             continue  # the last event of a cut stream may be incomplete
-        for choice in chunk.get("choices") or ():
-            _collect_text(choice.get("delta") or {}, texts)
-    return count_text("".join(texts))
+        if isinstance(chunk, dict):
+            for choice in _list(chunk.get("choices")):
+                if isinstance(choice, dict):
+                    generated_texts(choice.get("delta"), texts)
+    return count_long_text("".join(texts))
 
 
 def count_completion_message(response: dict[str, Any]) -> int:
     texts: list[str] = []
-    for choice in response.get("choices") or ():
-        _collect_text(choice.get("message") or {}, texts)
-    return count_text("".join(texts))
+    for choice in _list(response.get("choices")):
+        if isinstance(choice, dict):
+            generated_texts(choice.get("message"), texts)
+    return count_long_text("".join(texts))
 
 
-def _collect_text(message: dict[str, Any], texts: list[str]) -> None:
-    """The generated text of a message or a stream delta: its content and its tool calls."""
-    if isinstance(message.get("content"), str):
-        texts.append(message["content"])
-    for call in message.get("tool_calls") or ():
-        function = call.get("function") or {}
-        texts.append(function.get("name") or "")
-        texts.append(function.get("arguments") or "")
+def visible_output_bytes(response: dict[str, Any]) -> int:
+    """UTF-8 bytes of everything an answer shows: at least its visible tokens' count."""
+    texts: list[str] = []
+    for choice in _list(response.get("choices")):
+        if isinstance(choice, dict):
+            generated_texts(choice.get("message"), texts)
+    return sum(len(text.encode("utf-8", "surrogatepass")) for text in texts)
+
+
+def generated_texts(message: Any, texts: list[str]) -> None:
+    """The generated text of a message or a stream delta: content, reasoning, refusal, and tool
+    calls' names and arguments (an upstream's answer is outside data: any type may appear)."""
+    if not isinstance(message, dict):
+        return
+    for field in ("reasoning_content", "content", "refusal"):
+        value = message.get(field)
+        if isinstance(value, str):
+            texts.append(value)
+    for call in _list(message.get("tool_calls")):
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict):
+            for field in ("name", "arguments"):
+                value = function.get(field)
+                if isinstance(value, str):
+                    texts.append(value)
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []

@@ -11,27 +11,34 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from dubhe.errors import (
+    AuthenticationFailed,
     DubheError,
     InvalidRequest,
     MethodNotAllowed,
     NotFound,
     UnprocessableRequest,
 )
-from dubhe.gateway.asgi import Message, Receive, Scope, Send, new_request_id
+from dubhe.gateway.asgi import Message, Receive, Scope, Send, header, new_request_id
+from dubhe.server import HSTS
 from dubhe.web.dependencies import WebState
 
 log = logging.getLogger(__name__)
 
 
 def create_web_app(state: WebState) -> FastAPI:
+    from dubhe.accounts.endpoints import router as accounts_router
+    from dubhe.accounts.pages import router as accounts_pages
     from dubhe.accounts.sessions import CsrfCookieMiddleware, LoginRequired, login_required_response
     from dubhe.billing.endpoints import router as billing_router
     from dubhe.dashboard.assets import static_files
     from dubhe.dashboard.endpoints import router as dashboard_router
+    from dubhe.keys.endpoints import router as keys_router
+    from dubhe.keys.pages import router as keys_pages
     from dubhe.payments.endpoints import router as payments_router
 
     app = FastAPI(
@@ -39,25 +46,34 @@ def create_web_app(state: WebState) -> FastAPI:
         docs_url=None,
         redoc_url=None,
         openapi_url="/api/openapi.json",
+        # A redirect would be built from the Host header, which the client chooses.
+        redirect_slashes=False,
     )
     app.state.dubhe = state
     app.include_router(billing_router, prefix="/api")
     app.include_router(payments_router, prefix="/api")
+    app.include_router(accounts_router, prefix="/api")
+    app.include_router(keys_router, prefix="/api")
     app.include_router(dashboard_router)
+    app.include_router(accounts_pages)
+    app.include_router(keys_pages)
     app.mount("/static", static_files(), name="static")
     app.add_exception_handler(DubheError, _dubhe_error)
     # More specific than DubheError: a page without a session redirects to /login instead.
     app.add_exception_handler(LoginRequired, login_required_response)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(Exception, _internal_error)
     app.add_middleware(CsrfCookieMiddleware, secure=state.settings.https)
+    app.add_middleware(KeyFirstMiddleware, state=state)
     app.add_middleware(RequestIdMiddleware)
     return app
 
 
 class RequestIdMiddleware:
-    """Pure ASGI: puts ``x-request-id`` on every response, errors included."""
+    """Pure ASGI: puts ``x-request-id`` on every response, errors included, and HSTS on every
+    answer to an https request (the static security headers are uvicorn's default headers)."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -68,14 +84,41 @@ class RequestIdMiddleware:
             return
         request_id = new_request_id()
         scope.setdefault("state", {})["request_id"] = request_id
+        added = [(b"x-request-id", request_id.encode())]
+        if scope.get("scheme") == "https":
+            added.append(HSTS)
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []),
-                                      (b"x-request-id", request_id.encode())]
+                message["headers"] = [*message.get("headers", []), *added]
             await send(message)
 
         await self.app(scope, receive, send_with_id)
+
+
+class KeyFirstMiddleware:
+    """Pure ASGI: a request that carries an API key is authenticated before its body is read, so
+    an unauthenticated client cannot make the worker read or parse anything. The identity is left
+    in the scope for ``get_current_user``. Requests without a key go on (public routes, Stripe's
+    webhook, sessions); their bodies are bounded per route by ``DubheApp``."""
+
+    def __init__(self, app: Any, state: WebState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] != "/api/stripe/webhook":
+            authorization = header(scope, b"authorization")
+            if authorization is not None:
+                try:
+                    identity = await self.state.keys.authenticate(authorization)
+                except AuthenticationFailed as failed:
+                    error = self.state.unauthenticated.judge(failed, scope.get("client"))
+                    # RequestIdMiddleware (outside) adds the request id.
+                    await render(error)(scope, receive, send)
+                    return
+                scope.setdefault("state", {})["api_key_identity"] = identity
+        await self.app(scope, receive, send)
 
 
 def render(error: DubheError) -> JSONResponse:
@@ -84,7 +127,15 @@ def render(error: DubheError) -> JSONResponse:
 
 async def _dubhe_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, DubheError)
+    if isinstance(exc, AuthenticationFailed):
+        state: WebState = request.app.state.dubhe
+        return render(state.unauthenticated.judge(exc, request.scope.get("client")))
     return render(exc)
+
+
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    # The client left (or was cut off for sending its body too slowly); nobody reads this.
+    return Response(status_code=400)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -112,6 +163,13 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
             f"Unknown request URL: {request.method} {request.url.path}. See the API "
             "documentation for the available endpoints.",
             code="unknown_url",
+        )
+    elif exc.status_code == 400 and isinstance(exc.__cause__, DubheError):
+        error = exc.__cause__  # raised while FastAPI read the body: too large
+    elif exc.status_code == 400:
+        error = InvalidRequest(
+            "The request body could not be parsed; send a JSON object in UTF-8.",
+            code="invalid_json",
         )
     elif exc.status_code == 405:
         error = MethodNotAllowed(

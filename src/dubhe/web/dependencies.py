@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from dubhe.catalog import Catalog
 from dubhe.keys.cache import KeyCache, KeyIdentity
+from dubhe.ratelimit import UnauthenticatedLimiter
 from dubhe.settings import Settings
 
 
@@ -22,6 +23,7 @@ class WebState:
     catalog: Catalog
     sessionmaker: async_sessionmaker[AsyncSession]
     keys: KeyCache
+    unauthenticated: UnauthenticatedLimiter
 
 
 def get_state(request: Request) -> WebState:
@@ -58,6 +60,10 @@ async def get_current_user(request: Request, state: StateDep, session: SessionDe
     # Imported here: accounts.sessions builds on this module's SessionDep.
     from dubhe.accounts.sessions import SESSION_COOKIE, load_session_user, require_csrf
 
+    # A key was checked already, before the body was read (web.app.KeyFirstMiddleware).
+    checked = request.scope.get("state", {}).get("api_key_identity")
+    if isinstance(checked, KeyIdentity):
+        return Caller(user_id=checked.user_id, plan_code=checked.plan_code, key_id=checked.key_id)
     authorization = request.headers.get("authorization")
     if authorization is None and request.cookies.get(SESSION_COOKIE):
         user = await load_session_user(request, session)

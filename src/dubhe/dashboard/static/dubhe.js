@@ -49,6 +49,7 @@ document.addEventListener("DOMContentLoaded", () => {
         other.tabIndex = selected ? 0 : -1;
         document.getElementById(other.getAttribute("aria-controls")).hidden = !selected;
       }
+      dubheMarkScrollables();
     };
     // Without JavaScript every panel shows; with it, only the selected one.
     select(tabs.find((tab) => tab.getAttribute("aria-selected") === "true") || tabs[0]);
@@ -64,3 +65,25 @@ document.addEventListener("DOMContentLoaded", () => {
     });
   }
 });
+
+// A table or code block wider than the screen scrolls inside its own box; keyboard users reach
+// that box with Tab and scroll it with the arrow keys, so it gets a tab stop and a name.
+function dubheMarkScrollables() {
+  for (const box of document.querySelectorAll(".table-wrap, pre")) {
+    const scrolls = box.scrollWidth > box.clientWidth;
+    if (scrolls && !box.hasAttribute("tabindex")) {
+      box.tabIndex = 0;
+      box.setAttribute("role", "region");
+      const table = box.querySelector("table");
+      const caption = table && (table.caption ? table.caption.textContent
+        : document.getElementById(table.getAttribute("aria-labelledby") || "")?.textContent);
+      box.setAttribute("aria-label", (caption || (table ? "Table" : "Code")).trim() + " (scrolls sideways)");
+    } else if (!scrolls && box.getAttribute("role") === "region") {
+      box.removeAttribute("tabindex");
+      box.removeAttribute("role");
+      box.removeAttribute("aria-label");
+    }
+  }
+}
+document.addEventListener("DOMContentLoaded", dubheMarkScrollables);
+window.addEventListener("resize", dubheMarkScrollables);

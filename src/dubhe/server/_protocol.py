@@ -1,0 +1,242 @@
+"""uvicorn's httptools protocol with the connection limits it lacks.
+
+uvicorn bounds neither the size nor the arrival time of request headers, nor the arrival time of a
+body, and a connection that never sends a byte is never closed: one client can hold a worker's
+memory (httptools accumulates a header value by concatenation, so an 80 MB header also costs
+seconds of CPU) or its connections forever. This subclass enforces, per connection:
+
+- headers larger than ``max_header_bytes`` or more than ``max_header_count`` of them: 431
+  ``headers_too_large``, then close (counted as bytes arrive, before httptools has the whole
+  header, so memory stays bounded by the limit plus one read);
+- headers not complete ``header_timeout_seconds`` after the connection opened or the request's
+  first byte arrived: 408 ``request_timeout``, then close (this also closes connections that send
+  nothing);
+- a body not complete ``body_timeout_seconds`` after its headers (a Content-Length larger than
+  what is sent, a trickle): 408, then close; the application sees a disconnect;
+- more than ``max_connections`` open on this worker: 503 ``server_busy``, then close, at once
+  rather than a hang.
+
+Idle keep-alive is uvicorn's own ``timeout_keep_alive``. Every answer written here is the
+error envelope of ``decisions.md`` §2 with an ``x-request-id``, like the application's own; so is
+the 400 uvicorn writes for a request it cannot parse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from asyncio import TimerHandle
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httptools
+from uvicorn.config import Config
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from dubhe.errors import DubheError, InvalidRequest, ServiceUnavailable
+from dubhe.gateway.asgi import new_request_id
+from dubhe.settings import Settings, load_settings
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    max_header_bytes: int
+    max_header_count: int
+    header_timeout_seconds: float
+    body_timeout_seconds: float
+    max_connections: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ConnectionLimits:
+        return cls(
+            max_header_bytes=settings.max_header_bytes,
+            max_header_count=settings.max_header_count,
+            header_timeout_seconds=settings.header_timeout_seconds,
+            body_timeout_seconds=settings.body_timeout_seconds,
+            max_connections=settings.max_connections,
+        )
+
+
+class _Refused(Exception):
+    """Raised from a parser callback to stop parsing; carries the answer to write."""
+
+    def __init__(self, error: DubheError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def _headers_too_large(limits: ConnectionLimits) -> DubheError:
+    return InvalidRequest(
+        f"The request headers are too large: at most {limits.max_header_count} headers and "
+        f"{limits.max_header_bytes} bytes in all. Send fewer or shorter headers.",
+        status_code=431, code="headers_too_large",
+    )
+
+
+def _too_slow(what: str, seconds: float) -> DubheError:
+    return InvalidRequest(
+        f"The request {what} did not arrive within {seconds:g} seconds; send the whole request "
+        "promptly, and retry.",
+        status_code=408, code="request_timeout",
+    )
+
+
+class DubheHttpProtocol(HttpToolsProtocol):
+    # Read once per worker process from the environment, like the application's settings.
+    _limits: ConnectionLimits | None = None
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        if DubheHttpProtocol._limits is None:
+            DubheHttpProtocol._limits = ConnectionLimits.from_settings(load_settings())
+        self.limits: ConnectionLimits = DubheHttpProtocol._limits
+        self._deadline: TimerHandle | None = None
+        # Bytes received since the current request's first byte while its headers are
+        # incomplete; None once they are complete (or before a request begins).
+        self._header_bytes: int | None = 0
+        self._header_count = 0
+        self._in_body = False
+        self._over_capacity = False
+
+    # -- connection -------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        # The connection itself counts (it is in self.connections already).
+        self._over_capacity = len(self.connections) > self.limits.max_connections
+        self._arm(self.limits.header_timeout_seconds, self._headers_timed_out)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self._unset_keepalive_if_required()
+        if self._header_bytes is None and not self._in_body and self._idle():
+            # The first bytes of the next request on a kept-alive connection.
+            self._header_bytes = 0
+            self._arm(self.limits.header_timeout_seconds, self._headers_timed_out)
+        if self._header_bytes is not None:
+            self._header_bytes += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._disarm()  # the WebSocket protocol takes the connection over, with its own limits
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+            return
+        except httptools.HttpParserError as exc:
+            refused = exc.__context__
+            if isinstance(refused, _Refused):
+                self._refuse(refused.error)
+            else:
+                self.logger.warning("Invalid HTTP request received.")
+                self.send_400_response("Invalid HTTP request received.")
+            return
+        if self._header_bytes is not None and self._header_bytes > self.limits.max_header_bytes:
+            self._refuse(_headers_too_large(self.limits))
+
+    def _idle(self) -> bool:
+        return self.cycle is None or self.cycle.response_complete
+
+    # -- parser callbacks -------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._header_count = 0
+        if self._header_bytes is None:  # a pipelined request: its bytes came with the last one
+            self._header_bytes = 0
+            self._arm(self.limits.header_timeout_seconds, self._headers_timed_out)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        if self._header_count > self.limits.max_header_count:
+            raise _Refused(_headers_too_large(self.limits))
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        if self._over_capacity:
+            raise _Refused(ServiceUnavailable(
+                "The server is at its connection limit; retry shortly.",
+                code="server_busy", headers={"retry-after": "1"},
+            ))
+        self._header_bytes = None
+        self._in_body = True
+        self._arm(self.limits.body_timeout_seconds, self._body_timed_out)
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._in_body = False
+        self._disarm()
+        super().on_message_complete()
+
+    # -- deadlines --------------------------------------------------------------------------
+
+    def _arm(self, seconds: float, callback: Callable[[], None]) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(seconds, callback)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _headers_timed_out(self) -> None:
+        self._deadline = None
+        if self._header_bytes is None or self.transport.is_closing():
+            return
+        if self._idle():
+            self._refuse(_too_slow("headers", self.limits.header_timeout_seconds))
+        else:  # an earlier pipelined request is still answering: no room for a 408
+            self.transport.close()
+
+    def _body_timed_out(self) -> None:
+        self._deadline = None
+        cycle = self.cycle
+        if cycle is None or self.transport.is_closing():
+            return
+        if not cycle.response_started:
+            self._refuse(_too_slow("body", self.limits.body_timeout_seconds))
+        else:
+            self.transport.close()
+        # The application may be waiting in receive(): it now sees a disconnect.
+        cycle.disconnected = True
+        cycle.message_event.set()
+
+    # -- answers written by the protocol ----------------------------------------------------
+
+    def send_400_response(self, msg: str) -> None:
+        self._refuse(InvalidRequest(
+            "The request is not valid HTTP/1.1; check the request line and headers.",
+            code="invalid_http",
+        ))
+
+    def _refuse(self, error: DubheError) -> None:
+        """Write ``error`` as the envelope, then close: the rest of the request is unread."""
+        self._disarm()
+        if self.transport.is_closing():
+            return
+        body = error.body()
+        lines = [STATUS_LINE[error.status_code]]
+        headers = [
+            *self.server_state.default_headers,
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"x-request-id", new_request_id().encode()),
+            *((name.encode(), value.encode()) for name, value in error.headers.items()),
+            (b"connection", b"close"),
+        ]
+        for name, value in headers:
+            lines.extend([name, b": ", value, b"\r\n"])
+        lines.extend([b"\r\n", body])
+        self.transport.write(b"".join(lines))
+        self.transport.close()

@@ -1,0 +1,79 @@
+"""Unknown API keys cost no database query: the key cache answers them from its filter of every
+key hash. A key created after the filter was loaded still works, within one refresh."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import event
+
+from dubhe.accounts.service import create_user
+from dubhe.catalog import load_catalog
+from dubhe.database import create_engine, create_sessionmaker
+from dubhe.errors import AuthenticationFailed
+from dubhe.keys.cache import KeyCache
+from dubhe.keys.format import generate_key
+from dubhe.keys.service import create_key
+from dubhe.migrations import upgrade
+from tests.conftest import fresh_database
+
+SECRET = b"k" * 48
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    with fresh_database(request.param, tmp_path) as url:
+        upgrade(url)
+        yield url
+
+
+async def test_guessed_keys_cost_no_query_and_new_keys_still_work(database: str) -> None:
+    engine = create_engine(database)
+    statements: list[str] = []
+
+    @event.listens_for(engine.sync_engine, "before_cursor_execute")
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement)
+
+    sessionmaker = create_sessionmaker(engine)
+    catalog = load_catalog(Path("/nonexistent/dubhe.toml"))
+
+    async def new_key() -> str:
+        async with sessionmaker() as session, session.begin():
+            email = f"{secrets.token_hex(4)}@example.com"
+            await create_user(session, email, "a long password", catalog=catalog)
+            return (await create_key(session, email, secret=SECRET)).secret
+
+    existing = await new_key()
+    cache = KeyCache(sessionmaker, SECRET, refresh_seconds=1.0)
+    try:
+        await cache.load()
+        cache.start()
+        assert (await cache.authenticate(b"Bearer " + existing.encode())).key_id > 0
+
+        statements.clear()
+        guesses = [generate_key() for _ in range(500)]
+        results = await asyncio.gather(
+            *(cache.authenticate(b"Bearer " + guess.encode()) for guess in guesses),
+            return_exceptions=True,
+        )
+        assert all(isinstance(result, AuthenticationFailed) for result in results)
+        # No lookup by hash; what ran is the cache's own refreshes (at most ~20 a second).
+        assert not [s for s in statements if "key_hash =" in s], statements
+        queries = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
+        refreshes = [s for s in queries if "updated_at >" in s]
+        assert refreshes == queries
+        assert len(refreshes) < 40
+
+        # A key made after the filter was loaded: accepted after (at most) one refresh.
+        created = await new_key()
+        identity = await cache.authenticate(b"Bearer " + created.encode())
+        assert identity.key_id > 0
+    finally:
+        await cache.stop()
+        await engine.dispose()
