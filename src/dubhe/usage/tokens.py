@@ -37,6 +37,11 @@ def count_text(text: str) -> int:
     return len(_encoding().encode_ordinary(text)) if text else 0
 
 
+def count_long_text(text: str) -> int:
+    """``count_text`` a piece at a time (``text_pieces``)."""
+    return sum(count_text(piece) for piece in text_pieces(text))
+
+
 def text_pieces(text: str) -> Iterator[str]:
     """``text`` in pieces of about ``_PIECE_CHARS``, cut after a space where there is one; a cut
     inside a word may add a token, which is noise at this length."""
