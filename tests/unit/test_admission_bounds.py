@@ -10,6 +10,7 @@ the gateway's admission step calls, against the realistic upstream's counting ru
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from typing import Any
 
@@ -21,7 +22,7 @@ from hypothesis import strategies as st
 from dubhe.billing.pricing import size_admission
 from dubhe.catalog import OUTPUT_LIMIT_FIELDS, ModelSpec, UpstreamSpec, load_catalog
 from dubhe.errors import DubheError, UnprocessableRequest
-from dubhe.gateway.admission import output_limit, size_request, upstream_payload
+from dubhe.gateway.admission import estimate_prompt, output_limit, size_request, upstream_payload
 from dubhe.gateway.validation import validate_chat_request
 from dubhe.usage import tokens
 from tests.upstreams.counting import adversarial_prompt_tokens
@@ -149,6 +150,12 @@ MODELS = st.builds(
 )
 
 
+def prompt_estimate(body: dict[str, Any], model: ModelSpec) -> int:
+    """The gateway's prompt estimate, as admission computes it for this body."""
+    # The body's size only picks the path (at once, or piece by piece).
+    return asyncio.run(estimate_prompt(body, model, body_bytes=len(str(body))))
+
+
 def upstream_charge(payload: bytes) -> tuple[int, int]:
     """What the realistic upstream charges for ``payload``: its prompt count, and each choice's
     output at the limit it honours (max_completion_tokens before max_tokens)."""
@@ -172,7 +179,7 @@ def test_the_hold_covers_what_the_realistic_upstream_charges(
     balance_uusd: int,
 ) -> None:
     request = validate_chat_request(body, model)
-    estimate = tokens.estimate_request(body, image_tokens=model.max_image_tokens)
+    estimate = prompt_estimate(body, model)
     try:
         sizing = size_request(body, request, model, upstream, estimate)
     except UnprocessableRequest as refused:
@@ -210,7 +217,7 @@ def test_the_context_check_refuses_only_what_its_estimate_does_not_fit(
 ) -> None:
     model = dataclasses.replace(AGENT, context_window=window, default_max_tokens=default)
     request = validate_chat_request(body, model)
-    estimate = tokens.estimate_request(body, image_tokens=model.max_image_tokens)
+    estimate = prompt_estimate(body, model)
     fits = estimate + (request.max_tokens or 1) <= window
     try:
         limit = output_limit(request, model, estimate)
@@ -228,10 +235,26 @@ def test_a_long_english_prompt_fits_by_its_estimate_though_its_bound_is_larger()
     body = {"model": "dubhe-fast", "messages": [
         {"role": "user", "content": (words * 4000)[:200_000]}]}
     request = validate_chat_request(body, FAST)
-    estimate = tokens.estimate_request(body, image_tokens=FAST.max_image_tokens)
+    estimate = prompt_estimate(body, FAST)
     sizing = size_request(body, request, FAST, CATALOG.upstreams[0], estimate)
     assert estimate < 60_000 < FAST.context_window < sizing.prompt_bound
     assert sizing.per_choice == FAST.default_max_tokens
+
+
+def test_a_large_prompt_is_counted_in_pieces_and_no_further_than_the_window() -> None:
+    words = "the quick brown fox jumps over the lazy dog and keeps running "
+    text = words * 20_000  # 1.3 MB, about 260,000 tokens
+    body = {"model": "dubhe-agent", "messages": [{"role": "user", "content": text}]}
+    whole = tokens.count_text(text)
+    counted = prompt_estimate(body, AGENT)  # a 1M window: counted to the end, piece by piece
+    assert abs(counted - 3 - 3 - whole) <= 2 * (len(text) // 16_384 + 1)  # a cut or two a piece
+    small = dataclasses.replace(AGENT, context_window=10_000)
+    stopped = prompt_estimate(body, small)
+    assert small.context_window < stopped < 20_000  # stopped soon after the window
+    request = validate_chat_request(body, small)
+    with pytest.raises(UnprocessableRequest, match="at least") as refused:
+        output_limit(request, small, stopped)
+    assert refused.value.code == "context_length_exceeded"
 
 
 def test_an_image_holds_max_image_tokens_not_its_url_bytes() -> None:
@@ -285,7 +308,7 @@ def test_any_json_body_is_admitted_or_refused_with_a_client_error(body: dict[str
     for model in (FAST, AGENT):
         try:
             request = validate_chat_request(dict(body), model)
-            estimate = tokens.estimate_request(body, image_tokens=model.max_image_tokens)
+            estimate = prompt_estimate(body, model)
             size_request(dict(body), request, model, CATALOG.upstreams[0], estimate)
         except DubheError as refused:
             assert 400 <= refused.status_code < 500
@@ -295,7 +318,7 @@ def test_a_body_nested_deeper_than_can_be_forwarded_is_a_400_not_a_crash() -> No
     deep = orjson.loads(b"[" * 300 + b"]" * 300)  # orjson reads 1,024 levels, writes 254
     body = {"model": "dubhe-fast", "messages": [{"role": "user", "content": "hi"}], "x": deep}
     request = validate_chat_request(body, FAST)
-    estimate = tokens.estimate_request(body, image_tokens=FAST.max_image_tokens)
+    estimate = prompt_estimate(body, FAST)
     with pytest.raises(DubheError) as refused:
         size_request(body, request, FAST, CATALOG.upstreams[0], estimate)
     assert (refused.value.status_code, refused.value.code) == (400, "invalid_json")

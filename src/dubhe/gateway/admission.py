@@ -4,7 +4,8 @@ the output limit the upstream is told.
 **The best estimate** (``estimate_prompt``: tiktoken's count of the texts, tools and schemas,
 plus the model's ``max_image_tokens`` per image) decides what the user sees as too long: the 422
 ``context_length_exceeded`` check and the default output limit. A 200,000-character English
-prompt is about 45,000 tokens, so a 128K model takes it.
+prompt is about 45,000 tokens, so a 128K model takes it. A large prompt is counted piece by
+piece between turns of the event loop, and no further than the context window.
 
 **The prompt bound** (``prompt_bound``) is what the hold pays for. It must be at least what any
 upstream can count as input, whatever its tokenizer:
@@ -52,8 +53,7 @@ from dubhe.errors import InvalidRequest, UnprocessableRequest
 from dubhe.gateway.validation import ChatRequest
 from dubhe.usage import tokens
 
-# Bodies up to this size are estimated on the event loop (well under a millisecond); larger ones
-# in a worker thread, so a 15 MB prompt does not stall every other request on the worker.
+# Bodies up to this size are estimated at once (well under a millisecond of tiktoken).
 INLINE_ESTIMATE_BYTES = 64 * 1024
 
 
@@ -84,12 +84,22 @@ def size_request(
 
 
 async def estimate_prompt(body: dict[str, Any], model: ModelSpec, *, body_bytes: int) -> int:
-    """The best estimate of the prompt's tokens, counted off the event loop for a large body."""
+    """The best estimate of the prompt's tokens. A large body is counted a piece at a time,
+    yielding to the event loop between pieces, and only until it is known not to fit: the work is
+    bounded by the context window, not the body (a 15 MB prompt on a 128K model stops after
+    ~0.5 MB), and no piece stalls the worker's other requests for more than a few milliseconds.
+    Past the window, the count returned is where counting stopped (still too long)."""
+    fixed, texts = tokens.prompt_texts(body, image_tokens=model.max_image_tokens)
     if body_bytes <= INLINE_ESTIMATE_BYTES:
-        return tokens.estimate_request(body, image_tokens=model.max_image_tokens)
-    return await asyncio.to_thread(
-        tokens.estimate_request, body, image_tokens=model.max_image_tokens
-    )
+        return fixed + sum(tokens.count_text(text) for text in texts)
+    total = fixed
+    for text in texts:
+        for piece in tokens.text_pieces(text):
+            total += tokens.count_text(piece)
+            if total > model.context_window:
+                return total
+            await asyncio.sleep(0)
+    return total
 
 
 def output_limit(request: ChatRequest, model: ModelSpec, estimate: int) -> int:
@@ -99,10 +109,12 @@ def output_limit(request: ChatRequest, model: ModelSpec, estimate: int) -> int:
     limit = request.max_tokens or min(model.default_max_tokens, room)
     if limit > room or room < 1:
         asked = f", {request.max_tokens} in the completion" if request.max_tokens else ""
+        # Counting stops past the window (estimate_prompt): the number is then a lower bound.
+        least = "at least " if estimate > model.context_window else ""
         raise UnprocessableRequest(
             f"This model's maximum context length is {model.context_window} tokens. However, "
-            f"you requested {estimate + (request.max_tokens or 0)} tokens ({estimate} in the "
-            f"messages{asked}). Shorten the messages or lower max_tokens.",
+            f"you requested {least}{estimate + (request.max_tokens or 0)} tokens ({estimate} in "
+            f"the messages{asked}). Shorten the messages or lower max_tokens.",
             code="context_length_exceeded",
             param="messages",
         )

