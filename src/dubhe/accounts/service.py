@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from dubhe.accounts.links import LinkClaim, password_fingerprint, read_link, sign_link
 from dubhe.accounts.passwords import MIN_PASSWORD_LENGTH, hash_password, verify_password
 from dubhe.accounts.repository import AuthAttemptRepository, UserRepository, WebSessionRepository
-from dubhe.accounts.sessions import hash_session_token, new_session_token
+from dubhe.accounts.session_tokens import hash_session_token, new_session_token
 from dubhe.billing.service import open_new_account
 from dubhe.catalog import Catalog
 from dubhe.errors import (

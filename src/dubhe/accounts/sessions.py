@@ -33,6 +33,7 @@ from fastapi import Depends, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from sqlalchemy import select
 
+from dubhe.accounts.session_tokens import hash_session_token
 from dubhe.errors import AuthenticationFailed, DubheError
 from dubhe.gateway.asgi import Message, Receive, Scope, Send
 from dubhe.models import User, WebSession
@@ -80,14 +81,6 @@ class CsrfRejected(DubheError):
 
 
 # -- sessions -------------------------------------------------------------------------------------
-
-
-def new_session_token() -> str:
-    return secrets.token_urlsafe(32)
-
-
-def hash_session_token(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def session_expiry(now: datetime, hours: int) -> datetime:
