@@ -22,7 +22,13 @@ from hypothesis import strategies as st
 from dubhe.billing.pricing import size_admission
 from dubhe.catalog import OUTPUT_LIMIT_FIELDS, ModelSpec, UpstreamSpec, load_catalog
 from dubhe.errors import DubheError, UnprocessableRequest
-from dubhe.gateway.admission import estimate_prompt, output_limit, size_request, upstream_payload
+from dubhe.gateway.admission import (
+    estimate_prompt,
+    output_limit,
+    size,
+    size_request,
+    upstream_payload,
+)
 from dubhe.gateway.validation import validate_chat_request
 from dubhe.usage import tokens
 from tests.upstreams.counting import adversarial_prompt_tokens
@@ -239,6 +245,32 @@ def test_a_long_english_prompt_fits_by_its_estimate_though_its_bound_is_larger()
     sizing = size_request(body, request, FAST, CATALOG.upstreams[0], estimate)
     assert estimate < 60_000 < FAST.context_window < sizing.prompt_bound
     assert sizing.per_choice == FAST.default_max_tokens
+
+
+def test_the_prompt_is_counted_only_when_its_bound_may_not_fit() -> None:
+    upstream = CATALOG.upstreams[0]
+    short = {"model": "dubhe-fast", "messages": [{"role": "user", "content": "Hello!"}]}
+    sized = asyncio.run(size(dict(short), validate_chat_request(short, FAST), FAST, upstream,
+                             body_bytes=60))
+    counted = size_request(dict(short), validate_chat_request(short, FAST), FAST, upstream,
+                           prompt_estimate(short, FAST))
+    # Nothing tokenized, and the same hold and payload as with the count.
+    assert sized.estimate is None
+    assert (sized.per_choice, sized.prompt_bound, sized.payload) == (
+        counted.per_choice, counted.prompt_bound, counted.payload)
+    # Near the window the count decides: the default limit shrinks to what is left.
+    words = "the quick brown fox jumps over the lazy dog and keeps running "
+    long = {"model": "dubhe-fast", "messages": [{"role": "user", "content": words * 2100}]}
+    request = validate_chat_request(long, FAST)
+    sized = asyncio.run(size(dict(long), request, FAST, upstream, body_bytes=130_000))
+    estimate = prompt_estimate(long, FAST)
+    assert sized.estimate == estimate
+    assert sized.per_choice == min(FAST.default_max_tokens, FAST.context_window - estimate)
+    too_long = {"model": "dubhe-fast", "messages": [{"role": "user", "content": words * 12000}]}
+    with pytest.raises(UnprocessableRequest) as refused:
+        asyncio.run(size(dict(too_long), validate_chat_request(too_long, FAST), FAST, upstream,
+                         body_bytes=750_000))
+    assert refused.value.code == "context_length_exceeded"
 
 
 def test_a_large_prompt_is_counted_in_pieces_and_no_further_than_the_window() -> None:

@@ -61,7 +61,7 @@ INLINE_ESTIMATE_BYTES = 64 * 1024
 class Sizing:
     """A request sized for admission: hold ``prompt_bound + per_choice × n``, send ``payload``."""
 
-    estimate: int  # the prompt's best estimate
+    estimate: int | None  # the prompt's best estimate; None when it was not needed (``size``)
     per_choice: int  # each choice's output limit, as sent upstream
     prompt_bound: int
     payload: bytes
@@ -81,6 +81,32 @@ def size_request(
     per_choice = output_limit(request, model, estimate)
     payload = upstream_payload(body, request, model, upstream, per_choice)
     return Sizing(estimate, per_choice, prompt_bound(payload, request, model), payload)
+
+
+async def size(
+    body: dict[str, Any],
+    request: ChatRequest,
+    model: ModelSpec,
+    upstream: UpstreamSpec,
+    *,
+    body_bytes: int,
+) -> Sizing:
+    """``size_request``, counting the prompt only when it can matter.
+
+    The bound is never below the estimate (tiktoken makes at most one token per UTF-8 byte, and
+    the bound holds every counted text at its byte length, with the same allowance per image and
+    more framing per message; the property tests check it). So when the bound fits in the
+    context window next to the output limit, the estimate fits too: no 422 is possible, and the
+    default limit is the model's own. Then nothing is tokenized, which is almost every request:
+    tiktoken's CPU stays off the hot path, and its tables are not even loaded until a long
+    prompt or an upstream's missing usage needs them."""
+    limit = request.max_tokens or model.default_max_tokens
+    payload = upstream_payload(body, request, model, upstream, limit)
+    bound = prompt_bound(payload, request, model)
+    if bound + limit <= model.context_window:
+        return Sizing(None, limit, bound, payload)
+    estimate = await estimate_prompt(body, model, body_bytes=body_bytes)
+    return size_request(body, request, model, upstream, estimate)
 
 
 async def estimate_prompt(body: dict[str, Any], model: ModelSpec, *, body_bytes: int) -> int:

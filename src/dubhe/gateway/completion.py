@@ -114,7 +114,7 @@ class ChatCompletion:
         self.upstream: Upstream
         self.balance: Balance
         self.clamped_to: int | None = None  # the per-choice output limit, when lowered
-        self.prompt_tokens = 0  # the prompt's best estimate (what Dubhe charges without usage)
+        self._estimate: int | None = None  # the prompt's best estimate, once counted
         self.prompt_bound = 0  # at most what any upstream can count for the prompt
         self.output_limit = 0  # output tokens held, over all choices
         # The consumer left, but the answer is still taken and charged (non-streaming: see
@@ -137,7 +137,6 @@ class ChatCompletion:
         body = self.body = _parse_body(raw)
         model = self.model = _resolve_model(body, self.identity, state)
         request = self.request = validate_chat_request(body, model)
-        estimate = await admission.estimate_prompt(body, model, body_bytes=len(raw))
         if model.status == "maintenance":
             raise ServiceUnavailable(
                 f"The model '{model.id}' is under maintenance; retry later.",
@@ -153,7 +152,7 @@ class ChatCompletion:
             )
         upstream = self.upstream = upstreams[0]
         # The hold: the prompt's bound plus each choice's output limit, n times (admission.py).
-        sizing = admission.size_request(body, request, model, upstream.spec, estimate)
+        sizing = await admission.size(body, request, model, upstream.spec, body_bytes=len(raw))
         try:
             held = await state.meter.reserve(
                 user_id=self.identity.user_id,
@@ -176,7 +175,7 @@ class ChatCompletion:
         if isinstance(held, Denied):
             raise _insufficient_quota(held, sizing.prompt_bound + request.n)
         self.balance = held.balance
-        self.prompt_tokens = estimate
+        self._estimate = sizing.estimate
         # The usage rule judges a reported prompt count against the same bound the hold used.
         self.prompt_bound = sizing.prompt_bound
         self._payload = sizing.payload
@@ -293,7 +292,7 @@ class ChatCompletion:
             event.prompt_tokens = report.prompt_tokens
             event.completion_tokens = report.completion_tokens
         else:
-            event.prompt_tokens = self.prompt_tokens
+            event.prompt_tokens = await self._prompt_estimate()
             if len(raw) > _COUNT_INLINE_BYTES:
                 event.completion_tokens = await asyncio.to_thread(
                     tokens.count_completion_message, data
@@ -382,7 +381,7 @@ class ChatCompletion:
             await self._settle_stream(self._relay, "client_cancelled", 499)
             return
         event = self._event("client_cancelled", 499)
-        event.prompt_tokens = self.prompt_tokens
+        event.prompt_tokens = await self._prompt_estimate()
         event.completion_tokens = 0
         self._estimated(event, Untrusted("the client left before the answer"))
         self._settle(event)
@@ -399,6 +398,15 @@ class ChatCompletion:
             self.state.meter.settle(event, wait=False)
 
     # -- metering ----------------------------------------------------------------------------
+
+    async def _prompt_estimate(self) -> int:
+        """The prompt's best estimate, what Dubhe charges when the upstream's count is not used:
+        counted at admission only if the context check needed it, else now (rarely)."""
+        if self._estimate is None:
+            self._estimate = await admission.estimate_prompt(
+                self.body, self.model, body_bytes=len(self._payload)
+            )
+        return self._estimate
 
     def _estimated(self, event: UsageEvent, why: Untrusted) -> None:
         event.usage_source = "estimated"
@@ -439,7 +447,7 @@ class ChatCompletion:
             event.prompt_tokens = report.prompt_tokens
             event.completion_tokens = report.completion_tokens
         else:
-            event.prompt_tokens = self.prompt_tokens
+            event.prompt_tokens = await self._prompt_estimate()
             event.completion_tokens = await relay.completion_tokens()
             self._estimated(event, report or Untrusted("no usage reported"))
         return self._settle(event)
