@@ -164,7 +164,7 @@ class Server:
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
-            [str(BIN / "dubhe"), *args], env=self.env, capture_output=True, text=True, timeout=60
+            [str(BIN / "dubhe"), *args], env=self.env, capture_output=True, text=True, timeout=180
         )
         if check and result.returncode != 0:
             raise AssertionError(f"dubhe {' '.join(args)} failed: {result.stderr}")
