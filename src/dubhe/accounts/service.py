@@ -22,7 +22,6 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from dubhe.accounts.links import LinkClaim, password_fingerprint, read_link, sign_link
 from dubhe.accounts.passwords import MIN_PASSWORD_LENGTH, hash_password, verify_password
 from dubhe.accounts.repository import AuthAttemptRepository, UserRepository, WebSessionRepository
-from dubhe.accounts.sessions import hash_session_token, new_session_token
 from dubhe.billing.service import open_new_account
 from dubhe.catalog import Catalog
 from dubhe.errors import (
@@ -189,6 +188,10 @@ async def check_credentials(session: AsyncSession, email: str, password: str) ->
 async def open_session(session: AsyncSession, user_id: int, *, hours: int,
                        now: datetime) -> tuple[str, WebSession]:
     """A new dashboard session; returns the cookie's token (only its hash is stored)."""
+    # Here, not at the top: dubhe.accounts.sessions imports FastAPI (~1 s of CPU), which the
+    # operator CLI's user commands, importing this module, do not otherwise need.
+    from dubhe.accounts.sessions import hash_session_token, new_session_token
+
     token = new_session_token()
     web_session = WebSession(token_hash=hash_session_token(token), user_id=user_id,
                              created_at=now, expires_at=now + timedelta(hours=hours))
