@@ -156,15 +156,17 @@ def test_a_trailing_slash_is_not_redirected(hardened: Server) -> None:
     assert envelope(response)["code"] == "unknown_url"
 
 
-def test_a_ledger_cursor_beyond_bigint_is_422_and_the_connection_lives(hardened: Server) -> None:
+@pytest.mark.parametrize("path", ["/api/ledger", "/api/usage/requests", "/api/billing/statement"])
+def test_a_cursor_beyond_bigint_is_422_and_the_connection_lives(hardened: Server,
+                                                                path: str) -> None:
     key = hardened.key("pro")
     with httpx.Client(base_url=root(hardened), timeout=SLACK,
                       headers={"authorization": f"Bearer {key}"}) as client:
         for before in (2**63, 2**64 + 5, 10**30):
-            response = client.get("/api/ledger", params={"before": before})
+            response = client.get(path, params={"before": before})
             assert response.status_code == 422
             assert envelope(response)["param"] == "before"
-        assert client.get("/api/ledger", params={"before": 2**63 - 1}).status_code == 200
+        assert client.get(path, params={"before": 2**63 - 1}).status_code == 200
 
 
 def test_the_webhook_reads_a_bounded_body_before_the_signature(hardened: Server) -> None:

@@ -49,7 +49,7 @@ from dubhe.billing.service import choose_plan
 from dubhe.gateway.asgi import new_request_id
 from dubhe.models import UsageRecord
 from dubhe.models.base import utcnow
-from dubhe.web.dependencies import CurrentUser, SessionDep, StateDep
+from dubhe.web.dependencies import CurrentUser, RowCursor, SessionDep, StateDep
 
 # The most rows one CSV export carries (a period's requests); the JSON pages go further.
 CSV_ROW_LIMIT = 100_000
@@ -105,7 +105,7 @@ async def get_usage_summary(user: CurrentUser, session: SessionDep, state: State
 @router.get("/usage/requests")
 async def get_requests(user: CurrentUser, session: SessionDep,
                        limit: Annotated[int, Query(ge=1, le=200)] = 50,
-                       before: Annotated[int | None, Query(ge=1)] = None) -> RequestPage:
+                       before: RowCursor = None) -> RequestPage:
     """The caller's requests, newest first (``?before=`` pages on)."""
     rows, next_before = await BillingQueries.from_session(session).requests_page(
         user.user_id, limit=limit, before=before)
@@ -152,9 +152,7 @@ def csv_response(filename: str, header: Sequence[str],
 @router.get("/ledger")
 async def get_ledger(user: CurrentUser, session: SessionDep,
                      limit: Annotated[int, Query(ge=1, le=200)] = 50,
-                     # Ids are BIGINT: a larger cursor would overflow the query (a 500).
-                     before: Annotated[int | None, Query(ge=1, le=2**63 - 1)] = None
-                     ) -> LedgerPage:
+                     before: RowCursor = None) -> LedgerPage:
     rows, next_before = await BillingQueries.from_session(session).ledger_page(
         user.user_id, limit=limit, before=before
     )
@@ -184,7 +182,7 @@ async def redeem(body: RedeemIn, user: CurrentUser, session: SessionDep,
 @router.get("/billing/statement")
 async def get_statement(user: CurrentUser, session: SessionDep,
                         limit: Annotated[int, Query(ge=1, le=200)] = 50,
-                        before: Annotated[int | None, Query(ge=1)] = None) -> StatementPage:
+                        before: RowCursor = None) -> StatementPage:
     """The ledger as a statement: each line's change to the balance and to the included
     tokens, with the balance after it; newest first (``?before=`` pages on)."""
     lines, next_before = await BillingQueries.from_session(session).statement_page(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Form, Query, Request
+from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -32,7 +32,7 @@ from dubhe.dashboard.usage_page import build_usage_page
 from dubhe.errors import DubheError, InsufficientQuota
 from dubhe.models.base import utcnow
 from dubhe.payments import service as payments
-from dubhe.web.dependencies import SessionDep, StateDep, WebState
+from dubhe.web.dependencies import RowCursor, SessionDep, StateDep, WebState
 
 router = APIRouter(include_in_schema=False)
 
@@ -64,7 +64,7 @@ async def homepage(request: Request, state: StateDep,
 @router.get("/dashboard/usage", response_class=HTMLResponse)
 async def usage(request: Request, user: SessionUserDep, session: SessionDep, state: StateDep,
                 period: Literal["current", "previous"] = "current",
-                before: Annotated[int | None, Query(ge=1)] = None) -> HTMLResponse:
+                before: RowCursor = None) -> HTMLResponse:
     page = await build_usage_page(session, user_id=user.id, catalog=state.catalog, now=utcnow(),
                                   period=period, before=before)
     return render(request, "usage.html", title="Usage", page=page, user=user)
@@ -75,7 +75,7 @@ async def usage(request: Request, user: SessionUserDep, session: SessionDep, sta
 
 @router.get("/dashboard/billing", response_class=HTMLResponse)
 async def billing(request: Request, user: SessionUserDep, session: SessionDep, state: StateDep,
-                  before: Annotated[int | None, Query(ge=1)] = None,
+                  before: RowCursor = None,
                   notice: str | None = None, error: str | None = None) -> HTMLResponse:
     return await _billing(request, user, session, state, before=before,
                           notice=BILLING_NOTICES.get(notice or ""),

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from dubhe.catalog import Catalog
@@ -31,6 +31,10 @@ def get_state(request: Request) -> WebState:
 
 
 StateDep = Annotated[WebState, Depends(get_state)]
+
+# A page cursor (``?before=ID``): row ids are BIGINT, and a larger number would overflow the
+# query, a 500 (and on SQLite a reset keep-alive connection); beyond it is a 422.
+RowCursor = Annotated[int | None, Query(ge=1, le=2**63 - 1)]
 
 
 async def get_session(state: StateDep) -> AsyncIterator[AsyncSession]:
