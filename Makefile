@@ -1,5 +1,6 @@
 # The README's two commands, `make serve` and `make test`, do all the set-up on a fresh machine:
-# a pinned uv in .tools/, the locked environment in .venv/, the Node SDK check's packages.
+# a pinned uv in .tools/, the locked environment in .venv/, the Node packages of the tests and
+# (for make test, as root) Debian's chromium for the browser tests.
 
 UV_VERSION := 0.13.9
 PYTHON ?= python3
@@ -25,7 +26,15 @@ setup: .venv/.synced
 serve: setup
 	$(VENV)/dubhe serve
 
-test: lint tests/node/node_modules/.installed
+# The browser tests drive Debian's Chromium (never a browser build downloaded by Playwright).
+/usr/bin/chromium:
+	@if [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	else \
+	  echo "make test needs Debian's chromium: sudo apt-get install chromium" >&2; exit 1; \
+	fi
+
+test: lint tests/node/node_modules/.installed /usr/bin/chromium
 	$(VENV)/python -m pytest -n 4 --dist loadfile
 
 lint: setup
