@@ -71,3 +71,20 @@ async def test_the_default_output_limit_held_is_the_one_sent(honest: Billing,
     assert charged["completion_tokens"] <= 4096, charged
     account = await honest.assert_consistent(user_id)
     assert account["debt_uusd"] == 0, account
+
+
+async def test_without_usage_the_schema_is_still_charged(honest: Billing) -> None:
+    """An upstream that reports no usage (many do, in streams) is charged on Dubhe's own count,
+    which must include the tools the upstream read: 50,000 tokens of tool description here
+    (each " the" is one cl100k_base token). On main it counts the messages only (14 tokens)."""
+    key, user_id = await honest.new_account("metered")
+    await honest.credit(user_id, 1_000_000)
+    tool = {"type": "function", "function": {"name": "f", "description": " the" * 50_000}}
+    async with httpx.AsyncClient(base_url=honest.server.base_url, timeout=120,
+                                 headers={"Authorization": f"Bearer {key}"}) as client:
+        response = await client.post("/chat/completions", json={
+            "model": "dubhe-fast", "messages": [{"role": "user", "content": "hi [[up:usage=none]]"}],
+            "tools": [tool], "max_tokens": 5})
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["prompt_tokens"] >= 50_000, response.json()["usage"]
+    await honest.assert_consistent(user_id)
