@@ -88,3 +88,20 @@ async def test_without_usage_the_schema_is_still_charged(honest: Billing) -> Non
     assert response.status_code == 200, response.text
     assert response.json()["usage"]["prompt_tokens"] >= 50_000, response.json()["usage"]
     await honest.assert_consistent(user_id)
+
+
+async def test_the_smaller_of_two_limits_is_the_one_sent(honest: Billing,
+                                                          realistic: Realistic) -> None:
+    """max_tokens=1 is held, but max_completion_tokens=50000 goes upstream untouched and wins
+    there (as in vLLM): 20,000 tokens for the price of one, owed by a free account."""
+    key, user_id = await honest.new_account("tiny")
+    async with httpx.AsyncClient(base_url=honest.server.base_url, timeout=300,
+                                 headers={"Authorization": f"Bearer {key}"}) as client:
+        response = await client.post("/chat/completions", json={
+            "model": "dubhe-fast", "max_tokens": 1, "max_completion_tokens": 50_000,
+            "messages": [{"role": "user", "content": "hi [[up:tokens=20000]]"}]})
+    assert response.status_code == 200, response.text
+    charged = realistic.charged(response.headers["x-request-id"])
+    assert charged is not None and charged["completion_tokens"] <= 1, charged
+    account = await honest.assert_consistent(user_id)
+    assert account["debt_uusd"] == 0, account
