@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 
+import orjson
 from aiohttp import web
 
 from tests.upstreams.realistic import SECRET_MESSAGE
@@ -18,8 +19,8 @@ async def chat(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"content-type": "text/event-stream"})
     await response.prepare(request)
     await response.write(CHUNK)
-    error = web.json_response({"error": {"message": SECRET_MESSAGE, "type": "server_error"}})
-    await response.write(b"data: " + (error.body or b"") + b"\n\n")  # type: ignore[operator]
+    error = orjson.dumps({"error": {"message": SECRET_MESSAGE, "type": "server_error"}})
+    await response.write(b"data: " + error + b"\n\n")
     await response.write_eof()
     return response
 
