@@ -70,8 +70,6 @@ def _parser() -> argparse.ArgumentParser:
     create_key = keys.add_parser("create", help="create an API key; prints it, alone, once")
     create_key.add_argument("email")
     create_key.add_argument("--name", default="default")
-    create_key.add_argument("--spend-cap-usd", default=None,
-                            help="refuse requests past this spend per calendar month (UTC)")
     list_keys = keys.add_parser("list", help="print a user's keys, one JSON object per line")
     list_keys.add_argument("email")
     revoke_key = keys.add_parser("revoke", help="revoke the one live key with this prefix")
@@ -280,13 +278,11 @@ def _cmd_keys(args: argparse.Namespace) -> None:
 
     settings, _ = _context()
     secret = settings.resolved_secret
-    cap = _usd(args.spend_cap_usd, "--spend-cap-usd") if getattr(args, "spend_cap_usd", None) else None
     _migrate(settings)
     if args.keys_command == "create":
 
         async def work(session: Any) -> Any:
-            return await create_key(session, args.email, secret=secret, name=args.name,
-                                    spend_cap_uusd=cap)
+            return await create_key(session, args.email, secret=secret, name=args.name)
 
         created = _run_in_session(settings, work)
         print(created.secret)

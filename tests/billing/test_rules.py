@@ -73,7 +73,7 @@ async def test_not_even_the_prompt_is_402_with_what_is_left(billing: Billing) ->
     response = ask(billing, key, "hello")
     assert response.status_code == 402
     error = response.json()["error"]
-    assert error["param"] is None and "0 included tokens and $0.000000 left" in error["message"]
+    assert error["param"] is None and "0 included tokens and $0.000000 are available" in error["message"]
     await billing.assert_consistent(user_id)
 
 

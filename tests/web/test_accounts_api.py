@@ -362,15 +362,25 @@ def test_deleting_an_account_revokes_its_keys_and_keeps_its_ledger(web: WebServe
 # -- the operator's CLI ------------------------------------------------------------------------------
 
 
+def test_a_spend_cap_that_is_not_enforced_cannot_be_set(web: WebServer) -> None:
+    with web.client() as client:
+        client.sign_up()
+        response = client.api("POST", "/api/keys", {"name": "capped", "spend_cap_usd": "5"})
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert (error["code"], error["param"]) == ("unsupported_parameter", "spend_cap_usd")
+        assert client.get("/api/keys").json()["data"] == []
+
+
 def test_cli_lists_and_revokes_keys(web: WebServer) -> None:
     with web.client() as client:
         email = client.sign_up()
-        first = client.create_key("one", spend_cap_usd="12.50", expires_in_days=30)
+        first = client.create_key("one", expires_in_days=30)
         client.create_key("two")
     lines = web.cli("keys", "list", email).stdout.strip().splitlines()
     rows = [json.loads(line) for line in lines]
     assert [row["name"] for row in rows] == ["two", "one"]
-    assert rows[1]["spend_cap_usd"] == "12.500000" and rows[1]["expires_at"]
+    assert rows[1]["spend_cap_usd"] is None and rows[1]["expires_at"]
     assert all("key" not in row for row in rows)
     web.cli("keys", "revoke", first["key"])  # the full key names exactly one
     assert wait_for_status(f"{web.base_url}/models", first["key"], 401) == 401

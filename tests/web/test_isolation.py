@@ -127,7 +127,7 @@ def test_user_b_can_never_read_or_change_user_a(web: WebServer) -> None:
     marker = secrets.token_hex(6)
     with web.client() as alice:
         alice_email = alice.sign_up(f"alice-{marker}@example.com")
-        alice_key = alice.create_key(f"alice-key-{marker}", spend_cap_usd="3")
+        alice_key = alice.create_key(f"alice-key-{marker}")
         alice.api("POST", "/api/playground/key")
         called = httpx.post(f"{web.base_url}/chat/completions",
                             headers={"authorization": f"Bearer {alice_key['key']}"},

@@ -496,10 +496,11 @@ def _insufficient_quota(denied: Denied, least_tokens: int) -> InsufficientQuota:
     if denied.debt_uusd:
         return InsufficientQuota(debt_message(denied.debt_uusd))
     return InsufficientQuota(
-        "Your plan's included tokens and prepaid balance cannot cover this request: you have "
+        "Your plan's included tokens and prepaid balance cannot cover this request: "
         f"{denied.balance.tokens_remaining} included tokens and "
-        f"${format_usd(denied.balance.balance_uusd)} left, and it needs at least "
-        f"{least_tokens} tokens (the prompt plus one per choice). Recharge your balance or "
+        f"${format_usd(denied.balance.balance_uusd)} are available now (credit held for your "
+        "other requests in flight is not, and returns seconds after they end), and it needs at "
+        f"least {least_tokens} tokens (the prompt plus one per choice). Recharge your balance or "
         "upgrade your plan in the dashboard."
     )
 
