@@ -345,6 +345,9 @@ class ChatCompletion:
                 code="upstream_error",
             ) from None
         if relay.upstream_error:
+            log.warning("upstream %s sent an error event in the stream of %s: %s",
+                        self.upstream.spec.name, self.request_id,
+                        relay.upstream_error_event.decode("utf-8", "replace"))  # fmt: skip
             settled = await self._settle_stream(relay, "upstream_error", 502)
             self.stream_end = StreamEnd(None, settled, upstream_error=True)
             return

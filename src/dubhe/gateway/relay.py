@@ -26,6 +26,8 @@ import asyncio
 
 import orjson
 
+from dubhe.errors import UpstreamError
+from dubhe.providers.errors import redact_upstream_message
 from dubhe.usage import tokens
 from dubhe.usage.reports import Untrusted, UsageReport, parse_usage
 
@@ -59,6 +61,7 @@ class StreamRelay:
         self.usage_event: dict[str, object] | None = None
         self.saw_done = False
         self.upstream_error = False  # the upstream sent its own error event (relayed)
+        self.upstream_error_event = b""  # that event as the upstream sent it (for the log)
         self.fault: StreamFault | None = None  # how the upstream broke the protocol
         self.relayed_size = 0
         self._batch: list[bytes] = []
@@ -159,9 +162,12 @@ class StreamRelay:
                 self.saw_done = True
                 continue
             if event.startswith(_ERROR_EVENT):
-                # The upstream's own error: relayed once, and the stream ends with it.
+                # The upstream's own error: relayed once, in Dubhe's envelope with its message
+                # redacted (it may name the upstream's key, hosts or addresses), and the stream
+                # ends with it. The original is kept for the log.
                 self.upstream_error = True
-                kept.append(event)
+                self.upstream_error_event = event
+                kept.append(_redacted_error_event(event))
                 continue
             if _USAGE_MARK in event and event.startswith(b"data:"):
                 try:
@@ -222,3 +228,18 @@ def _event_fault(event: bytes) -> str | None:
         if not line.startswith((b"event:", b"id:", b"retry:")):
             return f"a line is not server-sent events: {line[:80]!r}"
     return None
+
+
+def _redacted_error_event(event: bytes) -> bytes:
+    """An upstream's in-stream error event as Dubhe relays it: the four-key envelope of
+    ``decisions.md`` with the upstream's message redacted and cut, never its other fields."""
+    message = "The upstream failed while streaming; retry the request."
+    try:
+        parsed = orjson.loads(event[5:].strip())
+    except orjson.JSONDecodeError:
+        parsed = None
+    detail = parsed.get("error") if isinstance(parsed, dict) else None
+    text = detail.get("message") if isinstance(detail, dict) else None
+    if isinstance(text, str) and text.strip():
+        message = redact_upstream_message(text)
+    return b"data: " + UpstreamError(message, code="upstream_error").body()

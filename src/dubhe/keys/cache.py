@@ -30,8 +30,12 @@ from dubhe.models.base import utcnow
 
 log = logging.getLogger(__name__)
 
-# Clocks of different instances drift; re-read a little of the past on every refresh.
-_REFRESH_OVERLAP = timedelta(seconds=5)
+# Re-read this much of the past on every refresh. A change is stamped (``updated_at``) when its
+# transaction writes it, not when it commits, and a transaction waiting for a lock (SQLite's one
+# writer on a loaded machine) can commit many seconds after its stamp; clocks of instances drift
+# too. With 5 s a revocation that committed late was missed for good. Re-reading a minute costs
+# one indexed query returning the few keys changed in it.
+_REFRESH_OVERLAP = timedelta(seconds=60)
 _NEGATIVE_CACHE_LIMIT = 100_000
 _MIN_REFRESH_INTERVAL = 0.05
 # How long a request with a key the filter does not know waits for a refresh before it is
