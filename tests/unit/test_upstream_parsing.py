@@ -79,7 +79,8 @@ async def test_an_endless_event_is_cut_at_the_bound_without_recopying() -> None:
 async def test_the_upstreams_own_error_event_is_the_last() -> None:
     stream = relay()
     ready = stream.feed(b'data: {"a":1}\n\ndata: {"error":{"message":"x"}}\n\ndata: {"b":2}\n\n')
-    assert ready == b'data: {"a":1}\n\ndata: {"error":{"message":"x"}}\n\n'
+    assert ready == (b'data: {"a":1}\n\ndata: {"error":{"message":"x","type":"server_error",'
+                     b'"param":null,"code":"upstream_error"}}\n\n')
     assert stream.upstream_error and stream.feed(b"data: [DONE]\n\n") == b""
 
 
