@@ -15,7 +15,7 @@ from fastapi import FastAPI
 
 from dubhe.billing.meter import Meter
 from dubhe.catalog import Catalog, load_catalog
-from dubhe.database import create_engine, create_sessionmaker
+from dubhe.database import create_engine, create_read_sessionmaker, create_sessionmaker
 from dubhe.gateway.app import GatewayApp, GatewayState
 from dubhe.gateway.asgi import Receive, Scope, Send, new_request_id, send_error, send_json
 from dubhe.gateway.models_list import ModelListings
@@ -35,6 +35,7 @@ class DubheApp:
         self.catalog = catalog
         self.engine = create_engine(settings.resolved_database_url)
         self.sessionmaker = create_sessionmaker(self.engine)
+        self.read_sessionmaker = create_read_sessionmaker(self.engine)
         self.gateway: GatewayApp | None = None
         self.web: FastAPI | None = None
         self._state: GatewayState | None = None
@@ -49,10 +50,11 @@ class DubheApp:
             # ~25 MB and a second of CPU: only where payments are configured, and now rather
             # than on the event loop at the first payment.
             import stripe  # noqa: F401
-        keys = KeyCache(self.sessionmaker, self.settings.resolved_secret)
+        keys = KeyCache(self.read_sessionmaker, self.settings.resolved_secret)
         upstreams = UpstreamPool(self.catalog)
         await upstreams.start()
-        meter = Meter(self.sessionmaker, self.catalog, self.settings.data_dir / "spool")
+        meter = Meter(self.sessionmaker, self.catalog, self.settings.data_dir / "spool",
+                      read_sessionmaker=self.read_sessionmaker)
         meter.start()
         await keys.load()
         keys.start()

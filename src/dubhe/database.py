@@ -4,6 +4,11 @@ SQLite: every transaction begins with ``BEGIN IMMEDIATE``. SQLAlchemy renders no
 ``FOR UPDATE`` there, and a transaction that reads first and then writes upgrades its lock and
 fails with "database is locked" under load; taking the write lock up front serialises writers
 instead. WAL lets readers proceed meanwhile.
+
+Reads that only poll (the key cache, the account epochs) use ``create_read_sessionmaker``: on
+SQLite their transactions begin deferred, so they read the last committed state at once instead
+of queueing for the write lock behind every writer (on a loaded machine that queue held a key
+cache's refresh, and so a revocation, for tens of seconds).
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+
+_READ_ONLY = "dubhe_read_only"
 
 
 def is_sqlite(url: str) -> bool:
@@ -54,8 +61,17 @@ def _make_sqlite_transactions_immediate(engine: AsyncEngine) -> None:
 
     @event.listens_for(engine.sync_engine, "begin")
     def _begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        if connection.get_execution_options().get(_READ_ONLY):
+            connection.exec_driver_sql("BEGIN")
+        else:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)
+
+
+def create_read_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    """Sessions for queries that never write: on SQLite they do not take the write lock."""
+    return async_sessionmaker(engine.execution_options(**{_READ_ONLY: True}),
+                              expire_on_commit=False)

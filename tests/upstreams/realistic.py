@@ -20,7 +20,9 @@ Directives in the last user message (``[[up:name=value]]``, combinable) shape on
 * ``ignore_limit=1`` generate everything asked for whatever the limit says.
 * ``usage=`` what it *reports*: ``honest`` (default), ``none``, ``partial`` (only ``total_tokens``),
   ``negative``, ``float``, ``string``, ``huge`` (above 2^64), ``zeros`` (zeros with output),
-  ``impossible`` (a billion completion tokens). The ledger always holds the honest count.
+  ``impossible`` (a billion completion tokens), ``inflated`` (20 times the completion tokens: within
+  the bytes a stream relays, far beyond the text it carries). The ledger always holds the honest
+  count.
 * ``pace_ms=N`` wait N ms per generated token (streams send each as generated; a non-streaming
   answer is sent at the end); ``delay_ms=N`` before the response starts. A client that leaves
   stops generation: the ledger keeps what was generated until then.
@@ -254,6 +256,8 @@ def reported_usage(mode: str, prompt: int, completion: int, reasoning: int) -> d
         "zeros": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
         "impossible": {"prompt_tokens": prompt, "completion_tokens": 1_000_000_000,
                        "total_tokens": prompt + 1_000_000_000},
+        "inflated": {"prompt_tokens": prompt, "completion_tokens": 20 * completion,
+                     "total_tokens": prompt + 20 * completion},
     }  # fmt: skip
     return bad.get(mode, honest)
 

@@ -62,6 +62,7 @@ def test_bad_usage_is_reported_but_the_ledger_stays_honest(realistic: Realistic)
         ("huge", lambda usage: usage["completion_tokens"] > 2**64),
         ("zeros", lambda usage: usage["completion_tokens"] == 0),
         ("impossible", lambda usage: usage["completion_tokens"] == 10**9),
+        ("inflated", lambda usage: usage["completion_tokens"] == 20 * 16),
     ]:
         answer = chat(realistic, body(f"x [[up:usage={mode}]]"), f"rt-{mode}").json()
         assert check(answer.get("usage")), mode

@@ -112,9 +112,12 @@ class SettleResult:
 
 class Meter:
     def __init__(
-        self, sessionmaker: async_sessionmaker[AsyncSession], catalog: Catalog, spool_dir: Path
+        self, sessionmaker: async_sessionmaker[AsyncSession], catalog: Catalog, spool_dir: Path,
+        *, read_sessionmaker: async_sessionmaker[AsyncSession] | None = None,
     ) -> None:
         self._sessionmaker = sessionmaker
+        # The once-a-second epoch poll only reads: it must not queue behind writers.
+        self._read_sessionmaker = read_sessionmaker or sessionmaker
         self._catalog = catalog
         self._spool_dir = spool_dir
         self.spool: Spool | None = None
@@ -529,7 +532,7 @@ class Meter:
         leases = list(self._leases.values())
         if not leases:
             return
-        async with self._sessionmaker() as session:
+        async with self._read_sessionmaker() as session:
             epochs = await BillingRepository.from_session(session).account_epochs(
                 lease.user_id for lease in leases)
         for lease in leases:

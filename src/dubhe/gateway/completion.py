@@ -440,8 +440,19 @@ class ChatCompletion:
                 report,
                 prompt_bound=self.prompt_bound,
                 # Every visible byte was relayed inside a JSON string, which never encodes text
-                # in fewer bytes than UTF-8: a sound bound that costs nothing per chunk.
+                # in fewer bytes than UTF-8: a sound bound that costs nothing per chunk...
                 visible_bytes=relay.relayed_size,
+                choices=self.request.n,
+                output_limit=self.output_limit,
+            ) or report
+        if isinstance(report, UsageReport) and _implausibly_dense(report, relay.relayed_size):
+            # ...but a loose one: each event's framing is bytes that carry no text, and padding
+            # an event costs a lying upstream nothing. A count denser than honest streams ever
+            # are is held against the bytes of text actually relayed (parsed now, once).
+            report = judge(
+                report,
+                prompt_bound=self.prompt_bound,
+                visible_bytes=(await relay.measured())[1],
                 choices=self.request.n,
                 output_limit=self.output_limit,
             ) or report
@@ -556,3 +567,13 @@ def _resolve_model(body: dict[str, Any], identity: KeyIdentity, state: GatewaySt
         )
     raise NotFound(message, code="model_not_found", param="model")
 
+
+# An honest stream relays at least this many bytes per visible token (one OpenAI chunk event
+# carrying one token is over 100 bytes; a server that batches several tokens per event still
+# frames each batch). A report denser than this is checked against the text actually relayed.
+_MIN_STREAM_BYTES_PER_TOKEN = 24
+
+
+def _implausibly_dense(report: UsageReport, relayed_size: int) -> bool:
+    visible = report.completion_tokens - report.hidden_reasoning_tokens
+    return visible * _MIN_STREAM_BYTES_PER_TOKEN > relayed_size

@@ -66,7 +66,8 @@ class StreamRelay:
         self.relayed_size = 0
         self._batch: list[bytes] = []
         self._batch_size = 0
-        self._counts: list[asyncio.Future[int]] = []
+        self._counts: list[asyncio.Future[tuple[int, int]]] = []
+        self._measured: tuple[int, int] | None = None
         self._rename: tuple[bytes, bytes] | None = None
         if upstream_model != public_model:
             self._rename = (
@@ -198,17 +199,27 @@ class StreamRelay:
         self._batch.clear()
         self._batch_size = 0
         self._counts.append(
-            asyncio.ensure_future(asyncio.to_thread(tokens.count_completion_events, batch))
+            asyncio.ensure_future(asyncio.to_thread(tokens.measure_completion_events, batch))
         )
 
     async def completion_tokens(self) -> int:
         """Dubhe's own count of every generated token relayed (content, reasoning, tools)."""
-        rest = b"".join(self._batch)
-        if len(rest) > _COUNT_BATCH // 16:
-            last = await asyncio.to_thread(tokens.count_completion_events, rest)
-        else:
-            last = tokens.count_completion_events(rest)
-        return sum(await asyncio.gather(*self._counts)) + last
+        return (await self.measured())[0]
+
+    async def measured(self) -> tuple[int, int]:
+        """Dubhe's own count of every generated token relayed (content, reasoning, tools), and
+        the UTF-8 bytes of that generated text. Computed once; later calls return the same."""
+        if self._measured is None:
+            rest = b"".join(self._batch)
+            self._batch.clear()
+            self._batch_size = 0
+            if len(rest) > _COUNT_BATCH // 16:
+                last = await asyncio.to_thread(tokens.measure_completion_events, rest)
+            else:
+                last = tokens.measure_completion_events(rest)
+            parts = [*await asyncio.gather(*self._counts), last]
+            self._measured = (sum(part[0] for part in parts), sum(part[1] for part in parts))
+        return self._measured
 
     def forget_counts(self) -> None:
         """Cancel batch counts nobody will read (the upstream's usage was trusted)."""

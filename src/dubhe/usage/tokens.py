@@ -124,6 +124,12 @@ def count_prompt(messages: list[Any]) -> int:
 def count_completion_events(events: bytes) -> int:
     """Count the tokens of what a stream delivered, from its raw SSE bytes: content,
     reasoning_content, refusals and tool calls of every choice."""
+    return measure_completion_events(events)[0]
+
+
+def measure_completion_events(events: bytes) -> tuple[int, int]:
+    """The tokens, and the UTF-8 bytes, of what a stream delivered (as
+    ``count_completion_events``): the bytes bound any tokenizer's count of the same text."""
     texts: list[str] = []
     for line in events.split(b"\n"):
         if not line.startswith(b"data:"):
@@ -139,7 +145,8 @@ def count_completion_events(events: bytes) -> int:
             for choice in _list(chunk.get("choices")):
                 if isinstance(choice, dict):
                     generated_texts(choice.get("delta"), texts)
-    return count_long_text("".join(texts))
+    text = "".join(texts)
+    return count_long_text(text), len(text.encode("utf-8", "surrogatepass"))
 
 
 def count_completion_message(response: dict[str, Any]) -> int:
