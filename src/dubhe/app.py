@@ -15,7 +15,12 @@ from fastapi import FastAPI
 
 from dubhe.billing.meter import Meter
 from dubhe.catalog import Catalog, load_catalog
-from dubhe.database import create_engine, create_read_sessionmaker, create_sessionmaker
+from dubhe.database import (
+    create_engine,
+    create_read_engine,
+    create_read_sessionmaker,
+    create_sessionmaker,
+)
 from dubhe.gateway.app import GatewayApp, GatewayState
 from dubhe.gateway.asgi import Receive, Scope, Send, new_request_id, send_error, send_json
 from dubhe.gateway.models_list import ModelListings
@@ -35,7 +40,8 @@ class DubheApp:
         self.catalog = catalog
         self.engine = create_engine(settings.resolved_database_url)
         self.sessionmaker = create_sessionmaker(self.engine)
-        self.read_sessionmaker = create_read_sessionmaker(self.engine)
+        self.read_engine = create_read_engine(settings.resolved_database_url)
+        self.read_sessionmaker = create_read_sessionmaker(self.read_engine)
         self.gateway: GatewayApp | None = None
         self.web: FastAPI | None = None
         self._state: GatewayState | None = None
@@ -85,6 +91,7 @@ class DubheApp:
             await self._state.meter.stop()
             await self._state.upstreams.close()
         await self.engine.dispose()
+        await self.read_engine.dispose()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]

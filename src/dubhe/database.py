@@ -5,10 +5,12 @@ SQLite: every transaction begins with ``BEGIN IMMEDIATE``. SQLAlchemy renders no
 fails with "database is locked" under load; taking the write lock up front serialises writers
 instead. WAL lets readers proceed meanwhile.
 
-Reads that only poll (the key cache, the account epochs) use ``create_read_sessionmaker``: on
-SQLite their transactions begin deferred, so they read the last committed state at once instead
-of queueing for the write lock behind every writer (on a loaded machine that queue held a key
-cache's refresh, and so a revocation, for tens of seconds).
+Reads that only poll (the key cache, the account epochs) use an engine of their own
+(``create_read_engine``, ``create_read_sessionmaker``): its own small pool, so a poll never waits
+for a connection that writers hold while they queue for SQLite's write lock, and on SQLite its
+transactions begin deferred, so they read the last committed state at once instead of queueing
+for that lock themselves. On a loaded machine either queue held a key cache's refresh, and so a
+revocation, for tens of seconds.
 """
 
 from __future__ import annotations
@@ -69,6 +71,11 @@ def _make_sqlite_transactions_immediate(engine: AsyncEngine) -> None:
 
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)
+
+
+def create_read_engine(url: str) -> AsyncEngine:
+    """A second engine, with a small pool of its own, for the polls that never write."""
+    return create_engine(url, pool_size=2, max_overflow=4)
 
 
 def create_read_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

@@ -1,7 +1,8 @@
 """A revocation reaches every worker's key cache within about a second even while writers hold
-SQLite's write lock: the cache's refresh reads the last committed state instead of queueing
-behind them (it once waited up to the 30 s busy timeout behind each writer, so on a loaded
-machine a revoked key kept working for tens of seconds)."""
+SQLite's write lock and every connection of the writers' pool: the cache's refresh has a pool of
+its own and reads the last committed state instead of queueing behind them (it once waited up to
+the 30 s busy timeout behind each writer, so on a loaded machine a revoked key kept working for
+tens of seconds)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,12 @@ from sqlalchemy import select
 
 from dubhe.accounts.service import create_user
 from dubhe.catalog import load_catalog
-from dubhe.database import create_engine, create_read_sessionmaker, create_sessionmaker
+from dubhe.database import (
+    create_engine,
+    create_read_engine,
+    create_read_sessionmaker,
+    create_sessionmaker,
+)
 from dubhe.errors import AuthenticationFailed
 from dubhe.keys.cache import KeyCache
 from dubhe.keys.repository import ApiKeyRepository
@@ -48,18 +54,28 @@ async def test_a_revocation_reaches_the_cache_while_another_writer_holds_the_loc
         secret = (await create_key(session, email, secret=SECRET)).secret
     bearer = b"Bearer " + secret.encode()
 
-    cache = KeyCache(create_read_sessionmaker(engine), SECRET, refresh_seconds=0.2)
+    read_engine = create_read_engine(url)
+    cache = KeyCache(create_read_sessionmaker(read_engine), SECRET, refresh_seconds=0.2)
     await cache.load()
     cache.start()
     blocker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    writers: list[asyncio.Task[None]] = []
     try:
         assert (await cache.authenticate(bearer)).key_id > 0
         async with sessionmaker() as session, session.begin():
             key_id = await session.scalar(select(ApiKey.id))
             now = utcnow()
             await ApiKeyRepository.from_session(session).revoke(now=now, key_id=key_id)
-        # Another process's writer now holds the write lock, as the meter's flushes do.
+        # Another process's writer now holds the write lock, as the meter's flushes do, and
+        # this process's writers queue for it holding every connection of their pool.
         blocker.execute("BEGIN IMMEDIATE")
+
+        async def queued_writer() -> None:
+            async with sessionmaker() as session, session.begin():
+                await session.connection()  # a connection from the pool, then BEGIN IMMEDIATE
+
+        writers = [asyncio.create_task(queued_writer()) for _ in range(20)]
+        await asyncio.sleep(0.5)
         started = time.monotonic()
         while time.monotonic() - started < 3:
             try:
@@ -72,5 +88,8 @@ async def test_a_revocation_reaches_the_cache_while_another_writer_holds_the_loc
     finally:
         blocker.rollback()
         blocker.close()
+        if writers:
+            await asyncio.gather(*writers, return_exceptions=True)
         await cache.stop()
+        await read_engine.dispose()
         await engine.dispose()
