@@ -5,9 +5,11 @@ A key may carry a cap in µUSD per calendar month (UTC). What counts is the key'
 figure the keys list shows. The cap holds the way an account's credit does (``meter.py``):
 
 1. **Lease.** A worker takes a slice of the key's headroom this month in ONE transaction: the
-   key's row locked, ``headroom = cap - committed`` computed from the month's cap leases (an
-   open lease counts what it was granted, a closed one what it used), and a new or grown lease
-   of at most that headroom. A quarter of the headroom (at least what the request needs) per
+   key's account row locked (the lock every settlement of the key's usage takes first too, so
+   the two are serialised and cannot deadlock; on SQLite the transaction holds the write lock),
+   ``headroom = cap - committed`` computed from the month's cap leases (an open lease counts
+   what it was granted, a closed one what it used), and a new or grown lease of at most that
+   headroom. A quarter of the headroom (at least what the request needs) per
    refill: few refills for a roomy cap, exact admission for the last cents of a tight one.
 2. **Admit** in memory: a capped key's request holds what it may cost beyond included tokens
    against both the account's lease and the key's cap lease, clamped to the smaller
@@ -55,8 +57,10 @@ def next_month(start: datetime) -> datetime:
 
 def cap_message(cap_uusd: int) -> str:
     """The 402 of a request its key's cap cannot pay for."""
+    whole, micro = format_usd(cap_uusd).split(".")
+    amount = f"{whole}.{micro.rstrip('0').ljust(2, '0')}"  # 25.00, 0.0002: as it was set
     return (
-        f"This API key's monthly spend cap of ${format_usd(cap_uusd)} is reached: what it has "
+        f"This API key's monthly spend cap of ${amount} is reached: what it has "
         "spent this month plus what its requests in flight hold leaves too little for this "
         "request (held credit returns seconds after they end). The cap resets on the 1st of "
         "the month (UTC); use another key, or create a key with a higher cap in the dashboard."
@@ -82,7 +86,8 @@ class CapBook:
             return None
         return cap
 
-    async def refill(self, key_id: int, cap_uusd: int, need_uusd: int) -> CapLease:
+    async def refill(self, user_id: int, key_id: int, cap_uusd: int,
+                     need_uusd: int) -> CapLease:
         """Take more of the key's headroom this month into this worker's lease (one
         transaction). The lease returned may hold less than ``need_uusd``: all that was left."""
         now = utcnow()
@@ -93,7 +98,8 @@ class CapBook:
             current = None
         async with self._sessionmaker() as session, session.begin():
             repository = BillingRepository.from_session(session)
-            stored = await repository.lock_key_cap(key_id)
+            await repository.lock_accounts([user_id])
+            stored = await repository.key_cap(key_id)
             cap = stored if stored is not None else cap_uusd
             headroom = max(0, cap - await repository.cap_committed(key_id, month))
             take = min(headroom, max(need_uusd, headroom // _LEASE_SHARE))
@@ -138,7 +144,7 @@ class CapBook:
         now = utcnow()
         async with self._sessionmaker() as session, session.begin():
             repository = BillingRepository.from_session(session)
-            for cap in caps:
+            for cap in sorted(caps, key=lambda cap: cap.id):
                 await repository.close_cap_lease(cap.id, now)
         for cap in caps:
             if cap in self._retiring:

@@ -229,7 +229,7 @@ class Meter:
             cap_need = sized.balance_uusd if sized is not None else need_uusd
             cap = self.caps.live(key_id)
             if cap is None or (cap.free < cap_need and cap.exhausted_until <= moment):
-                cap = await self.caps.refill(key_id, cap_uusd, cap_need)
+                cap = await self.caps.refill(user_id, key_id, cap_uusd, cap_need)
             # Both leases now hold all they could give, if that was less than asked for.
             cap_binds = cap.free < lease.uusd_free
             admitted = admit_capped(lease, cap, spec, prompt_tokens=prompt_tokens,

@@ -273,11 +273,8 @@ class BillingRepository:
 
     # -- key spend caps (``caps.py``) -----------------------------------------------------------
 
-    async def lock_key_cap(self, key_id: int) -> int | None:
-        """The key's cap, with its row locked: every change of its cap leases' headroom queues
-        here (SQLite: the transaction already holds the write lock)."""
-        statement = select(ApiKey.spend_cap_uusd).where(ApiKey.id == key_id).with_for_update()
-        return await self.session.scalar(statement)
+    async def key_cap(self, key_id: int) -> int | None:
+        return await self.session.scalar(select(ApiKey.spend_cap_uusd).where(ApiKey.id == key_id))
 
     async def cap_committed(self, key_id: int, month_start: datetime) -> int:
         """What the key has spent or holds leased in the month starting ``month_start``: an open
@@ -329,15 +326,18 @@ class BillingRepository:
 
     async def extend_cap_leases(self, lease_ids: list[int], until: datetime) -> set[int]:
         """Renew the deadlines of open cap leases; returns the ids still open."""
-        if not lease_ids:
-            return set()
-        statement = (
-            update(KeyCapLease)
-            .where(KeyCapLease.id.in_(lease_ids), KeyCapLease.status == "open")
-            .values(expires_at=until)
-            .returning(KeyCapLease.id)
-        )
-        return set((await self.session.execute(statement)).scalars().all())
+        still_open = set()
+        # One row at a time, in id order: the order settlements lock them in (no deadlock).
+        for lease_id in sorted(lease_ids):
+            statement = (
+                update(KeyCapLease)
+                .where(KeyCapLease.id == lease_id, KeyCapLease.status == "open")
+                .values(expires_at=until)
+                .returning(KeyCapLease.id)
+            )
+            if (await self.session.execute(statement)).first() is not None:
+                still_open.add(lease_id)
+        return still_open
 
     async def close_expired_cap_leases(self, now: datetime) -> int:
         """Close the cap leases whose worker stopped renewing them: they then count only what

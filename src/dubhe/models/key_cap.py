@@ -15,7 +15,7 @@ class KeyCapLease(Base):
 
     What the key has committed in a month is, over that month's rows: ``uusd`` for an open
     lease (or ``uusd_used`` if usage overran it), ``uusd_used`` for a closed one. A worker grows
-    or opens a lease only under the key's row lock and only within ``cap - committed``; settled
+    or opens a lease only under its account's row lock and only within ``cap - committed``; settled
     usage adds to ``uusd_used`` in the transaction that writes its usage record, so the sum of a
     month's ``uusd_used`` is the key's spend (``usage_records.cost_uusd``) that month.
     """
