@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from dubhe.billing.pricing import cost_uusd
 from dubhe.catalog import load_catalog
 from dubhe.database import create_engine
-from tests.billing.conftest import hold_prompt
+from tests.billing.conftest import Billing, hold_prompt
 from tests.conftest import Server, Sim, assert_clean_log, fresh_database, start_server
 
 CAP_USD = "0.05"
@@ -199,6 +199,9 @@ async def test_the_cap_holds_across_two_workers(capped: Capped) -> None:
         "SELECT coalesce(sum(cost_uusd), 0) FROM usage_records WHERE api_key_id != :k "
         "AND user_id = (SELECT user_id FROM api_keys WHERE id = :k)", k=key_id)
     assert other_spend > 0
+    # The account's books are whole: every counter equals its ledger, nothing left reserved.
+    user_id = await capped.scalar("SELECT user_id FROM api_keys WHERE id = :k", k=key_id)
+    await Billing(server, capped.engine, catalog).assert_consistent(user_id)
     # The keys list shows the spend against the cap.
     rows = [json.loads(line) for line in server.cli("keys", "list", capped.email).stdout.split()]
     row = next(r for r in rows if r["name"] == "capped")

@@ -8,8 +8,10 @@ import secrets
 
 from dubhe.billing.meter import Denied, Meter, Reserved
 from dubhe.billing.pricing import cost_uusd
+from dubhe.catalog import load_catalog
 from dubhe.models.base import utcnow
 from dubhe.usage.events import UsageEvent
+from tests.billing.conftest import IN_PROCESS_PLANS
 from tests.caps.conftest import CapLedger
 
 PROMPT = 100
@@ -122,3 +124,56 @@ async def test_an_uncapped_key_never_touches_cap_leases(caps: CapLedger) -> None
     assert meter.caps.all() == []
     spent, lease_used = await caps.key_spend(key)
     assert spent > 0 and lease_used == 0
+
+
+async def test_a_dead_workers_share_of_the_cap_returns_and_is_never_doubled(
+    caps: CapLedger,
+) -> None:
+    """A worker that dies holding part of the cap pins it until its lease's deadline passes;
+    then any worker's sweep frees it. Before that, the others can only use the rest."""
+    (caps.tmp / "short.toml").write_text(
+        IN_PROCESS_PLANS.replace("reservation_ttl_seconds = 30", "reservation_ttl_seconds = 1"))
+    short = CapLedger(caps.engine, caps.sessionmaker, load_catalog(caps.tmp / "short.toml"),
+                      caps.tmp)
+    spec = short.catalog.models["dubhe-fast"]
+    full = cost_uusd(spec, PROMPT, MAX_TOKENS)
+    cap = 8 * full
+    user = await short.user("metered")
+    await short.credit(user, 100 * full)
+    capped = await short.key(user, cap)
+    dead, alive = short.meter(), short.meter()
+    try:
+        _, answer = await reserve(dead, user, capped, cap)
+        assert isinstance(answer, Reserved)
+        for task in dead._tasks:  # the worker dies: no heartbeat, nothing returned
+            task.cancel()
+        await asyncio.gather(*dead._tasks, return_exceptions=True)
+        pinned = cap // 4  # what the dead worker's first refill took: a quarter of the cap
+        admitted = []
+        while True:
+            request_id, answer = await reserve(alive, user, capped, cap)
+            if not isinstance(answer, Reserved):
+                break
+            admitted.append(request_id)
+        assert isinstance(answer, Denied) and answer.cap_uusd == cap
+        assert len(admitted) == (cap - pinned) // full
+        for request_id in admitted:
+            alive.settle(used(user, capped, request_id, 0), wait=True)  # only the prompt
+        await alive.flush()
+        await asyncio.sleep(1.2)  # the dead lease's deadline passes
+        await alive.caps.sweep()
+        assert await short.open_cap_leases(capped) <= 1  # only the living worker's
+        await asyncio.sleep(1.1)  # past the living worker's refusal from memory
+        while True:
+            request_id, answer = await reserve(alive, user, capped, cap)
+            if not isinstance(answer, Reserved):
+                break
+            alive.settle(used(user, capped, request_id, answer.admission.max_tokens), wait=True)
+        await alive.flush()
+        spent_after, lease_used = await short.key_spend(capped)
+        assert spent_after == lease_used <= cap
+        assert spent_after > cap - full  # the dead worker's share came back
+    finally:
+        await alive.stop()
+        assert dead.spool is not None
+        dead.spool.close()
