@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Literal
 
 from dubhe.billing.pricing import Admission, size_admission, split_cost
 from dubhe.catalog import ModelSpec
@@ -43,6 +44,10 @@ class LiveLease:
     @property
     def uusd_remaining(self) -> int:
         return self.uusd_free + self.account_uusd
+
+
+# Why a capped key's request was not admitted from memory (``admit_capped``).
+NotAdmitted = Literal["refill", "account", "cap"]
 
 
 @dataclass(slots=True)
@@ -148,7 +153,7 @@ def admit_capped(
     n: int,
     final: bool,
     cap_final: bool,
-) -> tuple[Hold, Admission] | str:
+) -> tuple[Hold, Admission] | NotAdmitted:
     """``admit`` for a capped key: what the request may cost beyond included tokens is held
     against both the account's lease and the key's cap lease, so it is sized (and clamped) to
     the smaller of the two. A clamp or refusal is only final if the lease that binds is final

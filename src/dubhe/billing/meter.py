@@ -58,7 +58,15 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from dubhe.billing import service
 from dubhe.billing.caps import CapBook
-from dubhe.billing.lease import CapLease, Hold, LiveLease, admit, admit_capped, settle
+from dubhe.billing.lease import (
+    CapLease,
+    Hold,
+    LiveLease,
+    NotAdmitted,
+    admit,
+    admit_capped,
+    settle,
+)
 from dubhe.billing.pricing import Admission, cost_uusd, size_admission
 from dubhe.billing.repository import BillingRepository, GuardFailed
 from dubhe.billing.spool import MAX_TOKEN_COUNT, DeadLetters, Spool, read_records, record_problem
@@ -265,7 +273,7 @@ class Meter:
         return self._hold(request_id, lease, *admitted)
 
     @staticmethod
-    def _refused(lease: LiveLease, cap: CapLease, why: str) -> Denied:
+    def _refused(lease: LiveLease, cap: CapLease, why: NotAdmitted) -> Denied:
         balance = Balance(lease.tokens_remaining, lease.uusd_remaining)
         return Denied(balance, cap_uusd=cap.cap_uusd if why == "cap" else None)
 
