@@ -145,9 +145,11 @@ async def test_a_dead_workers_share_of_the_cap_returns_and_is_never_doubled(
     try:
         _, answer = await reserve(dead, user, capped, cap)
         assert isinstance(answer, Reserved)
-        for task in dead._tasks:  # the worker dies: no heartbeat, nothing returned
+        assert dead.caps._task is not None
+        dying = [*dead._tasks, dead.caps._task]
+        for task in dying:  # the worker dies: no heartbeat, nothing returned
             task.cancel()
-        await asyncio.gather(*dead._tasks, return_exceptions=True)
+        await asyncio.gather(*dying, return_exceptions=True)
         pinned = cap // 4  # what the dead worker's first refill took: a quarter of the cap
         admitted = []
         while True:

@@ -30,8 +30,10 @@ it was sent): it is charged in full and recorded, and the key is refused from th
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -41,6 +43,8 @@ from dubhe.billing.lease import CapLease
 from dubhe.billing.pricing import format_usd
 from dubhe.billing.repository import BillingRepository
 from dubhe.models.base import utcnow
+
+log = logging.getLogger(__name__)
 
 # A refill takes this share of the key's headroom (at least what the request needs).
 _LEASE_SHARE = 4
@@ -77,6 +81,41 @@ class CapBook:
         self._ttl_seconds = ttl_seconds
         self._leases: dict[int, CapLease] = {}
         self._retiring: list[CapLease] = []
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self, close_idle: Callable[[], Awaitable[None]]) -> None:
+        """Run the housekeeping: ``close_idle`` (the meter's: it flushes first) four times a
+        second, renewals every third of the lease deadline, the sweep of dead workers' leases."""
+        self._stopping.clear()
+        self._task = asyncio.create_task(self._run(close_idle), name="cap-leases")
+
+    async def stop(self) -> None:
+        """End the housekeeping between two jobs: never cancelled inside a transaction, which
+        would hand the pool a connection in the middle of a query."""
+        if self._task is not None:
+            self._stopping.set()
+            await self._task
+            self._task = None
+
+    async def _run(self, close_idle: Callable[[], Awaitable[None]]) -> None:
+        jobs = [(0.25, close_idle), (self._ttl_seconds / 3, self.heartbeat),
+                (max(0.5, self._ttl_seconds / 4), self.sweep)]
+        due = [time.monotonic() + every for every, _ in jobs]
+        while True:
+            try:
+                await asyncio.wait_for(self._stopping.wait(), 0.25)
+            except TimeoutError:
+                pass
+            for index, (every, job) in enumerate(jobs):
+                if self._stopping.is_set():
+                    return
+                if time.monotonic() >= due[index]:
+                    due[index] = time.monotonic() + every
+                    try:
+                        await job()
+                    except Exception:
+                        log.exception("cap lease housekeeping failed; retrying at the next interval")
 
     def live(self, key_id: int) -> CapLease | None:
         """The key's cap lease, if this worker holds one for the current month."""

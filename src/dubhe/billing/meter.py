@@ -571,16 +571,15 @@ class Meter:
             asyncio.create_task(self._every(max(0.5, ttl / 4), self.sweep), name="meter-sweep"),
             asyncio.create_task(self._every(_EPOCH_REFRESH_SECONDS, self._refresh_epochs),
                                 name="meter-epochs"),
-            asyncio.create_task(self._every(ttl / 3, self.caps.heartbeat), name="caps-heartbeat"),
-            asyncio.create_task(self._every(0.25, self._close_idle_caps), name="caps-idle"),
-            asyncio.create_task(self._every(max(0.5, ttl / 4), self.caps.sweep), name="caps-sweep"),
         ]
+        self.caps.start(self._close_idle_caps)
 
     async def stop(self) -> None:
         """Flush what is spooled and return every lease's unused credit."""
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.caps.stop()
         await asyncio.gather(*self._counting, return_exceptions=True)
         try:
             await self.flush()
