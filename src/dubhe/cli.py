@@ -70,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     create_key = keys.add_parser("create", help="create an API key; prints it, alone, once")
     create_key.add_argument("email")
     create_key.add_argument("--name", default="default")
+    create_key.add_argument("--spend-cap-usd", default=None,
+                            help="a monthly spend cap in USD (calendar month, UTC), e.g. 25")
     list_keys = keys.add_parser("list", help="print a user's keys, one JSON object per line")
     list_keys.add_argument("email")
     revoke_key = keys.add_parser("revoke", help="revoke the one live key with this prefix")
@@ -281,8 +283,15 @@ def _cmd_keys(args: argparse.Namespace) -> None:
     _migrate(settings)
     if args.keys_command == "create":
 
+        from dubhe.billing.schemas import parse_usd
+
+        cap = None
+        if args.spend_cap_usd is not None:
+            cap = parse_usd(args.spend_cap_usd, param="--spend-cap-usd")
+
         async def work(session: Any) -> Any:
-            return await create_key(session, args.email, secret=secret, name=args.name)
+            return await create_key(session, args.email, secret=secret, name=args.name,
+                                    spend_cap_uusd=cap)
 
         created = _run_in_session(settings, work)
         print(created.secret)

@@ -362,14 +362,28 @@ def test_deleting_an_account_revokes_its_keys_and_keeps_its_ledger(web: WebServe
 # -- the operator's CLI ------------------------------------------------------------------------------
 
 
-def test_a_spend_cap_that_is_not_enforced_cannot_be_set(web: WebServer) -> None:
+def test_a_spend_cap_is_set_listed_and_the_capped_key_works(web: WebServer) -> None:
+    """Caps are enforced by the meter (tests/caps/ proves they hold); here: every way of setting
+    one, what is refused, and that a capped key calls /v1 through the web server's workers."""
     with web.client() as client:
         client.sign_up()
-        response = client.api("POST", "/api/keys", {"name": "capped", "spend_cap_usd": "5"})
-        assert response.status_code == 422, response.text
-        error = response.json()["error"]
-        assert (error["code"], error["param"]) == ("unsupported_parameter", "spend_cap_usd")
+        for bad in ("0", "-1", "1e3", "0.0000001", "ten"):
+            response = client.api("POST", "/api/keys", {"name": "capped", "spend_cap_usd": bad})
+            assert response.status_code == 422, (bad, response.text)
+            error = error_of(response)
+            assert (error["code"], error["param"]) == ("invalid_value", "spend_cap_usd"), bad
         assert client.get("/api/keys").json()["data"] == []
+        created = client.create_key("capped", spend_cap_usd="5")
+        assert (created["spend_cap_usd"], created["spend_this_month_usd"]) == ("5.000000",
+                                                                               "0.000000")
+        page = client.form("/dashboard/keys", {"name": "form-capped", "spend_cap_usd": "2.50"})
+        assert page.status_code == 201, page.text
+        assert "$2.50" in page.text and 'for="spend_cap_usd"' in page.text
+        listed = {row["name"]: row["spend_cap_usd"] for row in client.get("/api/keys").json()["data"]}
+        assert listed == {"capped": "5.000000", "form-capped": "2.500000"}
+        answer = openai.OpenAI(base_url=web.base_url, api_key=created["key"]).chat.completions.create(
+            model="dubhe-fast", messages=[{"role": "user", "content": "hello"}], max_tokens=5)
+        assert answer.choices[0].message.content
 
 
 def test_cli_lists_and_revokes_keys(web: WebServer) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Literal
 
 from dubhe.billing.pricing import Admission, size_admission, split_cost
 from dubhe.catalog import ModelSpec
@@ -45,12 +46,38 @@ class LiveLease:
         return self.uusd_free + self.account_uusd
 
 
+# Why a capped key's request was not admitted from memory (``admit_capped``).
+NotAdmitted = Literal["refill", "account", "cap"]
+
+
+@dataclass(slots=True)
+class CapLease:
+    """A worker's share of a capped key's headroom this month (``billing/caps.py``): requests of
+    the key hold what they may cost against it too, so the key's spend plus what is held for it
+    never passes its cap, whichever worker serves it."""
+
+    id: int
+    key_id: int
+    cap_uusd: int
+    month_start: datetime
+    month_end: float  # epoch seconds: the lease serves no request from then on
+    free: int
+    in_flight: int = 0
+    last_used: float = 0.0
+    # After a refill found the cap's headroom short: refuse or clamp from memory until then.
+    exhausted_until: float = 0.0
+    retired: bool = False
+
+
 @dataclass(slots=True)
 class Hold:
     lease: LiveLease
     model: ModelSpec
     tokens: int
     uusd: int
+    # A capped key's request also holds what it may cost against the key's cap lease.
+    cap: CapLease | None = None
+    cap_uusd: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,4 +138,59 @@ def settle(hold: Hold, *, prompt_tokens: int, completion_tokens: int) -> LeaseUs
     lease.uusd_free += hold.uusd - from_hold_uusd - extra_uusd
     lease.in_flight -= 1
     lease.last_used = time.monotonic()
+    if hold.cap is not None:
+        _settle_cap(hold.cap, hold.cap_uusd, cost)
     return LeaseUsage(plan_tokens, from_hold_uusd + extra_uusd, cost)
+
+
+def admit_capped(
+    lease: LiveLease,
+    cap: CapLease,
+    model: ModelSpec,
+    *,
+    prompt_tokens: int,
+    max_tokens: int,
+    n: int,
+    final: bool,
+    cap_final: bool,
+) -> tuple[Hold, Admission] | NotAdmitted:
+    """``admit`` for a capped key: what the request may cost beyond included tokens is held
+    against both the account's lease and the key's cap lease, so it is sized (and clamped) to
+    the smaller of the two. A clamp or refusal is only final if the lease that binds is final
+    (``final`` for the account's, ``cap_final`` for the cap's); otherwise the answer is
+    ``"refill"``. A refusal says which one binds: ``"account"`` or ``"cap"``."""
+    cap_binds = cap.free < lease.uusd_free
+    admission = size_admission(
+        model,
+        prompt_tokens=prompt_tokens,
+        max_tokens=max_tokens,
+        n=n,
+        tokens_available=lease.tokens_free,
+        balance_uusd=min(lease.uusd_free, cap.free),
+    )
+    if admission is None or admission.clamped:
+        if not (cap_final if cap_binds else final):
+            return "refill"
+        if admission is None:
+            return "cap" if cap_binds else "account"
+    moment = time.monotonic()
+    lease.tokens_free -= admission.tokens
+    lease.uusd_free -= admission.balance_uusd
+    lease.in_flight += 1
+    lease.last_used = moment
+    cap.free -= admission.balance_uusd
+    cap.in_flight += 1
+    cap.last_used = moment
+    hold = Hold(lease, model, admission.tokens, admission.balance_uusd, cap, admission.balance_uusd)
+    return hold, admission
+
+
+def _settle_cap(cap: CapLease, held: int, cost: int) -> None:
+    """The request's full price counts against the key's cap: from its hold, then from the cap
+    lease's free headroom. Beyond both (an upstream that ignored its output limit) it is still
+    recorded (the key's spend is what its usage cost) and the key is refused from then on."""
+    from_hold = min(cost, held)
+    extra = min(cost - from_hold, max(0, cap.free))
+    cap.free += held - from_hold - extra
+    cap.in_flight -= 1
+    cap.last_used = time.monotonic()

@@ -57,8 +57,17 @@ from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from dubhe.billing import service
-from dubhe.billing.lease import Hold, LiveLease, admit, settle
-from dubhe.billing.pricing import Admission, cost_uusd
+from dubhe.billing.caps import CapBook
+from dubhe.billing.lease import (
+    CapLease,
+    Hold,
+    LiveLease,
+    NotAdmitted,
+    admit,
+    admit_capped,
+    settle,
+)
+from dubhe.billing.pricing import Admission, cost_uusd, size_admission
 from dubhe.billing.repository import BillingRepository, GuardFailed
 from dubhe.billing.spool import MAX_TOKEN_COUNT, DeadLetters, Spool, read_records, record_problem
 from dubhe.catalog import Catalog, ModelSpec
@@ -102,6 +111,8 @@ class Denied:
     balance: Balance
     # What the account owes: refused until a credit repays it (``service.debt_message``).
     debt_uusd: int = 0
+    # Refused by the key's monthly spend cap (``caps.cap_message``), not by the account.
+    cap_uusd: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,13 +146,19 @@ class Meter:
         self._flush_now = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._counting: set[asyncio.Future[None]] = set()
+        self.caps = CapBook(sessionmaker, lambda: self._owner, catalog.reservation_ttl_seconds)
 
     # -- the hot path ---------------------------------------------------------------------------
 
     async def reserve(self, *, user_id: int, request_id: str, api_key_id: int | None, model: str,
-                      prompt_tokens: int, max_tokens: int, n: int = 1) -> Reserved | Denied:
-        """Hold the prompt plus ``max_tokens`` for each of ``n`` choices (or a clamped limit)."""
+                      prompt_tokens: int, max_tokens: int, n: int = 1,
+                      spend_cap_uusd: int | None = None) -> Reserved | Denied:
+        """Hold the prompt plus ``max_tokens`` for each of ``n`` choices (or a clamped limit);
+        for a key with a monthly spend cap, within what the cap has left too."""
         spec = self._catalog.models[model]
+        if spend_cap_uusd is not None and api_key_id is not None:
+            return await self._reserve_capped(user_id, request_id, api_key_id, spend_cap_uusd,
+                                              spec, prompt_tokens, max_tokens, n)
         answer = self._from_lease(user_id, request_id, spec, prompt_tokens, max_tokens, n)
         if answer is not None:
             return answer
@@ -190,6 +207,76 @@ class Meter:
         self._holds[request_id] = hold
         return Reserved(admission, Balance(lease.tokens_remaining, lease.uusd_remaining))
 
+    async def _reserve_capped(self, user_id: int, request_id: str, key_id: int, cap_uusd: int,
+                              spec: ModelSpec, prompt_tokens: int, max_tokens: int,
+                              n: int) -> Reserved | Denied:
+        """``reserve`` for a capped key: held against the account's lease and the key's cap
+        lease (``caps.py``); whichever is short is refilled, each in its own transaction."""
+        answer = self._from_capped(user_id, request_id, key_id, spec, prompt_tokens, max_tokens, n)
+        if answer is not None:
+            return answer
+        async with self._account_locks[user_id]:
+            answer = self._from_capped(user_id, request_id, key_id, spec, prompt_tokens,
+                                       max_tokens, n)
+            if answer is not None:
+                return answer
+            completion = max_tokens * n
+            need_uusd = cost_uusd(spec, prompt_tokens, completion)
+            moment = time.monotonic()
+            lease = self._leases.get(user_id)
+            if (lease is None or self._period_over(lease)
+                    or (lease.exhausted_until <= moment
+                        and not _covers(lease, spec, prompt_tokens, max_tokens, n))):
+                lease = await self._refill(user_id, prompt_tokens + completion, need_uusd)
+                if lease is None:
+                    return self._owing(user_id)
+            # What the request may cost beyond the included tokens the account's lease holds.
+            sized = size_admission(spec, prompt_tokens=prompt_tokens, max_tokens=max_tokens, n=n,
+                                   tokens_available=lease.tokens_free,
+                                   balance_uusd=max(need_uusd, lease.uusd_free))
+            cap_need = sized.balance_uusd if sized is not None else need_uusd
+            cap = self.caps.live(key_id)
+            if cap is None or (cap.free < cap_need and cap.exhausted_until <= moment):
+                cap = await self.caps.refill(user_id, key_id, cap_uusd, cap_need)
+            # Both leases now hold all they could give, if that was less than asked for.
+            cap_binds = cap.free < lease.uusd_free
+            admitted = admit_capped(lease, cap, spec, prompt_tokens=prompt_tokens,
+                                    max_tokens=max_tokens, n=n, final=True, cap_final=True)
+            if isinstance(admitted, str) or admitted[1].clamped:
+                if cap_binds:
+                    cap.exhausted_until = time.monotonic() + _EXHAUSTED_SECONDS
+                else:
+                    lease.exhausted_until = time.monotonic() + _EXHAUSTED_SECONDS
+            if isinstance(admitted, str):
+                return self._refused(lease, cap, admitted)
+            return self._hold(request_id, lease, *admitted)
+
+    def _from_capped(self, user_id: int, request_id: str, key_id: int, spec: ModelSpec,
+                     prompt_tokens: int, max_tokens: int, n: int) -> Reserved | Denied | None:
+        """Admit a capped key's request from memory; None when a lease needs a refill."""
+        if user_id in self._debtors:
+            if self._debtors[user_id][1] > time.monotonic():
+                return self._owing(user_id)
+            del self._debtors[user_id]
+        lease = self._leases.get(user_id)
+        cap = self.caps.live(key_id)
+        if lease is None or cap is None or self._period_over(lease):
+            return None
+        moment = time.monotonic()
+        admitted = admit_capped(lease, cap, spec, prompt_tokens=prompt_tokens,
+                                max_tokens=max_tokens, n=n, final=lease.exhausted_until > moment,
+                                cap_final=cap.exhausted_until > moment)
+        if admitted == "refill":
+            return None
+        if isinstance(admitted, str):
+            return self._refused(lease, cap, admitted)
+        return self._hold(request_id, lease, *admitted)
+
+    @staticmethod
+    def _refused(lease: LiveLease, cap: CapLease, why: NotAdmitted) -> Denied:
+        balance = Balance(lease.tokens_remaining, lease.uusd_remaining)
+        return Denied(balance, cap_uusd=cap.cap_uusd if why == "cap" else None)
+
     def holds(self, request_id: str) -> bool:
         """Whether the request still holds credit (it was admitted and not settled yet)."""
         return request_id in self._holds
@@ -229,6 +316,8 @@ class Meter:
             "created_at": event.created_at.isoformat(), "tokens_used": used.tokens_used,
             "uusd_used": used.uusd_used,
         }
+        if hold.cap is not None:
+            record["cap_lease_id"] = hold.cap.id
         assert self.spool is not None
         self.spool.append(record)  # durable against a crash of this process from here on
         self._pending.append(record)
@@ -411,6 +500,7 @@ class Meter:
             done = await repository.existing_refs("settle", [r["request_id"] for r in records])
             statuses = await repository.lease_statuses(record["lease_id"] for record in records)
             lease_use: dict[int, list[int]] = defaultdict(lambda: [0, 0])
+            cap_use: dict[int, int] = defaultdict(int)
             usage_rows = []
             last_used: dict[int, datetime] = {}
             for record in records:
@@ -432,6 +522,8 @@ class Meter:
                     prompt_tokens=record["prompt_tokens"],
                     completion_tokens=record["completion_tokens"], lease_tokens=lease_tokens,
                     lease_uusd=lease_uusd, description=description, now=now)
+                if isinstance(record.get("cap_lease_id"), int):
+                    cap_use[record["cap_lease_id"]] += settled.cost_uusd
                 if from_lease:
                     use = lease_use[record["lease_id"]]
                     use[0] += lease_tokens
@@ -453,6 +545,7 @@ class Meter:
             await posting.write(repository, now)
             for lease_id, (tokens, uusd) in sorted(lease_use.items()):
                 await repository.use_lease(lease_id, tokens, uusd)
+            await repository.use_cap_leases(cap_use)
             await repository.insert_usage(usage_rows)
             await repository.touch_keys(last_used)
         return _Applied(
@@ -479,12 +572,14 @@ class Meter:
             asyncio.create_task(self._every(_EPOCH_REFRESH_SECONDS, self._refresh_epochs),
                                 name="meter-epochs"),
         ]
+        self.caps.start(self._close_idle_caps)
 
     async def stop(self) -> None:
         """Flush what is spooled and return every lease's unused credit."""
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.caps.stop()
         await asyncio.gather(*self._counting, return_exceptions=True)
         try:
             await self.flush()
@@ -493,6 +588,9 @@ class Meter:
                     await self._close(lease.id, lease.user_id)
             self._leases.clear()
             self._retiring.clear()
+            caps = [cap for cap in self.caps.all() if cap.id]
+            if caps:
+                await self.caps.close(caps)
         finally:
             if self.spool is not None and not self._pending:
                 self.spool.close()
@@ -562,6 +660,14 @@ class Meter:
             if lease.user_id not in self._leases and lock is not None and not lock.locked():
                 del self._account_locks[lease.user_id]  # idle accounts cost no memory
 
+    async def _close_idle_caps(self) -> None:
+        """Close the cap leases no request holds any more, once their settlements are written
+        (closed, a lease counts only what it used: unflushed usage would be missed)."""
+        drained = self.caps.drained(self._catalog.lease_idle_seconds)
+        if drained:
+            await self.flush()
+            await self.caps.close(drained)
+
     async def sweep(self) -> None:
         """Replay the spools of dead workers on this machine, then return the unused credit of
         leases whose owner stopped renewing them."""
@@ -590,6 +696,14 @@ class _Applied:
 
     def __or__(self, other: _Applied) -> _Applied:
         return _Applied(self.closed_leases | other.closed_leases, {**self.debts, **other.debts})
+
+
+def _covers(lease: LiveLease, spec: ModelSpec, prompt_tokens: int, max_tokens: int,
+            n: int) -> bool:
+    """Whether the lease alone pays for the request without a clamp."""
+    sized = size_admission(spec, prompt_tokens=prompt_tokens, max_tokens=max_tokens, n=n,
+                           tokens_available=lease.tokens_free, balance_uusd=lease.uusd_free)
+    return sized is not None and not sized.clamped
 
 
 def _distrust_bad_counts(event: UsageEvent) -> None:

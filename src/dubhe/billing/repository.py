@@ -7,12 +7,21 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, func, select, update
+from sqlalchemy import Table, and_, case, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from dubhe.models import Account, Lease, LedgerEntry, SubscriptionPeriod, UsageRecord, User
+from dubhe.models import (
+    Account,
+    ApiKey,
+    KeyCapLease,
+    Lease,
+    LedgerEntry,
+    SubscriptionPeriod,
+    UsageRecord,
+    User,
+)
 
 # Every counter an account has; each equals the sum of its column over the account's ledger.
 # Core inserts go to the tables themselves (typed as Table: the ORM declares them as FromClause).
@@ -254,8 +263,6 @@ class BillingRepository:
             await self.session.execute(statement, rows)
 
     async def touch_keys(self, last_used: dict[int, datetime]) -> None:
-        from dubhe.models import ApiKey
-
         for key_id, when in last_used.items():
             await self.session.execute(update(ApiKey).where(ApiKey.id == key_id).values(last_used_at=when))
 
@@ -263,3 +270,81 @@ class BillingRepository:
         columns = [func.coalesce(func.sum(getattr(LedgerEntry, name)), 0) for name in (*COUNTERS, "uncollected_uusd")]
         row = (await self.session.execute(select(*columns).where(LedgerEntry.user_id == user_id))).one()
         return dict(zip((*COUNTERS, "uncollected_uusd"), (int(value) for value in row), strict=False))
+
+    # -- key spend caps (``caps.py``) -----------------------------------------------------------
+
+    async def key_cap(self, key_id: int) -> int | None:
+        return await self.session.scalar(select(ApiKey.spend_cap_uusd).where(ApiKey.id == key_id))
+
+    async def cap_committed(self, key_id: int, month_start: datetime) -> int:
+        """What the key has spent or holds leased in the month starting ``month_start``: an open
+        lease counts what it was granted (or used, if usage overran it), a closed one what it
+        used."""
+        committed = case(
+            (and_(KeyCapLease.status == "open", KeyCapLease.uusd > KeyCapLease.uusd_used),
+             KeyCapLease.uusd),
+            else_=KeyCapLease.uusd_used,
+        )
+        statement = select(func.coalesce(func.sum(committed), 0)).where(
+            KeyCapLease.api_key_id == key_id, KeyCapLease.month_start == month_start
+        )
+        return int(await self.session.scalar(statement) or 0)
+
+    async def insert_cap_lease(self, *, key_id: int, owner: str, month_start: datetime,
+                               uusd: int, expires_at: datetime, now: datetime) -> int:
+        statement = (
+            self._insert(KeyCapLease)
+            .values(api_key_id=key_id, owner=owner, month_start=month_start, uusd=uusd,
+                    uusd_used=0, status="open", expires_at=expires_at, created_at=now)
+            .returning(KeyCapLease.id)
+        )
+        return int((await self.session.execute(statement)).scalar_one())
+
+    async def grow_cap_lease(self, lease_id: int, uusd: int) -> bool:
+        result = await self.session.execute(
+            update(KeyCapLease)
+            .where(KeyCapLease.id == lease_id, KeyCapLease.status == "open")
+            .values(uusd=KeyCapLease.uusd + uusd)
+        )
+        return result.rowcount == 1  # type: ignore[attr-defined, no-any-return]
+
+    async def use_cap_leases(self, uses: dict[int, int]) -> None:
+        """Add settled spend to the cap leases it was held on (open or, after a crash, closed:
+        a closed lease's use still counts against its key's cap)."""
+        for lease_id, uusd in sorted(uses.items()):
+            if uusd:
+                await self.session.execute(
+                    update(KeyCapLease).where(KeyCapLease.id == lease_id)
+                    .values(uusd_used=KeyCapLease.uusd_used + uusd)
+                )
+
+    async def close_cap_lease(self, lease_id: int, now: datetime) -> None:
+        await self.session.execute(
+            update(KeyCapLease).where(KeyCapLease.id == lease_id, KeyCapLease.status == "open")
+            .values(status="closed", closed_at=now)
+        )
+
+    async def extend_cap_leases(self, lease_ids: list[int], until: datetime) -> set[int]:
+        """Renew the deadlines of open cap leases; returns the ids still open."""
+        still_open = set()
+        # One row at a time, in id order: the order settlements lock them in (no deadlock).
+        for lease_id in sorted(lease_ids):
+            statement = (
+                update(KeyCapLease)
+                .where(KeyCapLease.id == lease_id, KeyCapLease.status == "open")
+                .values(expires_at=until)
+                .returning(KeyCapLease.id)
+            )
+            if (await self.session.execute(statement)).first() is not None:
+                still_open.add(lease_id)
+        return still_open
+
+    async def close_expired_cap_leases(self, now: datetime) -> int:
+        """Close the cap leases whose worker stopped renewing them: they then count only what
+        they used, and the rest of their headroom is free again."""
+        result = await self.session.execute(
+            update(KeyCapLease)
+            .where(KeyCapLease.status == "open", KeyCapLease.expires_at < now)
+            .values(status="closed", closed_at=now)
+        )
+        return int(result.rowcount)  # type: ignore[attr-defined]

@@ -35,6 +35,7 @@ import aiohttp
 import orjson
 from sqlalchemy.exc import SQLAlchemyError
 
+from dubhe.billing.caps import cap_message
 from dubhe.billing.meter import Balance, Denied, SettleResult
 from dubhe.billing.pricing import format_usd
 from dubhe.billing.service import debt_message
@@ -162,6 +163,7 @@ class ChatCompletion:
                 prompt_tokens=sizing.prompt_bound,
                 max_tokens=sizing.per_choice,
                 n=request.n,
+                spend_cap_uusd=self.identity.spend_cap_uusd,
             )
         except (SQLAlchemyError, OSError) as exc:
             # Credit could not be leased (the database is unreachable): refuse rather than serve
@@ -509,6 +511,8 @@ def _error_message(raw: bytes) -> str | None:
 def _insufficient_quota(denied: Denied, least_tokens: int) -> InsufficientQuota:
     if denied.debt_uusd:
         return InsufficientQuota(debt_message(denied.debt_uusd))
+    if denied.cap_uusd is not None:
+        return InsufficientQuota(cap_message(denied.cap_uusd))
     return InsufficientQuota(
         "Your plan's included tokens and prepaid balance cannot cover this request: "
         f"{denied.balance.tokens_remaining} included tokens and "

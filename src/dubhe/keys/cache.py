@@ -55,6 +55,8 @@ class KeyIdentity:
     plan_code: str
     expires_at: float | None  # epoch seconds
     revoked: bool
+    # The key's monthly spend cap in µUSD (``billing/caps.py``); None: uncapped.
+    spend_cap_uusd: int | None = None
 
 
 def _identity(key: ApiKey, plan_code: str) -> KeyIdentity:
@@ -64,6 +66,7 @@ def _identity(key: ApiKey, plan_code: str) -> KeyIdentity:
         plan_code=plan_code,
         expires_at=key.expires_at.timestamp() if key.expires_at else None,
         revoked=key.revoked_at is not None,
+        spend_cap_uusd=key.spend_cap_uusd,
     )
 
 

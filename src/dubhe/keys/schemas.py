@@ -15,8 +15,8 @@ class KeyCreateIn(BaseModel):
     # Either a moment or a number of days from now; neither: the key does not expire.
     expires_at: datetime | None = None
     expires_in_days: int | None = Field(default=None, ge=1, le=3650)
-    # USD as a decimal string ("25" or "12.50"), per calendar month (UTC). Stored and listed;
-    # the meter does not enforce it yet.
+    # USD as a decimal string ("25" or "12.50"), per calendar month (UTC), enforced by the meter:
+    # the request that would pass it gets 402 (billing/caps.py).
     spend_cap_usd: str | None = Field(default=None, max_length=32)
 
 

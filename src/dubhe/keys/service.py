@@ -37,7 +37,7 @@ class KeyRow:
 
 
 def month_start(now: datetime) -> datetime:
-    """Spend caps are per calendar month, UTC."""
+    """Spend caps are per calendar month, UTC (``billing/caps.py`` counts from the same moment)."""
     return now.astimezone(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
 
 
@@ -65,14 +65,10 @@ async def create_user_key(
         raise UnprocessableRequest("the key name must be 1 to 100 characters", param="name")
     if expires_at is not None and now is not None and expires_at <= now:
         raise UnprocessableRequest("the expiry must be in the future", param="expires_at")
-    if spend_cap_uusd is not None:
-        # A cap the meter does not enforce would be a promise Dubhe breaks: refuse it until the
-        # meter holds each capped key's spend exactly across workers, as it holds an account's.
-        raise UnprocessableRequest(
-            "Per-key spend caps are not enforced yet, so none can be set: leave spend_cap_usd "
-            "out. Your plan's included tokens and your balance bound what every key can spend.",
-            code="unsupported_parameter", param="spend_cap_usd",
-        )
+    if spend_cap_uusd is not None and spend_cap_uusd <= 0:
+        # Enforced by the meter (billing/caps.py); a cap of nothing is a key that cannot work.
+        raise UnprocessableRequest("the spend cap must be more than zero", param="spend_cap_usd",
+                                   code="invalid_value")
     keys = ApiKeyRepository.from_session(session)
     live = [key for key in await keys.for_user(user_id) if key.revoked_at is None]
     if len(live) >= MAX_KEYS_PER_USER:

@@ -11,6 +11,7 @@ from dubhe.models.billing import (
     RedemptionCode,
     SubscriptionPeriod,
 )
+from dubhe.models.key_cap import KeyCapLease
 from dubhe.models.usage import UsageRecord
 from dubhe.models.user import User
 from dubhe.models.web_session import AuthAttempt, WebSession
@@ -20,6 +21,7 @@ __all__ = [
     "ApiKey",
     "AuthAttempt",
     "Base",
+    "KeyCapLease",
     "Lease",
     "LedgerEntry",
     "Payment",
