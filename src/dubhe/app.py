@@ -13,6 +13,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from dubhe.admin.maintenance import MaintenanceBoard
 from dubhe.billing.meter import Meter
 from dubhe.catalog import Catalog, load_catalog
 from dubhe.database import create_engine, create_read_sessionmaker, create_sessionmaker
@@ -39,6 +40,7 @@ class DubheApp:
         self.gateway: GatewayApp | None = None
         self.web: FastAPI | None = None
         self._state: GatewayState | None = None
+        self._maintenance: MaintenanceBoard | None = None
         self.unauthenticated = UnauthenticatedLimiter(
             per_minute=settings.unauthenticated_per_minute, burst=settings.unauthenticated_burst
         )
@@ -67,6 +69,9 @@ class DubheApp:
             unauthenticated=self.unauthenticated,
         )
         self.gateway = GatewayApp(self._state)
+        self._maintenance = MaintenanceBoard(self.read_sessionmaker, self._maintenance_changed)
+        await self._maintenance.refresh()
+        self._maintenance.start()
         # Everything built so far lives as long as the worker: keep it out of the collector's
         # generations, and collect the young one less often (a request allocates many small,
         # short-lived objects; each collection pauses every request in flight).
@@ -77,9 +82,17 @@ class DubheApp:
         # change at the same moment /v1 does.
         self.web = create_web_app(WebState(settings=self.settings, catalog=self.catalog,
                                            sessionmaker=self.sessionmaker, keys=keys,
-                                           unauthenticated=self.unauthenticated))
+                                           unauthenticated=self.unauthenticated,
+                                           read_sessionmaker=self.read_sessionmaker))
+
+    def _maintenance_changed(self, models: frozenset[str]) -> None:
+        assert self._state is not None
+        self._state.maintenance = models
+        self._state.listings.set_maintenance(models)
 
     async def shutdown(self) -> None:
+        if self._maintenance is not None:
+            await self._maintenance.stop()
         if self._state is not None:
             await self._state.keys.stop()
             await self._state.meter.stop()
