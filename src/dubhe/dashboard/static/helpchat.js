@@ -72,7 +72,7 @@ function dubheChatPanel(button) {
   list.className = "chat-messages";
   list.dataset.testid = "chat-messages";
   list.setAttribute("role", "log");
-  list.setAttribute("aria-label", "Messages");
+  list.setAttribute("aria-label", "Conversation with support");
   list.tabIndex = 0;
   const form = document.createElement("form");
   form.className = "chat-form";
