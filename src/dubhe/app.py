@@ -84,6 +84,8 @@ class DubheApp:
                                            sessionmaker=self.sessionmaker, keys=keys,
                                            unauthenticated=self.unauthenticated,
                                            read_sessionmaker=self.read_sessionmaker))
+        # The help chat's automatic answer calls /v1 in process, through this very application.
+        self.web.state.dubhe_asgi = self
 
     def _maintenance_changed(self, models: frozenset[str]) -> None:
         assert self._state is not None

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Path, Query, Request
+from fastapi import APIRouter, BackgroundTasks, Header, Path, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from dubhe.accounts.endpoints import client_ip
@@ -15,6 +15,7 @@ from dubhe.accounts.sessions import OptionalSessionUserDep, is_secure_request, r
 from dubhe.admin.access import AdminDep
 from dubhe.admin.service import Actor
 from dubhe.helpchat import service
+from dubhe.helpchat.assistant import assistant_enabled, draft_first_answer
 from dubhe.helpchat.feed import HelpFeed, sse_events
 from dubhe.helpchat.repository import HelpChatRepository
 from dubhe.helpchat.schemas import (
@@ -96,11 +97,18 @@ async def my_events(request: Request, user: OptionalSessionUserDep, session: Ses
 
 @router.post("/messages", status_code=201)
 async def send_message(body: ChatIn, request: Request, user: OptionalSessionUserDep,
-                       session: SessionDep, state: StateDep) -> JSONResponse:
+                       session: SessionDep, state: StateDep,
+                       background: BackgroundTasks) -> JSONResponse:
     await require_csrf(request)
     posted = await service.post_visitor_message(
         session, visitor(request, user.id if user else None), body.body,
         client_ip=client_ip(request), settings=state.settings, now=utcnow())
+    asgi_app = getattr(request.app.state, "dubhe_asgi", None)
+    if posted.first and asgi_app is not None and assistant_enabled(state.settings):
+        # After the response, and so after this transaction committed the message.
+        background.add_task(draft_first_answer, asgi_app, state.sessionmaker,
+                            settings=state.settings, catalog=state.catalog,
+                            conversation_id=posted.conversation.id, question=posted.message.body)
     response = JSONResponse(
         {"conversation_id": posted.conversation.id,
          "message": message_out(posted.message).model_dump(mode="json")}, status_code=201)

@@ -12,7 +12,7 @@ from dubhe.models import HelpMessage
 
 class ChatMessageOut(BaseModel):
     id: int
-    author: Literal["visitor", "admin"]
+    author: Literal["visitor", "admin", "assistant"]  # assistant: the automatic answer
     body: str  # plain text: shown as text, never as HTML
     at: datetime
 

@@ -80,6 +80,7 @@ class Posted:
     conversation: HelpConversation
     message: HelpMessage
     new_token: str | None  # a cookie to set: this anonymous visitor's first message
+    first: bool  # the conversation's first message (the automatic answer drafts only then)
 
 
 async def post_visitor_message(session: AsyncSession, visitor: Visitor, text: str, *,
@@ -96,6 +97,7 @@ async def post_visitor_message(session: AsyncSession, visitor: Visitor, text: st
     ) >= settings.help_chat_messages_per_minute:
         raise _too_many("You are sending messages too fast; wait a minute.", 60)
     new_token = None
+    first = conversation is None
     if conversation is None:
         if visitor.user_id is None:
             new_token = visitor.token if visitor.token else new_visitor_token()
@@ -110,7 +112,7 @@ async def post_visitor_message(session: AsyncSession, visitor: Visitor, text: st
     repository.add(message)
     conversation.last_message_at = now
     await session.flush()
-    return Posted(conversation, message, new_token)
+    return Posted(conversation, message, new_token, first)
 
 
 async def post_admin_reply(session: AsyncSession, actor: Actor, *, conversation_id: int,

@@ -21,7 +21,7 @@ function dubheChatAppend(list, messages, me) {
     const author = document.createElement("span");
     author.className = "chat-author";
     author.textContent = message.author === me ? "You"
-      : (message.author === "admin" ? "Support" : "Visitor");
+      : ({ admin: "Support", assistant: "Automatic answer" }[message.author] || "Visitor");
     const body = document.createElement("p");
     body.textContent = message.body;
     item.append(author, body);
