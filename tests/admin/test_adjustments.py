@@ -82,3 +82,27 @@ def test_adjustments_race_safely(money_web: WebServer) -> None:
         assert balance == from_ledger == expected
         assert count == 1 + RACERS
         assert user.get("/api/account").status_code == 200
+
+
+def test_the_console_and_the_chat_run_on_this_database(money_web: WebServer) -> None:
+    admin_email = make_admin(money_web)
+    with money_web.client() as visitor, money_web.client() as admin:
+        assert admin.log_in(admin_email).status_code == 200
+        sent = visitor.api("POST", "/api/chat/messages", {"body": "hello from here"})
+        conversation_id = sent.json()["conversation_id"]
+        row = next(r for r in admin.get("/admin/api/inbox").json()["conversations"]
+                   if r["conversation_id"] == conversation_id)
+        assert row["unread"] == 1 and row["last_message"] == "hello from here"
+        assert admin.api("POST", f"/admin/api/inbox/{conversation_id}/messages",
+                         {"body": "hi"}).status_code == 201
+        assert [m["author"] for m in visitor.get("/api/chat").json()["messages"]] == [
+            "visitor", "admin"]
+        for on in (True, False):
+            assert admin.api("POST", "/admin/api/models/dubhe-code/maintenance",
+                             {"maintenance": on}).status_code == 200
+        assert admin.api("POST", "/admin/api/codes", {"amount_usd": "1", "count": 1}
+                         ).status_code == 201
+        for path in ("/admin/api/users", "/admin/api/models", "/admin/api/upstreams",
+                     "/admin/api/codes", "/admin/api/totals", "/admin/api/audit", "/admin",
+                     "/admin/inbox", f"/admin/inbox/{conversation_id}"):
+            assert admin.get(path).status_code == 200, path

@@ -66,7 +66,8 @@ async def user_detail(session: AsyncSession, user: User, catalog: Catalog) -> Ad
         **user_out(user).model_dump(), next_plan=state.next_plan_code,
         tokens_available=state.tokens_available + state.tokens_reserved,
         balance_usd=format_usd(state.balance_uusd + state.balance_reserved_uusd),
-        debt_usd=format_usd(state.debt_uusd))
+        debt_usd=format_usd(state.debt_uusd),
+        balance_uusd=state.balance_uusd + state.balance_reserved_uusd, debt_uusd=state.debt_uusd)
 
 
 async def existing_user(session: AsyncSession, user_id: int) -> User:

@@ -22,6 +22,8 @@ class AdminUserDetailOut(AdminUserOut):
     tokens_available: int
     balance_usd: str
     debt_usd: str
+    balance_uusd: int
+    debt_uusd: int
 
 
 class PlanIn(BaseModel):
