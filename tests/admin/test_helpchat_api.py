@@ -64,6 +64,12 @@ def test_signing_in_joins_the_anonymous_conversation(web: WebServer) -> None:
         visitor.api("POST", "/api/auth/logout")
         # Signed out, the cookie no longer opens what now belongs to the account.
         assert visitor.get("/api/chat").json()["conversation_id"] is None
+        # Writing again, signed out, starts a new conversation.
+        again = post(visitor, "signed out now")
+        assert again.status_code == 201, again.text
+        assert again.json()["conversation_id"] != conversation_id
+        assert [m["body"] for m in visitor.get("/api/chat").json()["messages"]] == [
+            "signed out now"]
 
 
 def test_length_and_rate_limits(web: WebServer) -> None:

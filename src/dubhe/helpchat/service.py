@@ -100,7 +100,9 @@ async def post_visitor_message(session: AsyncSession, visitor: Visitor, text: st
     first = conversation is None
     if conversation is None:
         if visitor.user_id is None:
-            new_token = visitor.token if visitor.token else new_visitor_token()
+            # Always a fresh cookie: the old one may name a conversation that has since joined
+            # an account, which this anonymous visitor must not reach (nor collide with).
+            new_token = new_visitor_token()
         conversation = HelpConversation(
             visitor_hash=visitor_hash(new_token) if new_token else None,
             user_id=visitor.user_id, created_at=now, last_message_at=now, admin_read_message_id=0)
