@@ -13,6 +13,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from dubhe.admin.maintenance import MaintenanceBoard
 from dubhe.billing.meter import Meter
 from dubhe.catalog import Catalog, load_catalog
 from dubhe.database import (
@@ -45,6 +46,7 @@ class DubheApp:
         self.gateway: GatewayApp | None = None
         self.web: FastAPI | None = None
         self._state: GatewayState | None = None
+        self._maintenance: MaintenanceBoard | None = None
         self.unauthenticated = UnauthenticatedLimiter(
             per_minute=settings.unauthenticated_per_minute, burst=settings.unauthenticated_burst
         )
@@ -73,6 +75,9 @@ class DubheApp:
             unauthenticated=self.unauthenticated,
         )
         self.gateway = GatewayApp(self._state)
+        self._maintenance = MaintenanceBoard(self.read_sessionmaker, self._maintenance_changed)
+        await self._maintenance.refresh()
+        self._maintenance.start()
         # Everything built so far lives as long as the worker: keep it out of the collector's
         # generations, and collect the young one less often (a request allocates many small,
         # short-lived objects; each collection pauses every request in flight).
@@ -83,9 +88,19 @@ class DubheApp:
         # change at the same moment /v1 does.
         self.web = create_web_app(WebState(settings=self.settings, catalog=self.catalog,
                                            sessionmaker=self.sessionmaker, keys=keys,
-                                           unauthenticated=self.unauthenticated))
+                                           unauthenticated=self.unauthenticated,
+                                           read_sessionmaker=self.read_sessionmaker))
+        # The help chat's automatic answer calls /v1 in process, through this very application.
+        self.web.state.dubhe_asgi = self
+
+    def _maintenance_changed(self, models: frozenset[str]) -> None:
+        assert self._state is not None
+        self._state.maintenance = models
+        self._state.listings.set_maintenance(models)
 
     async def shutdown(self) -> None:
+        if self._maintenance is not None:
+            await self._maintenance.stop()
         if self._state is not None:
             await self._state.keys.stop()
             await self._state.meter.stop()

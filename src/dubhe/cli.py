@@ -1,5 +1,5 @@
 """The operator's command line: ``dubhe serve | migrate | users | keys | codes | balance |
-upstream-sim``.
+models | upstream-sim``.
 
 Scripts depend on these exact forms. Bad input prints one line on stderr and exits non-zero,
 with nothing half-written: every command that writes does so in one transaction.
@@ -93,6 +93,15 @@ def _parser() -> argparse.ArgumentParser:
     balance_add = balance.add_parser("add", help="credit a user's balance (an admin credit)")
     balance_add.add_argument("email")
     balance_add.add_argument("usd", help="the amount in USD, e.g. 25 or 12.50")
+
+    models = commands.add_parser("models", help="public models").add_subparsers(
+        dest="models_command", required=True, parser_class=_Parser
+    )
+    maintenance = models.add_parser(
+        "maintenance", help="switch a model's maintenance on or off (every worker within a second)"
+    )
+    maintenance.add_argument("model")
+    maintenance.add_argument("state", choices=["on", "off"])
 
     sim = commands.add_parser("upstream-sim", help="run the OpenAI-compatible upstream simulator")
     sim.add_argument("--host", default="127.0.0.1")
@@ -420,6 +429,26 @@ def _cmd_balance(args: argparse.Namespace) -> None:
         print(f"dubhe: credited {format_usd(amount)} USD to {args.email}", file=sys.stderr)
 
 
+def _cmd_models(args: argparse.Namespace) -> None:
+    from dubhe.admin.service import OPERATOR_CLI, set_maintenance
+    from dubhe.models.base import utcnow
+
+    settings, catalog = _context()
+    if args.model not in catalog.models:
+        raise CommandError(f"no model {args.model!r}; the catalog has {', '.join(catalog.models)}")
+    _migrate(settings)
+    on = args.state == "on"
+
+    async def work(session: Any) -> Any:
+        return await set_maintenance(session, OPERATOR_CLI, model_id=args.model, on=on,
+                                     catalog=catalog, now=utcnow())
+
+    changed = _run_in_session(settings, work)
+    print(f"dubhe: {args.model} is {'in maintenance' if on else 'available'}"
+          f"{'' if changed else ' (already)'}; every worker sees it within a second",
+          file=sys.stderr)
+
+
 def _cmd_upstream_sim(args: argparse.Namespace) -> None:
     from dubhe.sim import serve
 
@@ -433,5 +462,6 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "keys": _cmd_keys,
     "codes": _cmd_codes,
     "balance": _cmd_balance,
+    "models": _cmd_models,
     "upstream-sim": _cmd_upstream_sim,
 }

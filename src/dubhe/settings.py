@@ -61,6 +61,18 @@ class Settings(BaseSettings):
     # included tokens, so this bounds farming them).
     accounts_per_ip_per_day: int = Field(default=3, ge=1)
     reset_requests_per_ip_per_hour: int = Field(default=10, ge=1)
+    # The help chat (dubhe.helpchat): how long a message may be, and how many a visitor may send,
+    # so it cannot be used as a spam channel.
+    help_chat_max_message_chars: int = Field(default=2000, ge=1, le=20_000)
+    help_chat_messages_per_minute: int = Field(default=6, ge=1)
+    help_chat_messages_per_ip_per_hour: int = Field(default=60, ge=1)
+    # Optional, off by default: a Dubhe model drafts the first answer of each conversation,
+    # marked as automatic. It calls this deployment's own /v1 (the real gateway path: admission,
+    # limits and billing) with an API key of the operator's support account, which pays for it;
+    # each conversation gets one draft, of at most this many tokens.
+    help_chat_assistant_model: str | None = None
+    help_chat_assistant_api_key: SecretStr | None = None
+    help_chat_assistant_max_tokens: int = Field(default=300, ge=16, le=4096)
 
     @property
     def resolved_signup_mode(self) -> str:

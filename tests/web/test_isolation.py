@@ -45,6 +45,9 @@ PUBLIC = {
     ("POST", "/api/auth/password-reset/confirm"),
     ("POST", "/api/stripe/webhook"),  # Stripe's signature authorizes
     ("GET", "/api/openapi.json"),
+    # The help chat: anyone may write to support; a visitor reads only their own conversation
+    # (by their cookie, or their session).
+    ("GET", "/api/chat"), ("GET", "/api/chat/events"), ("POST", "/api/chat/messages"),
 }
 # Run last: they end the caller's session.
 SESSION_ENDING = ("/logout", "/api/auth/logout", "/api/account/delete", "/dashboard/account/delete")
@@ -88,7 +91,7 @@ def test_anonymous_callers_are_refused(web: WebServer, method: str, path: str) -
     with web.client() as anonymous:
         anonymous.csrf()  # even with a valid CSRF cookie and token
         response = anonymous.api(method, concrete(path, {}), json={})
-    if path.startswith("/api/"):
+    if path.startswith(("/api/", "/admin/api/")):
         assert response.status_code == 401, response.text
         assert response.json()["error"]["type"] == "authentication_error"
     else:

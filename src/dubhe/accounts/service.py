@@ -180,6 +180,9 @@ async def check_credentials(session: AsyncSession, email: str, password: str) ->
         raise _bad_credentials()
     if not verify_password(user.password_hash, password):
         raise _bad_credentials()
+    if user.disabled_at is not None:
+        raise Forbidden("This account is disabled; contact support to have it enabled.",
+                        code="account_disabled")
     if user.email_verified_at is None:
         raise Forbidden("Confirm your e-mail address first: follow the link we sent you. "
                         "Signing up again sends a new one.", code="email_not_verified")

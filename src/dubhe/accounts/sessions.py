@@ -117,6 +117,7 @@ async def load_session_user(request: Request, session: Any) -> SessionUser | Non
         .where(WebSession.token_hash == hash_session_token(token),
                WebSession.expires_at > utcnow(),
                User.deleted_at.is_(None),
+               User.disabled_at.is_(None),
                User.email_verified_at.is_not(None))
     )
     row = (await session.execute(statement)).first()
@@ -155,8 +156,9 @@ OptionalSessionUserDep = Annotated[SessionUser | None, Depends(get_optional_sess
 
 
 def wants_html(request: Request) -> bool:
-    """Pages are everything outside /api; they get redirects and pages instead of JSON."""
-    return not request.url.path.startswith("/api")
+    """Pages are everything outside /api and /admin/api; they get redirects and pages instead of
+    JSON."""
+    return not request.url.path.startswith(("/api", "/admin/api"))
 
 
 async def login_required_response(request: Request, exc: Exception) -> Response:

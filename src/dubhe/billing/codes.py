@@ -72,7 +72,8 @@ class RedemptionCodeRepository:
         """Mark the code redeemed if nobody has yet; (id, amount) when this call won it."""
         statement = (
             update(RedemptionCode)
-            .where(RedemptionCode.code_hash == code_hash, RedemptionCode.redeemed_at.is_(None))
+            .where(RedemptionCode.code_hash == code_hash, RedemptionCode.redeemed_at.is_(None),
+                   RedemptionCode.revoked_at.is_(None))
             .values(redeemed_by=user_id, redeemed_at=now)
             .returning(RedemptionCode.id, RedemptionCode.amount_uusd)
         )
@@ -80,7 +81,9 @@ class RedemptionCodeRepository:
         return (int(row[0]), int(row[1])) if row is not None else None
 
     async def exists(self, code_hash: str) -> bool:
-        statement = select(RedemptionCode.id).where(RedemptionCode.code_hash == code_hash)
+        # A revoked code is "not valid", like one never minted.
+        statement = select(RedemptionCode.id).where(RedemptionCode.code_hash == code_hash,
+                                                    RedemptionCode.revoked_at.is_(None))
         return (await self.session.execute(statement)).first() is not None
 
 

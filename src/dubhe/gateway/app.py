@@ -39,6 +39,8 @@ class GatewayState:
     meter: Meter
     listings: ModelListings
     unauthenticated: UnauthenticatedLimiter
+    # Models an admin switched to maintenance at run time (dubhe.admin.maintenance keeps it).
+    maintenance: frozenset[str] = frozenset()
 
 
 class GatewayApp:

@@ -138,7 +138,7 @@ class ChatCompletion:
         body = self.body = _parse_body(raw)
         model = self.model = _resolve_model(body, self.identity, state)
         request = self.request = validate_chat_request(body, model)
-        if model.status == "maintenance":
+        if model.status == "maintenance" or model.id in state.maintenance:
             raise ServiceUnavailable(
                 f"The model '{model.id}' is under maintenance; retry later.",
                 code="model_maintenance",

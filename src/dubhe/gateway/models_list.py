@@ -1,6 +1,7 @@
 """``GET /v1/models`` and ``GET /v1/models/{id}``: what the caller's plan includes.
 
-The answers are built once per plan at start: the catalog does not change while Dubhe runs.
+The answers are built once per plan at start, and again when an admin switches a model's
+maintenance (``dubhe.admin.maintenance``): nothing is built per request.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dubhe.catalog import Catalog, ModelSpec
 from dubhe.errors import NotFound
 
 
-def model_object(model: ModelSpec) -> dict[str, Any]:
+def model_object(model: ModelSpec, *, in_maintenance: bool = False) -> dict[str, Any]:
     return {
         "id": model.id,
         "object": "model",
@@ -26,21 +27,30 @@ def model_object(model: ModelSpec) -> dict[str, Any]:
             "function_calling": model.function_calling,
             "vision": model.vision,
         },
-        "status": model.status,
+        "status": "maintenance" if in_maintenance else model.status,
     }
 
 
 class ModelListings:
     def __init__(self, catalog: Catalog) -> None:
+        self._catalog = catalog
         self._lists: dict[str, bytes] = {}
         self._one: dict[tuple[str, str], bytes] = {}
-        for plan in catalog.plans.values():
-            visible = [model for model_id, model in catalog.models.items() if model_id in plan.models]
-            self._lists[plan.code] = orjson.dumps(
-                {"object": "list", "data": [model_object(model) for model in visible]}
-            )
-            for model in visible:
-                self._one[(plan.code, model.id)] = orjson.dumps(model_object(model))
+        self.set_maintenance(frozenset())
+
+    def set_maintenance(self, in_maintenance: frozenset[str]) -> None:
+        """Rebuild every answer with these models shown as ``status: "maintenance"``."""
+        lists: dict[str, bytes] = {}
+        one: dict[tuple[str, str], bytes] = {}
+        for plan in self._catalog.plans.values():
+            visible = [model for model_id, model in self._catalog.models.items()
+                       if model_id in plan.models]
+            objects = {model.id: model_object(model, in_maintenance=model.id in in_maintenance)
+                       for model in visible}
+            lists[plan.code] = orjson.dumps({"object": "list", "data": list(objects.values())})
+            for model_id, body in objects.items():
+                one[(plan.code, model_id)] = orjson.dumps(body)
+        self._lists, self._one = lists, one
 
     def list_for(self, plan_code: str) -> bytes:
         return self._lists.get(plan_code, b'{"object":"list","data":[]}')

@@ -59,13 +59,15 @@ class KeyIdentity:
     spend_cap_uusd: int | None = None
 
 
-def _identity(key: ApiKey, plan_code: str) -> KeyIdentity:
+def _identity(key: ApiKey, plan_code: str, *, owner_disabled: bool) -> KeyIdentity:
+    # A disabled account's keys are refused like revoked ones, and work again when an admin
+    # enables it (the change moves ``users.updated_at``, which the refresh watches).
     return KeyIdentity(
         key_id=key.id,
         user_id=key.user_id,
         plan_code=plan_code,
         expires_at=key.expires_at.timestamp() if key.expires_at else None,
-        revoked=key.revoked_at is not None,
+        revoked=key.revoked_at is not None or owner_disabled,
         spend_cap_uusd=key.spend_cap_uusd,
     )
 
@@ -133,7 +135,7 @@ class KeyCache:
                 self._unknown.clear()
             self._unknown.add(key_hash)
             raise _invalid_key()
-        identity = _identity(row[0], row[1])
+        identity = _identity(row[0], row[1], owner_disabled=row[2] is not None)
         self._by_hash[key_hash] = identity
         return identity
 
@@ -152,11 +154,12 @@ class KeyCache:
             rows = await ApiKeyRepository.from_session(session).identities_changed_since(
                 self._watermark - _REFRESH_OVERLAP
             )
-        for key, plan_code in rows:
+        for key, plan_code, disabled_at in rows:
             self._known.add(_fingerprint(key.key_hash))
             if key.key_hash in self._by_hash or key.key_hash in self._unknown:
                 self._unknown.discard(key.key_hash)
-                self._by_hash[key.key_hash] = _identity(key, plan_code)
+                self._by_hash[key.key_hash] = _identity(key, plan_code,
+                                                        owner_disabled=disabled_at is not None)
         self._watermark = started
 
     async def _refreshed(self) -> None:

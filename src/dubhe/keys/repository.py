@@ -29,9 +29,9 @@ class ApiKeyRepository:
     def add(self, key: ApiKey) -> None:
         self.session.add(key)
 
-    async def identity_by_hash(self, key_hash: str) -> Row[ApiKey, str] | None:
+    async def identity_by_hash(self, key_hash: str) -> Row[ApiKey, str, datetime | None] | None:
         statement = (
-            select(ApiKey, User.plan_code)
+            select(ApiKey, User.plan_code, User.disabled_at)
             .join(User, User.id == ApiKey.user_id)
             .where(ApiKey.key_hash == key_hash)
         )
@@ -40,10 +40,13 @@ class ApiKeyRepository:
     async def all_hashes(self) -> list[str]:
         return list((await self.session.execute(select(ApiKey.key_hash))).scalars())
 
-    async def identities_changed_since(self, since: datetime) -> list[Row[ApiKey, str]]:
-        """Keys whose own row or whose owner changed after ``since`` (revocations, plan moves)."""
+    async def identities_changed_since(
+        self, since: datetime
+    ) -> list[Row[ApiKey, str, datetime | None]]:
+        """Keys whose own row or whose owner changed after ``since`` (revocations, plan moves,
+        an account disabled or enabled)."""
         statement = (
-            select(ApiKey, User.plan_code)
+            select(ApiKey, User.plan_code, User.disabled_at)
             .join(User, User.id == ApiKey.user_id)
             .where((ApiKey.updated_at > since) | (User.updated_at > since))
         )

@@ -1,5 +1,6 @@
 """ORM models, one module per aggregate, imported here so metadata and Alembic see them all."""
 
+from dubhe.models.admin import AdminAuditEntry, ModelMaintenance
 from dubhe.models.api_key import ApiKey
 from dubhe.models.base import Base
 from dubhe.models.billing import (
@@ -11,6 +12,7 @@ from dubhe.models.billing import (
     RedemptionCode,
     SubscriptionPeriod,
 )
+from dubhe.models.helpchat import HelpConversation, HelpMessage
 from dubhe.models.key_cap import KeyCapLease
 from dubhe.models.usage import UsageRecord
 from dubhe.models.user import User
@@ -18,12 +20,16 @@ from dubhe.models.web_session import AuthAttempt, WebSession
 
 __all__ = [
     "Account",
+    "AdminAuditEntry",
     "ApiKey",
     "AuthAttempt",
     "Base",
+    "HelpConversation",
+    "HelpMessage",
     "KeyCapLease",
     "Lease",
     "LedgerEntry",
+    "ModelMaintenance",
     "Payment",
     "PaymentReversal",
     "RedemptionCode",

@@ -138,6 +138,8 @@ class RedemptionCode(Base):
         ForeignKey("users.id", ondelete="SET NULL"), nullable=True
     )
     redeemed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # Revoked by an admin before anyone redeemed it: it can never be redeemed.
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class Payment(Base):

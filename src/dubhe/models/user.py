@@ -22,5 +22,7 @@ class User(Base):
     email_verified_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     # A deleted account keeps its row (the ledger refers to it) with the e-mail scrubbed.
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # Set by an admin: log-in refused, sessions ended, keys refused until enabled again.
+    disabled_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     # Bumped on every change that API-key caches must see (plan, deactivation).
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)

@@ -34,9 +34,13 @@ def create_web_app(state: WebState) -> FastAPI:
     from dubhe.accounts.endpoints import router as accounts_router
     from dubhe.accounts.pages import router as accounts_pages
     from dubhe.accounts.sessions import CsrfCookieMiddleware, LoginRequired, login_required_response
+    from dubhe.admin.endpoints import router as admin_api_router
+    from dubhe.admin.pages import router as admin_pages
     from dubhe.billing.endpoints import router as billing_router
     from dubhe.dashboard.assets import static_files
     from dubhe.dashboard.endpoints import router as dashboard_router
+    from dubhe.helpchat.endpoints import admin_router as inbox_api_router
+    from dubhe.helpchat.endpoints import router as helpchat_router
     from dubhe.keys.endpoints import router as keys_router
     from dubhe.keys.pages import router as keys_pages
     from dubhe.payments.endpoints import router as payments_router
@@ -57,6 +61,10 @@ def create_web_app(state: WebState) -> FastAPI:
     app.include_router(dashboard_router)
     app.include_router(accounts_pages)
     app.include_router(keys_pages)
+    app.include_router(helpchat_router)
+    app.include_router(admin_api_router)
+    app.include_router(inbox_api_router)
+    app.include_router(admin_pages)
     app.mount("/static", static_files(), name="static")
     app.add_exception_handler(DubheError, _dubhe_error)
     # More specific than DubheError: a page without a session redirects to /login instead.

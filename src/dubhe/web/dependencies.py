@@ -24,6 +24,8 @@ class WebState:
     sessionmaker: async_sessionmaker[AsyncSession]
     keys: KeyCache
     unauthenticated: UnauthenticatedLimiter
+    # Read-only transactions that do not take SQLite's write lock (polls, live feeds).
+    read_sessionmaker: async_sessionmaker[AsyncSession] | None = None
 
 
 def get_state(request: Request) -> WebState:

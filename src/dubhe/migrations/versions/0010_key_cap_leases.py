@@ -14,7 +14,7 @@ import dubhe.models.base
 
 
 revision = '0010'
-down_revision = '0006'
+down_revision = '0007'
 branch_labels = None
 depends_on = None
 
