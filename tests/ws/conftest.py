@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -80,22 +80,27 @@ class WsBilling(Billing):
 
 
 @pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+def ws_database(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with fresh_database(request.param, tmp_path_factory.mktemp("ws-db")) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
 async def ws(
-    request: pytest.FixtureRequest,
+    ws_database: str,
     sims: dict[str, Sim],
     realistic: Realistic,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[WsBilling]:
-    with fresh_database(request.param, tmp_path_factory.mktemp("ws-db")) as url:
-        data_dir = tmp_path_factory.mktemp("ws")
-        server = start_server(data_dir, url, ws_config(sims, realistic), **SOCKET_ENV)
-        engine = create_engine(url)
-        try:
-            yield WsBilling(server, engine, load_catalog(Path(server.env["DUBHE_CONFIG"])))
-        finally:
-            await engine.dispose()
-            server.running.stop()
-        assert_clean_log(server)
+    data_dir = tmp_path_factory.mktemp("ws")
+    server = start_server(data_dir, ws_database, ws_config(sims, realistic), **SOCKET_ENV)
+    engine = create_engine(ws_database)
+    try:
+        yield WsBilling(server, engine, load_catalog(Path(server.env["DUBHE_CONFIG"])))
+    finally:
+        await engine.dispose()
+        server.running.stop()
+    assert_clean_log(server)
 
 
 async def next_event(socket: ClientConnection, timeout: float = 15) -> dict[str, Any]:
