@@ -4,6 +4,7 @@ Every request a socket loses is charged once, for what was sent: the ledger reco
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -180,3 +181,30 @@ async def test_a_lying_upstream_is_charged_on_dubhes_count(
                                 r=error_id)
     assert record is not None and record["completion_tokens"] == 4
     await ws.assert_consistent(user_id)
+
+
+async def test_an_account_in_debt_with_requests_waiting_closes_with_4402(ws: WsBilling) -> None:
+    key, user_id = await ws.new_account("metered")  # no included tokens: the balance pays
+    await ws.credit(user_id, 200)  # $0.0002
+    async with connect(ws.ws_url, additional_headers=bearer(key)) as socket:
+        # The upstream ignores its limit of 10 tokens and generates 3,000 (about $0.0036):
+        # what the balance cannot pay is a debt.
+        await socket.send(create("overrun", "dubhe-qwen",
+                                 "x [[up:tokens=3000]] [[up:ignore_limit=1]]", max_tokens=10))
+        _, done = await until_done(socket, "overrun")
+        assert done["type"] == "chat.completion.done", done
+        # Every worker refuses the account within about a second; until then a request may pass.
+        for attempt in range(40):
+            await socket.send(create(f"probe-{attempt}", "dubhe-fast", "x [[sim:tokens=1]]",
+                                     max_tokens=1))
+            _, end = await until_done(socket, f"probe-{attempt}")
+            if end["type"] == "error":
+                break
+            await asyncio.sleep(0.1)
+        assert end["status"] == 402 and "owes" in end["error"]["message"], end
+        # Three at once: each is refused, and the socket closes rather than refuse them in turn.
+        for request_id in ("q1", "q2", "q3"):
+            await socket.send(create(request_id, "dubhe-fast", "x [[sim:tokens=1]]"))
+        assert await closed_with(socket) == 4402
+    account = await ws.assert_consistent(user_id)
+    assert account["debt_uusd"] > 0

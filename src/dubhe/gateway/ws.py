@@ -168,7 +168,7 @@ class _SocketGone(Exception):
 
 
 class _Request:
-    __slots__ = ("client_id", "task", "completion", "phase", "cancelled_by", "ended")
+    __slots__ = ("client_id", "task", "completion", "phase", "admitted", "cancelled_by", "ended")
 
     def __init__(self, client_id: str) -> None:
         self.client_id = client_id
@@ -178,6 +178,7 @@ class _Request:
         # admission (a hold half-made) and the end of a finished stream are not interrupted; a
         # cancel then only marks the request, and the task looks at the mark itself.
         self.phase = "new"
+        self.admitted = False  # its hold is made: it streams, whatever the account does next
         self.cancelled_by: str | None = None  # "client" or "socket"
         self.ended = False  # its done or error event is sent
 
@@ -390,6 +391,7 @@ class _Connection:
         try:
             request.phase = "shielded"
             await completion.admit_body(body, size)
+            request.admitted = True
             request.phase = "running"
             if request.cancelled_by is not None:
                 raise asyncio.CancelledError
@@ -409,8 +411,9 @@ class _Connection:
             request.ended = True
             await self._error(request.client_id, error, completion.request_id)
             if isinstance(error, AccountInDebt) and any(
-                other.phase in ("new", "waiting") for other in self.requests
+                not other.admitted for other in self.requests if other is not request
             ):
+                # The requests still waiting on this socket would all be refused the same way.
                 await self.close(4402, "account in debt")
         except Exception:
             log.exception("request %s on a WebSocket failed", completion.request_id)
