@@ -18,7 +18,8 @@ the socket's drain before each send, and each request sends from its own task, s
 holds at most one unsent chunk per running request while the upstream's reads wait.
 
 Close codes: 1000 (idle, or the client's own close), 1011 (an internal error), 4401 (the key was
-revoked or expired while open, checked four times a second against the key cache), 4402 (the
+revoked or expired while open: the key cache is looked at four times a second, and the key
+re-checked when an identity in it changed), 4402 (the
 account fell into debt while requests were waiting), 4429 (message rate).
 """
 
@@ -287,16 +288,22 @@ class _Connection:
         return True
 
     async def _watch(self) -> None:
-        """The key is re-checked while the socket is open; an idle socket is closed."""
+        """The key is re-checked while the socket is open (when the key cache changed, or its
+        expiry passed); an idle socket is closed."""
+        keys = self.state.keys
+        seen = -1
+        expires_at: float | None = None
         while not self.closed:
             await asyncio.sleep(_KEY_CHECK_SECONDS)
-            try:
-                await self.state.keys.authenticate(self.authorization)
-            except AuthenticationFailed as error:
-                await self.close(4401, error.code or "invalid_api_key")
-                return
-            except Exception:  # the cache could not be read (the database is down): keep going
-                log.exception("re-checking a WebSocket's key failed")
+            if keys.revision != seen or (expires_at is not None and expires_at <= time.time()):
+                seen = keys.revision
+                try:
+                    expires_at = (await keys.authenticate(self.authorization)).expires_at
+                except AuthenticationFailed as error:
+                    await self.close(4401, error.code or "invalid_api_key")
+                    return
+                except Exception:  # the cache could not be read (the database is down)
+                    log.exception("re-checking a WebSocket's key failed")
             idle = time.monotonic() - self.last_activity
             if not self.requests and idle > self.limits.idle_timeout_seconds:
                 await self.close(1000, "idle timeout")
@@ -353,7 +360,7 @@ class _Connection:
         event["stream"] = True
         request = _Request(client_id)
         self.requests.add(request)
-        request.task = asyncio.create_task(self._serve(request, event, len(text)))
+        request.task = asyncio.create_task(self._serve(request, event, len(text.encode())))
 
     # -- one request --------------------------------------------------------------------------
 
