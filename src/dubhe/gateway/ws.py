@@ -226,6 +226,8 @@ class _Connection:
                         "Send events as text frames holding JSON objects.", code="invalid_event"))
                     continue
                 await self._handle(text)
+        except _SocketGone:
+            pass
         except Exception:
             log.exception("the WebSocket connection failed")
             await self.close(1011, "internal error")
@@ -248,6 +250,12 @@ class _Connection:
             await self._send(message)
         except OSError:  # uvicorn's ClientDisconnected: the peer is gone
             self.closed = True
+            raise _SocketGone from None
+        except RuntimeError:
+            # A send that waited for a slow reader's socket to drain while the connection was
+            # closed: uvicorn refuses anything after its close frame.
+            if not self.closed:
+                raise
             raise _SocketGone from None
 
     async def send_event(self, event: dict[str, Any]) -> None:
