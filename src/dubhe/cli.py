@@ -186,9 +186,10 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         # where starting one (imports, first connections) can take longer than that.
         timeout_worker_healthcheck=60,
         # /v1/ws/chat: uvicorn's sans-I/O protocol on the pinned websockets package (see
-        # server/_websocket.py), chosen rather than left to "auto": it pauses reading until the application takes each message and
-        # waits for the socket to drain before each send (a slow reader holds no unbounded
-        # buffer), and closes with 1009 a message over the limit before buffering it whole.
+        # server/_websocket.py), chosen rather than left to "auto": it pauses reading until the
+        # application takes each message and waits for the socket to drain before each send (a
+        # slow reader holds no unbounded buffer), and closes with 1009 a message over the limit
+        # before buffering it whole.
         # No per-message deflate: it costs CPU per chunk and is a decompression-bomb surface.
         ws=DubheWebSocketProtocol,
         ws_max_size=catalog.max_request_bytes + _WS_ENVELOPE_BYTES,

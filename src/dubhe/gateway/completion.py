@@ -11,8 +11,8 @@ WebSocket endpoint (``ws.py``) drive the same object:
    settlement). An upstream failure is a
    ``DubheError`` from either, raised after the request is metered.
 3. ``abandon()`` when the consumer went away or cancelled (the transport cancels its task, then
-   calls it): the request is charged for what was delivered. ``close()`` always, last: it drops the upstream
-   connection and releases a hold that nothing metered.
+   calls it): the request is charged for what was delivered. ``close()`` always, last: it drops
+   the upstream connection and releases a hold that nothing metered.
 
 Errors raised, as a tree (all ``DubheError``):
 
