@@ -183,7 +183,7 @@ async def test_a_lying_upstream_is_charged_on_dubhes_count(
     await ws.assert_consistent(user_id)
 
 
-async def test_an_account_in_debt_with_requests_waiting_closes_with_4402(ws: WsBilling) -> None:
+async def test_an_account_in_debt_with_requests_coming_closes_with_4402(ws: WsBilling) -> None:
     key, user_id = await ws.new_account("metered")  # no included tokens: the balance pays
     await ws.credit(user_id, 200)  # $0.0002
     async with connect(ws.ws_url, additional_headers=bearer(key)) as socket:
@@ -202,7 +202,7 @@ async def test_an_account_in_debt_with_requests_waiting_closes_with_4402(ws: WsB
                 break
             await asyncio.sleep(0.1)
         assert end["status"] == 402 and "owes" in end["error"]["message"], end
-        # Three at once: each is refused, and the socket closes rather than refuse them in turn.
+        # More requests after a refusal for debt: the socket closes rather than refuse each.
         for request_id in ("q1", "q2", "q3"):
             await socket.send(create(request_id, "dubhe-fast", "x [[sim:tokens=1]]"))
         assert await closed_with(socket) == 4402

@@ -20,7 +20,8 @@ holds at most one unsent chunk per running request while the upstream's reads wa
 Close codes: 1000 (idle, or the client's own close), 1011 (an internal error), 4401 (the key was
 revoked or expired while open: the key cache is looked at four times a second, and the key
 re-checked when an identity in it changed), 4402 (the
-account fell into debt while requests were waiting), 4429 (message rate).
+account is in debt while requests wait on the socket, or another comes after a refusal for
+debt), 4429 (message rate).
 """
 
 from __future__ import annotations
@@ -201,6 +202,7 @@ class _Connection:
         self.authorization = authorization
         self.requests: set[_Request] = set()
         self.slots = asyncio.Semaphore(self.limits.max_concurrent)
+        self.refused_for_debt = False
         self.closed = False
         self.last_activity = time.monotonic()
         self._tokens = float(self.limits.message_burst)
@@ -425,11 +427,14 @@ class _Connection:
                 return
             request.ended = True
             await self._error(request.client_id, error, completion.request_id)
-            if isinstance(error, AccountInDebt) and any(
-                not other.admitted for other in self.requests if other is not request
-            ):
-                # The requests still waiting on this socket would all be refused the same way.
-                await self.close(4402, "account in debt")
+            if isinstance(error, AccountInDebt):
+                # Requests still waiting on this socket, or coming after a refusal for debt,
+                # would all be refused the same way: the socket closes instead.
+                if self.refused_for_debt or any(
+                    not other.admitted for other in self.requests if other is not request
+                ):
+                    await self.close(4402, "account in debt")
+                self.refused_for_debt = True
         except Exception:
             log.exception("request %s on a WebSocket failed", completion.request_id)
             if not request.ended and not self.closed:
