@@ -71,7 +71,7 @@ async def test_requests_beyond_the_socket_cap_wait_then_are_refused(ws: WsBillin
     async with connect(ws.ws_url, additional_headers=bearer(key)) as socket:
         # Two run (DUBHE_WS_MAX_CONCURRENT=2), one waits (DUBHE_WS_MAX_QUEUED=1), one is refused.
         for request_id in ("r1", "r2", "r3", "r4"):
-            await socket.send(create(request_id, "dubhe-code", "x [[sim:tokens=8]]"))
+            await socket.send(create(request_id, "dubhe-code", "x [[sim:tokens=20]]"))
         seen: list[tuple[str, str]] = []
         ended: dict[str, dict[str, object]] = {}
         while len(ended) < 4:

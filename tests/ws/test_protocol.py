@@ -27,7 +27,7 @@ async def usage_record(ws: WsBilling, server_request_id: str) -> dict[str, objec
 
 async def test_two_requests_interleave_on_one_socket_and_both_are_billed(ws: WsBilling) -> None:
     key, user_id = await ws.new_account("roomy")
-    prompts = {"a": "first [[sim:tokens=12]]", "b": "second [[sim:tokens=12]]"}
+    prompts = {"a": "first [[sim:tokens=40]]", "b": "second [[sim:tokens=40]]"}
     async with connect(ws.ws_url, additional_headers=bearer(key)) as socket:
         for request_id, prompt in prompts.items():
             await socket.send(create(request_id, "dubhe-code", prompt))  # the paced simulator
@@ -50,12 +50,12 @@ async def test_two_requests_interleave_on_one_socket_and_both_are_billed(ws: WsB
     for request_id, event in done.items():
         usage = event["usage"]
         assert isinstance(usage, dict)
-        assert usage["completion_tokens"] == 12
+        assert usage["completion_tokens"] == 40
         assert usage["prompt_tokens"] == prompt_tokens(prompts[request_id])
         assert event["status"] == "completed" and text[request_id]
         record = await usage_record(ws, str(event["server_request_id"]))
         assert (record["prompt_tokens"], record["completion_tokens"]) == (
-            usage["prompt_tokens"], 12)
+            usage["prompt_tokens"], 40)
         assert record["stream"] and record["outcome"] == "ok"
         ids.add(event["server_request_id"])
     assert len(ids) == 2
