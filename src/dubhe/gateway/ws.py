@@ -254,10 +254,9 @@ class _Connection:
             self.closed = True
             raise _SocketGone from None
         except RuntimeError:
-            # A send that waited for a slow reader's socket to drain while the connection was
-            # closed: uvicorn refuses anything after its close frame.
-            if not self.closed:
-                raise
+            # uvicorn refuses anything after a close frame: ours (a send that waited for a slow
+            # reader while the socket was closed) or its own (the peer stopped answering pings).
+            self.closed = True
             raise _SocketGone from None
 
     async def send_event(self, event: dict[str, Any]) -> None:
@@ -269,7 +268,7 @@ class _Connection:
         self.closed = True
         try:
             await self._send({"type": "websocket.close", "code": code, "reason": reason})
-        except OSError:
+        except (OSError, RuntimeError):  # the peer is gone, or uvicorn already closed it
             pass
         for request in list(self.requests):
             request.cancel("socket")
@@ -437,6 +436,8 @@ class _Connection:
                 self.refused_for_debt = True
         except Exception:
             log.exception("request %s on a WebSocket failed", completion.request_id)
+            # Charged for what was delivered, as if the client had left (never released unused).
+            await completion.abandon()
             if not request.ended and not self.closed:
                 request.ended = True
                 await self._error(request.client_id, DubheError(
