@@ -930,14 +930,19 @@ def phase_ttft(rig: Rig, plan: Plan) -> dict:
     body = streams.chat_body(FAST_MODEL, 16, stream=True)
     others = ["direct", *(["bare"] if rig.bare else [])]  # what reaches the sim outside a ledger
     targets = {where: rig.target(where) for where in ("direct", "gateway", *others[1:])}
+    # The same gateway over /v1/ws/chat, one socket kept open, in the same interleaved rounds.
+    url, headers = targets["gateway"]
+    targets["gateway_ws"] = (
+        url.replace("http://", "ws://").replace("/chat/completions", "/ws/chat"), headers)
     with rig.through_gateway(rig.sims["fast"]) as tally:
         result = asyncio.run(
             streams.ttft_pairs(targets, body, plan.ttft_rounds, budget_s=TTFT_BUDGET_S)
         )
-        tally.client_completed = result["gateway"]["n"]
+        tally.client_completed = result["gateway"]["n"] + result["gateway_ws"]["n"]
         # The direct (and bare) probes hit the same sim.
         tally.direct_sent = sum(result[w]["n"] + result[w]["failures"] for w in others)
     result["added"] = _added(result)
+    result["ws_added"] = _added(result, "gateway_ws")
     if rig.bare:
         result["bare_added"] = _added(result, "bare")
     return result
@@ -1172,7 +1177,7 @@ def gates(rig: Rig, results: dict) -> dict:
     streams_runs = [chunks[w] for w in ("direct", "gateway", "bare") if w in chunks]
     streams_runs += [results["memory"], results["memory_bare"]]
     ttft = results["ttft"]
-    probes = [ttft[w] for w in ("direct", "gateway", "bare") if w in ttft]
+    probes = [ttft[w] for w in ("direct", "gateway", "gateway_ws", "bare") if w in ttft]
     usage = usage_gate(rig.database_url, rig.data_dir, rig.email, rig.ledger)
     core_usage = None
     if rig.core is not None and rig.core.key:
@@ -1275,6 +1280,9 @@ def table(results: dict) -> str:
         _us(h["added"]["p99_us"]))  # fmt: skip
     add(f"TTFT p50, 1 stream ({plan['ttft_rounds']} each)", _us(ttft["direct"]["p50_us"]),
         _us(ttft["gateway"]["p50_us"]), _us(ttft["added"]["p50_us"]))  # fmt: skip
+    if "gateway_ws" in ttft:
+        add("TTFT p50, 1 stream over /v1/ws/chat", _us(ttft["direct"]["p50_us"]),
+            _us(ttft["gateway_ws"]["p50_us"]), _us(ttft["ws_added"]["p50_us"]))  # fmt: skip
     d, g1, g2 = tp["direct"], tp["gateway_1w"], tp["gateway_2w"]
     add(f"c=64 req/s, 1 worker ({plan['throughput_s']}s)", _n(d["rps"]), _n(g1["rps"]),
         f"{g1['rps'] / d['rps']:.0%} of direct")  # fmt: skip

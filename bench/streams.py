@@ -1,4 +1,5 @@
-"""Streaming clients for the benchmark: many concurrent SSE streams, and sequential TTFT probes.
+"""Streaming clients for the benchmark: many concurrent SSE streams, and sequential TTFT probes
+(over HTTP streaming and over the WebSocket chat).
 
 wrk and hey only see whole responses, so streamed chunks are counted here with asyncio + aiohttp.
 The client never parses the chunks it counts (only the TTFT probe parses, and only until the first
@@ -21,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import aiohttp
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import WebSocketException
 
 _DONE = b"data: [DONE]"
 # A stream that stalls this long is broken, not slow: fail it rather than hang the benchmark.
@@ -174,6 +177,31 @@ def _has_content(line: bytes) -> bool:
     return bool((choices[0].get("delta") or {}).get("content"))
 
 
+async def _ws_time_to_first_token(socket: ClientConnection, body: dict, request_id: str
+                                  ) -> tuple[float | None, bool]:
+    """The same probe over one open WebSocket (/v1/ws/chat): seconds from sending the request
+    to its first chunk carrying content, and whether it ended with its done event."""
+    started = time.perf_counter()
+    first: float | None = None
+    await socket.send(json.dumps({"type": "chat.completion.create", "request_id": request_id,
+                                  **body}))
+    while True:
+        message = await asyncio.wait_for(socket.recv(), _STREAM_TIMEOUT_S)
+        if first is None and _ws_has_content(message):
+            first = time.perf_counter() - started
+        elif '"type":"chat.completion.done"' in message or '"type":"error"' in message:
+            event = json.loads(message)
+            return (first, True) if event["type"] == "chat.completion.done" else (None, False)
+
+
+def _ws_has_content(message: str | bytes) -> bool:
+    event = json.loads(message)
+    if event.get("type") != "chat.completion.chunk":
+        return False
+    choices = event.get("choices") or [{}]
+    return bool((choices[0].get("delta") or {}).get("content"))
+
+
 async def ttft_pairs(
     targets: dict[str, tuple[str, dict[str, str]]],
     body: dict,
@@ -189,20 +217,33 @@ async def ttft_pairs(
     not_done = {name: 0 for name in targets}
     timeout = aiohttp.ClientTimeout(total=_STREAM_TIMEOUT_S)
     deadline = time.monotonic() + budget_s
+    # A ws:// target is probed over one socket kept open, as the HTTP ones reuse a connection.
+    sockets: dict[str, ClientConnection] = {}
     async with aiohttp.ClientSession(timeout=timeout) as session:
-        for _ in range(rounds):
+        for number in range(rounds):
             if time.monotonic() > deadline:
                 break
             for name, (url, headers) in targets.items():
                 try:
-                    first, done = await _time_to_first_token(session, url, headers, body)
-                except (TimeoutError, aiohttp.ClientError):
+                    if url.startswith("ws"):
+                        if name not in sockets:
+                            sockets[name] = await connect(url, additional_headers=headers)
+                        first, done = await _ws_time_to_first_token(
+                            sockets[name], body, f"probe-{number}")
+                    else:
+                        first, done = await _time_to_first_token(session, url, headers, body)
+                except (TimeoutError, aiohttp.ClientError, WebSocketException, OSError):
                     first, done = None, False
+                    stale = sockets.pop(name, None)
+                    if stale is not None:
+                        await stale.close()
                 if first is None:
                     failures[name] += 1
                 else:
                     samples[name].append(first * 1e6)
                 not_done[name] += 0 if done else 1
+    for socket in sockets.values():
+        await socket.close()
     return {
         name: {
             "n": len(values),

@@ -22,9 +22,11 @@ from dubhe.database import (
     create_read_sessionmaker,
     create_sessionmaker,
 )
+from dubhe.errors import NotFound
 from dubhe.gateway.app import GatewayApp, GatewayState
 from dubhe.gateway.asgi import Receive, Scope, Send, new_request_id, send_error, send_json
 from dubhe.gateway.models_list import ModelListings
+from dubhe.gateway.ws import ChatSocketEndpoint, SocketLimits, deny
 from dubhe.keys.cache import KeyCache
 from dubhe.providers import UpstreamPool
 from dubhe.ratelimit import UnauthenticatedLimiter
@@ -44,6 +46,7 @@ class DubheApp:
         self.read_engine = create_read_engine(settings.resolved_database_url)
         self.read_sessionmaker = create_read_sessionmaker(self.read_engine)
         self.gateway: GatewayApp | None = None
+        self.chat_socket: ChatSocketEndpoint | None = None
         self.web: FastAPI | None = None
         self._state: GatewayState | None = None
         self._maintenance: MaintenanceBoard | None = None
@@ -78,6 +81,9 @@ class DubheApp:
         self._maintenance = MaintenanceBoard(self.read_sessionmaker, self._maintenance_changed)
         await self._maintenance.refresh()
         self._maintenance.start()
+        self.chat_socket = ChatSocketEndpoint(
+            self._state, SocketLimits.from_settings(self.settings), self.settings.cors_origins
+        )
         # Everything built so far lives as long as the worker: keep it out of the collector's
         # generations, and collect the young one less often (a request allocates many small,
         # short-lived objects; each collection pauses every request in flight).
@@ -133,6 +139,15 @@ class DubheApp:
                     await send_error(send, request_too_large(limit), new_request_id())
                     return
                 await self.web(scope, limited_receive(receive, limit), send)
+        elif kind == "websocket":
+            if scope["path"] == "/v1/ws/chat":
+                assert self.chat_socket is not None
+                await self.chat_socket(scope, receive, send)
+            else:
+                await receive()  # websocket.connect
+                await deny(send, NotFound(
+                    f"Unknown WebSocket URL: {scope['path']}. The chat socket is /v1/ws/chat.",
+                    code="unknown_url"), new_request_id())
         elif kind == "lifespan":
             await self._lifespan(receive, send)
 

@@ -156,10 +156,15 @@ def _run_in_session(settings: Settings, work: Callable[[Any], Awaitable[Any]]) -
 # -- commands ---------------------------------------------------------------------------------
 
 
+# Room in a WebSocket message for the event's own fields around a request body of the catalog's
+# max_request_bytes (type, request_id).
+_WS_ENVELOPE_BYTES = 1024
+
+
 def _cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from dubhe.server import SECURITY_HEADERS, DubheHttpProtocol
+    from dubhe.server import SECURITY_HEADERS, DubheHttpProtocol, DubheWebSocketProtocol
 
     settings, catalog = _context()
     settings.resolved_secret  # noqa: B018 - fail now, before workers start, if it is missing
@@ -191,6 +196,17 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         # this many seconds; its default of 5 restarts workers forever on a loaded small machine,
         # where starting one (imports, first connections) can take longer than that.
         timeout_worker_healthcheck=60,
+        # /v1/ws/chat: uvicorn's sans-I/O protocol on the pinned websockets package (see
+        # server/_websocket.py), chosen rather than left to "auto": it pauses reading until the
+        # application takes each message and waits for the socket to drain before each send (a
+        # slow reader holds no unbounded buffer), and closes with 1009 a message over the limit
+        # before buffering it whole.
+        # No per-message deflate: it costs CPU per chunk and is a decompression-bomb surface.
+        ws=DubheWebSocketProtocol,
+        ws_max_size=catalog.max_request_bytes + _WS_ENVELOPE_BYTES,
+        ws_ping_interval=settings.ws_ping_interval_seconds,
+        ws_ping_timeout=settings.ws_ping_timeout_seconds,
+        ws_per_message_deflate=False,
     )
 
 

@@ -10,6 +10,7 @@ The tree (OpenAI's ``type`` in brackets):
     ├── AuthenticationFailed [authentication_error] 401: missing, malformed, unknown, revoked, expired key
     ├── Forbidden [invalid_request_error] 403: not allowed for this caller (sign-up closed, wrong password)
     ├── InsufficientQuota [insufficient_quota] 402: plan allowance and balance cannot cover it
+    │   └── AccountInDebt 402: usage the account could not pay is owed first
     ├── RateLimited [rate_limit_error] 429
     └── GatewayError [server_error]
         ├── UpstreamError 500: the upstream answered with an error
@@ -91,6 +92,10 @@ class InsufficientQuota(DubheError):
     def __init__(self, message: str, **kwargs: object) -> None:
         super().__init__(message, code="insufficient_quota", **kwargs)  # type: ignore[arg-type]
         self.headers.setdefault("x-should-retry", "false")
+
+
+class AccountInDebt(InsufficientQuota):
+    """The account owes usage it could not pay; nothing is served until a credit covers it."""
 
 
 class RateLimited(DubheError):

@@ -101,6 +101,21 @@ class Settings(BaseSettings):
     # Browser origins allowed to call /v1 (CORS), comma-separated; empty means CORS is off.
     cors_allow_origins: str = ""
 
+    # WebSocket chat (/v1/ws/chat), per connection. A message larger than the catalog's
+    # max_request_bytes closes it with 1009. The server pings every ws_ping_interval_seconds and
+    # drops a peer that has not answered within ws_ping_timeout_seconds (a half-open socket);
+    # a socket with no client event and no request running for ws_idle_timeout_seconds is
+    # closed (1000). Requests beyond ws_max_concurrent wait, up to ws_max_queued of them (more:
+    # a 429 error event). More than ws_messages_per_second events sustained (ws_message_burst at
+    # once) closes the socket with 4429.
+    ws_ping_interval_seconds: float = Field(default=20.0, gt=0)
+    ws_ping_timeout_seconds: float = Field(default=20.0, gt=0)
+    ws_idle_timeout_seconds: float = Field(default=300.0, gt=0)
+    ws_max_concurrent: int = Field(default=4, ge=1)
+    ws_max_queued: int = Field(default=16, ge=0)
+    ws_messages_per_second: float = Field(default=10.0, gt=0)
+    ws_message_burst: int = Field(default=50, ge=1)
+
     @cached_property
     def cors_origins(self) -> frozenset[str]:
         return frozenset(o.strip().rstrip("/") for o in self.cors_allow_origins.split(",")

@@ -1,7 +1,7 @@
 """One chat completion, whatever carries it: admission, the upstream call and settlement.
 
-``ChatCompletion`` knows nothing of HTTP framing, so the SSE/JSON handler (``chat.py``) and, later,
-the WebSocket endpoint drive the same object:
+``ChatCompletion`` knows nothing of HTTP framing, so the SSE/JSON handler (``chat.py``) and the
+WebSocket endpoint (``ws.py``) drive the same object:
 
 1. ``admit(raw)`` parses and validates the body, picks the model and upstream, sizes the hold and
    reserves it with the meter; it raises ``DubheError`` for anything refused (nothing is held then).
@@ -10,9 +10,9 @@ the WebSocket endpoint drive the same object:
    them; when it ends the request is settled and ``stream_end`` holds the usage chunk and the
    settlement). An upstream failure is a
    ``DubheError`` from either, raised after the request is metered.
-3. ``abandon()`` when the consumer went away (the transport cancels its task, then calls it): the
-   request is charged for what was delivered. ``close()`` always, last: it drops the upstream
-   connection and releases a hold that nothing metered.
+3. ``abandon()`` when the consumer went away or cancelled (the transport cancels its task, then
+   calls it): the request is charged for what was delivered. ``close()`` always, last: it drops
+   the upstream connection and releases a hold that nothing metered.
 
 Errors raised, as a tree (all ``DubheError``):
 
@@ -40,6 +40,7 @@ from dubhe.billing.meter import Balance, Denied, SettleResult
 from dubhe.billing.pricing import format_usd
 from dubhe.billing.service import debt_message
 from dubhe.errors import (
+    AccountInDebt,
     DubheError,
     InsufficientQuota,
     InvalidRequest,
@@ -134,8 +135,14 @@ class ChatCompletion:
 
     async def admit(self, raw: bytes) -> None:
         """Everything before the upstream call; raises ``DubheError`` for what is refused."""
+        await self.admit_body(_parse_body(raw), len(raw))
+
+    async def admit_body(self, body: dict[str, Any], body_bytes: int) -> None:
+        """``admit`` for a body a transport has already decoded (a WebSocket event carries it
+        inside its own JSON); ``body_bytes`` is its encoded size."""
+        _check_body(body)
         state = self.state
-        body = self.body = _parse_body(raw)
+        self.body = body
         model = self.model = _resolve_model(body, self.identity, state)
         request = self.request = validate_chat_request(body, model)
         if model.status == "maintenance" or model.id in state.maintenance:
@@ -153,7 +160,7 @@ class ChatCompletion:
             )
         upstream = self.upstream = upstreams[0]
         # The hold: the prompt's bound plus each choice's output limit, n times (admission.py).
-        sizing = await admission.size(body, request, model, upstream.spec, body_bytes=len(raw))
+        sizing = await admission.size(body, request, model, upstream.spec, body_bytes=body_bytes)
         try:
             held = await state.meter.reserve(
                 user_id=self.identity.user_id,
@@ -377,19 +384,19 @@ class ChatCompletion:
 
     # -- the end -----------------------------------------------------------------------------
 
-    async def abandon(self) -> None:
-        """The consumer went away: charge what was delivered (the prompt, which the upstream may
-        have read, and for a stream what was relayed)."""
+    async def abandon(self) -> Settled | None:
+        """The consumer went away (or cancelled): charge what was delivered (the prompt, which
+        the upstream may have read, and for a stream what was relayed). Returns the charge, or
+        None when the request was already metered or nothing was held."""
         if not self.state.meter.holds(self.request_id):
-            return
+            return None
         if self._relay is not None:
-            await self._settle_stream(self._relay, "client_cancelled", 499)
-            return
+            return await self._settle_stream(self._relay, "client_cancelled", 499)
         event = self._event("client_cancelled", 499)
         event.prompt_tokens = await self._prompt_estimate()
         event.completion_tokens = 0
         self._estimated(event, Untrusted("the client left before the answer"))
-        self._settle(event)
+        return self._settle(event)
 
     def close(self) -> None:
         if self._response is not None:
@@ -510,7 +517,7 @@ def _error_message(raw: bytes) -> str | None:
 
 def _insufficient_quota(denied: Denied, least_tokens: int) -> InsufficientQuota:
     if denied.debt_uusd:
-        return InsufficientQuota(debt_message(denied.debt_uusd))
+        return AccountInDebt(debt_message(denied.debt_uusd))
     if denied.cap_uusd is not None:
         return InsufficientQuota(cap_message(denied.cap_uusd))
     return InsufficientQuota(
@@ -536,6 +543,10 @@ def _parse_body(raw: bytes) -> dict[str, Any]:
             "The request body must be a JSON object with 'model' and 'messages'.",
             code="invalid_json",
         )
+    return body
+
+
+def _check_body(body: dict[str, Any]) -> None:
     for field in ("model", "messages"):
         if body.get(field) is None:
             raise InvalidRequest(
@@ -543,7 +554,6 @@ def _parse_body(raw: bytes) -> dict[str, Any]:
                 code="missing_required_parameter",
                 param=field,
             )
-    return body
 
 
 def _resolve_model(body: dict[str, Any], identity: KeyIdentity, state: GatewayState) -> ModelSpec:

@@ -87,6 +87,9 @@ class KeyCache:
         self._unknown: set[str] = set()
         self._known: set[int] = set()
         self._watermark = utcnow()
+        # Counts changes to identities already cached (a revocation, a plan change): a holder of
+        # a long-lived authentication (an open WebSocket) re-checks its key only when it moved.
+        self.revision = 0
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         # Resolved by the next refresh to *start*: a key created before a request arrived is seen
@@ -158,8 +161,10 @@ class KeyCache:
             self._known.add(_fingerprint(key.key_hash))
             if key.key_hash in self._by_hash or key.key_hash in self._unknown:
                 self._unknown.discard(key.key_hash)
-                self._by_hash[key.key_hash] = _identity(key, plan_code,
-                                                        owner_disabled=disabled_at is not None)
+                identity = _identity(key, plan_code, owner_disabled=disabled_at is not None)
+                if self._by_hash.get(key.key_hash) != identity:
+                    self.revision += 1
+                self._by_hash[key.key_hash] = identity
         self._watermark = started
 
     async def _refreshed(self) -> None:

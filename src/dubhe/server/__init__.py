@@ -4,6 +4,7 @@ limits outside the hot path, and the response headers no route owns (security, C
 from dubhe.server._body import declared_too_large, limited_receive, request_too_large
 from dubhe.server._headers import HSTS, SECURITY_HEADERS, Cors
 from dubhe.server._protocol import ConnectionLimits, DubheHttpProtocol
+from dubhe.server._websocket import DubheWebSocketProtocol
 
 __all__ = [
     "HSTS",
@@ -11,6 +12,7 @@ __all__ = [
     "ConnectionLimits",
     "Cors",
     "DubheHttpProtocol",
+    "DubheWebSocketProtocol",
     "declared_too_large",
     "limited_receive",
     "request_too_large",
