@@ -21,7 +21,13 @@ from dubhe.gateway.asgi import Receive, Scope, Send, new_request_id, send_error,
 from dubhe.gateway.models_list import ModelListings
 from dubhe.keys.cache import KeyCache
 from dubhe.providers import UpstreamPool
-from dubhe.ratelimit import UnauthenticatedLimiter
+from dubhe.ratelimit import (
+    LocalBudget,
+    PlanLimiter,
+    RedisBudget,
+    UnauthenticatedLimiter,
+    redis_client,
+)
 from dubhe.server import Cors, declared_too_large, limited_receive, request_too_large
 from dubhe.settings import Settings, load_settings
 from dubhe.web import WebState, create_web_app
@@ -58,6 +64,16 @@ class DubheApp:
         meter.start()
         await keys.load()
         keys.start()
+        self.budget: LocalBudget | RedisBudget
+        if self.settings.redis_url is not None:
+            self.budget = RedisBudget(
+                redis_client(self.settings.redis_url.get_secret_value()),
+                prefix=self.settings.redis_prefix,
+                fail_open=self.settings.redis_failure_policy == "open",
+            )
+            self.budget.start()
+        else:
+            self.budget = LocalBudget()
         self._state = GatewayState(
             catalog=self.catalog,
             keys=keys,
@@ -65,6 +81,7 @@ class DubheApp:
             meter=meter,
             listings=ModelListings(self.catalog),
             unauthenticated=self.unauthenticated,
+            limits=PlanLimiter(self.budget),
         )
         self.gateway = GatewayApp(self._state)
         # Everything built so far lives as long as the worker: keep it out of the collector's
@@ -82,6 +99,8 @@ class DubheApp:
     async def shutdown(self) -> None:
         if self._state is not None:
             await self._state.keys.stop()
+            if isinstance(self.budget, RedisBudget):
+                await self.budget.stop()
             await self._state.meter.stop()
             await self._state.upstreams.close()
         await self.engine.dispose()

@@ -89,6 +89,15 @@ class Settings(BaseSettings):
     # Browser origins allowed to call /v1 (CORS), comma-separated; empty means CORS is off.
     cors_allow_origins: str = ""
 
+    # Redis (redis://host:6379/0): plan rate limits shared by every worker and instance, and
+    # changes pushed to every worker. Unset: limits are kept per worker process.
+    redis_url: SecretStr | None = None
+    # Prefix of every Redis key Dubhe writes (several deployments may share one Redis).
+    redis_prefix: str = "dubhe:"
+    # While Redis is unreachable: "open" limits each worker on its own counts; "closed" refuses
+    # /v1 requests with 503 rate_limiter_unavailable.
+    redis_failure_policy: Literal["open", "closed"] = "open"
+
     @cached_property
     def cors_origins(self) -> frozenset[str]:
         return frozenset(o.strip().rstrip("/") for o in self.cors_allow_origins.split(",")

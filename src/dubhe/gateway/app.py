@@ -18,11 +18,11 @@ from dubhe.gateway.asgi import (
     send_error,
     send_json,
 )
-from dubhe.gateway.chat import chat_completions
+from dubhe.gateway.chat import RATE_LIMIT_SCOPE_KEY, chat_completions
 from dubhe.gateway.models_list import ModelListings
 from dubhe.keys.cache import KeyCache
 from dubhe.providers import UpstreamPool
-from dubhe.ratelimit import UnauthenticatedLimiter
+from dubhe.ratelimit import PlanLimiter, UnauthenticatedLimiter
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ class GatewayState:
     meter: Meter
     listings: ModelListings
     unauthenticated: UnauthenticatedLimiter
+    limits: PlanLimiter
 
 
 class GatewayApp:
@@ -62,6 +63,10 @@ class GatewayApp:
                 raise
             if isinstance(error, AuthenticationFailed):
                 error = self.state.unauthenticated.judge(error, scope.get("client"))
+            ticket = scope.get(RATE_LIMIT_SCOPE_KEY)
+            if ticket is not None and "x-ratelimit-limit-requests" not in error.headers:
+                error.headers.update(
+                    (name.decode(), value.decode()) for name, value in ticket.headers())
             await send_error(send, error, request_id)
         except Exception:
             log.exception("unhandled error in %s %s (%s)", scope["method"], scope["path"], request_id)

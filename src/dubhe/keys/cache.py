@@ -55,6 +55,10 @@ class KeyIdentity:
     plan_code: str
     expires_at: float | None  # epoch seconds
     revoked: bool
+    # The key's own rate limits (NULL columns: the plan's); see ``ratelimit/_plan.py``.
+    rpm_limit: int | None = None
+    tpm_limit: int | None = None
+    concurrency_limit: int | None = None
 
 
 def _identity(key: ApiKey, plan_code: str) -> KeyIdentity:
@@ -64,6 +68,9 @@ def _identity(key: ApiKey, plan_code: str) -> KeyIdentity:
         plan_code=plan_code,
         expires_at=key.expires_at.timestamp() if key.expires_at else None,
         revoked=key.revoked_at is not None,
+        rpm_limit=key.rpm_limit,
+        tpm_limit=key.tpm_limit,
+        concurrency_limit=key.concurrency_limit,
     )
 
 

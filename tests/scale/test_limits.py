@@ -1,0 +1,156 @@
+"""Plan limits held across two instances (one with two workers) through one Redis, with the
+official SDK as the client: requests, tokens and concurrency; Redis stopped mid-test."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import Sim
+from tests.scale.conftest import Cluster
+
+_DURATION = re.compile(r"^(\d+h)?(\d+m)?\d+(s|ms)$")
+
+
+def _clients(cluster: Cluster, key: str) -> list[openai.AsyncOpenAI]:
+    return [openai.AsyncOpenAI(base_url=server.base_url, api_key=key, max_retries=0, timeout=60)
+            for server in (cluster.a, cluster.b)]
+
+
+def _assert_limit_headers(headers: httpx.Headers) -> None:
+    for kind in ("requests", "tokens"):
+        assert int(headers[f"x-ratelimit-limit-{kind}"]) > 0
+        assert int(headers[f"x-ratelimit-remaining-{kind}"]) >= 0
+        assert _DURATION.match(headers[f"x-ratelimit-reset-{kind}"]), headers
+
+
+async def test_requests_per_minute_hold_across_instances(cluster: Cluster) -> None:
+    key = cluster.key(rpm=30)
+    clients = _clients(cluster, key)
+    gate = asyncio.Semaphore(20)
+
+    async def one(i: int) -> tuple[str, httpx.Headers] | openai.RateLimitError:
+        async with gate:
+            try:
+                raw = await clients[i % 2].chat.completions.with_raw_response.create(
+                    model="dubhe-fast", messages=[{"role": "user", "content": "hi"}])
+            except openai.RateLimitError as error:
+                return error
+            return ("served", raw.headers)
+
+    results = await asyncio.gather(*(one(i) for i in range(100)))
+    served = [r[1] for r in results if isinstance(r, tuple)]
+    refused = [r for r in results if isinstance(r, openai.RateLimitError)]
+    assert len(served) + len(refused) == 100
+    # 30 at once (a minute's burst), plus one every 2 s while the 100 are sent.
+    assert 30 <= len(served) <= 35, len(served)
+    for headers in served:
+        _assert_limit_headers(headers)
+        assert headers["x-ratelimit-limit-requests"] == "30"
+    assert min(int(h["x-ratelimit-remaining-requests"]) for h in served) <= 1
+    for error in refused:
+        assert error.status_code == 429
+        body = error.body
+        assert isinstance(body, dict)
+        assert body["code"] == "rate_limit_exceeded" and body["type"] == "rate_limit_error"
+        assert "requests per minute" in body["message"]
+        headers = error.response.headers
+        assert int(headers["retry-after"]) >= 1
+        assert int(headers["retry-after-ms"]) >= 1
+        _assert_limit_headers(headers)
+        assert headers["x-ratelimit-remaining-requests"] == "0"
+
+
+async def test_tokens_per_minute_count_real_usage(cluster: Cluster) -> None:
+    # Each request holds ~1,000 output tokens up front and uses ~30: without the correction the
+    # third would be refused.
+    key = cluster.key(tpm=3000)
+    clients = _clients(cluster, key)
+    for i in range(10):
+        raw = await clients[i % 2].chat.completions.with_raw_response.create(
+            model="dubhe-fast", max_tokens=1000, messages=[{"role": "user", "content": "hi"}])
+        _assert_limit_headers(raw.headers)
+        assert raw.headers["x-ratelimit-limit-tokens"] == "3000"
+    # One request that can never fit in a minute's tokens is refused, naming the limit.
+    with pytest.raises(openai.RateLimitError) as refused:
+        await clients[0].chat.completions.create(
+            model="dubhe-fast", max_tokens=4000, messages=[{"role": "user", "content": "hi"}])
+    body = refused.value.body
+    assert isinstance(body, dict) and "tokens per minute" in body["message"]
+    # A burst of large holds is cut at the limit, not at a worker's share of it.
+    results = await asyncio.gather(*(
+        clients[i % 2].chat.completions.create(
+            model="dubhe-fast", max_tokens=900,
+            messages=[{"role": "user", "content": "[[sim:delay_ms=300]] hi"}])
+        for i in range(8)), return_exceptions=True)
+    served = [r for r in results if not isinstance(r, BaseException)]
+    assert all(isinstance(r, openai.RateLimitError) for r in results if r not in served)
+    assert 1 <= len(served) <= 3, results
+
+
+async def test_concurrency_holds_under_50_parallel_streams(
+    cluster: Cluster, sims: dict[str, Sim]
+) -> None:
+    key = cluster.key(concurrency=5)
+    clients = _clients(cluster, key)
+
+    async def stream(i: int) -> int | openai.RateLimitError:
+        try:
+            chunks = await clients[i % 2].chat.completions.create(
+                model="dubhe-fast", stream=True,
+                messages=[{"role": "user", "content": "[[sim:delay_ms=10000]] hi"}])
+        except openai.RateLimitError as error:
+            return error
+        return len([chunk async for chunk in chunks])
+
+    sim = sims["fast"]
+    most_active = 0
+    sending = asyncio.ensure_future(asyncio.gather(*(stream(i) for i in range(50))))
+    while not sending.done():
+        # The upstream's own count of requests in flight: what the limit must hold.
+        active = (await asyncio.to_thread(sim.stats))["active"]
+        most_active = max(most_active, active)
+        await asyncio.sleep(0.1)
+    results = sending.result()
+    served = [r for r in results if isinstance(r, int)]
+    refused = [r for r in results if isinstance(r, openai.RateLimitError)]
+    assert most_active <= 5, most_active
+    assert len(served) >= 5 and len(refused) >= 30, (len(served), len(refused))
+    assert len(served) + len(refused) == 50
+    for error in refused:
+        body = error.body
+        assert isinstance(body, dict) and "concurrent requests" in body["message"]
+    # The slots came back: the key can be used again at once.
+    again = await clients[1].chat.completions.create(
+        model="dubhe-fast", messages=[{"role": "user", "content": "hi"}])
+    assert again.choices[0].message.content
+
+
+async def test_redis_down_follows_each_instances_policy(cluster: Cluster) -> None:
+    key = cluster.key(rpm=1000)
+    open_client, closed_client = _clients(cluster, key)
+    await open_client.chat.completions.create(
+        model="dubhe-fast", messages=[{"role": "user", "content": "hi"}])
+    cluster.redis.stop()
+    # Fail open: served on the worker's own limits, never a 500.
+    for _ in range(6):
+        done = await open_client.chat.completions.create(
+            model="dubhe-fast", messages=[{"role": "user", "content": "hi"}])
+        assert done.choices[0].message.content
+    # Fail closed: 503 rate_limiter_unavailable with retry-after, never a 500.
+    for _ in range(3):
+        with pytest.raises(openai.APIStatusError) as refused:
+            await closed_client.chat.completions.create(
+                model="dubhe-fast", messages=[{"role": "user", "content": "hi"}])
+        assert refused.value.status_code == 503
+        body = refused.value.body
+        assert isinstance(body, dict) and body["code"] == "rate_limiter_unavailable"
+        assert refused.value.response.headers["retry-after"] == "1"
+    for server in (cluster.a, cluster.b):
+        log = server.running.log.read_text()
+        assert "Traceback" not in log, log
+        assert "Redis is unreachable" in log
