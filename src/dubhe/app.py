@@ -11,8 +11,11 @@ import gc
 import logging
 from typing import Any
 
+import orjson
 from fastapi import FastAPI
+from sqlalchemy import text
 
+from dubhe import metrics
 from dubhe.billing.meter import Meter
 from dubhe.catalog import Catalog, load_catalog
 from dubhe.database import create_engine, create_read_sessionmaker, create_sessionmaker
@@ -20,6 +23,7 @@ from dubhe.gateway.app import GatewayApp, GatewayState
 from dubhe.gateway.asgi import Receive, Scope, Send, new_request_id, send_error, send_json
 from dubhe.gateway.models_list import ModelListings
 from dubhe.keys.cache import KeyCache
+from dubhe.migrations import head_revision
 from dubhe.providers import UpstreamPool
 from dubhe.ratelimit import (
     LocalBudget,
@@ -50,6 +54,7 @@ class DubheApp:
         )
         self.cors = Cors(settings.cors_origins) if settings.cors_origins else None
         self.max_request_bytes = catalog.max_request_bytes
+        self.budget: LocalBudget | RedisBudget = LocalBudget()  # RedisBudget when configured
 
     async def startup(self) -> None:
         if self.settings.stripe_secret_key or self.settings.stripe_webhook_secret:
@@ -64,7 +69,6 @@ class DubheApp:
         meter.start()
         await keys.load()
         keys.start()
-        self.budget: LocalBudget | RedisBudget
         if self.settings.redis_url is not None:
             self.budget = RedisBudget(
                 redis_client(self.settings.redis_url.get_secret_value()),
@@ -74,6 +78,10 @@ class DubheApp:
             self.budget.start()
         else:
             self.budget = LocalBudget()
+        limiter = PlanLimiter(self.budget)
+        limiter.on_reject.append(lambda kind: metrics.RATE_LIMIT_REJECTIONS.labels(kind).inc())
+        if isinstance(self.budget, RedisBudget):
+            self.budget.on_failure.append(metrics.REDIS_FAILURES.inc)
         self._state = GatewayState(
             catalog=self.catalog,
             keys=keys,
@@ -81,7 +89,7 @@ class DubheApp:
             meter=meter,
             listings=ModelListings(self.catalog),
             unauthenticated=self.unauthenticated,
-            limits=PlanLimiter(self.budget),
+            limits=limiter,
         )
         self.gateway = GatewayApp(self._state)
         # Everything built so far lives as long as the worker: keep it out of the collector's
@@ -105,6 +113,26 @@ class DubheApp:
             await self._state.upstreams.close()
         await self.engine.dispose()
 
+    async def readiness(self) -> tuple[int, bytes]:
+        """``/readyz``: the database answers and is at this code's migration head, and Redis
+        (when configured) answers. 503 with the failed checks otherwise."""
+        checks: dict[str, str] = {}
+        try:
+            async with self.engine.connect() as connection:
+                rows = await connection.execute(text("SELECT version_num FROM alembic_version"))
+                versions = {str(row[0]) for row in rows}
+            head = head_revision()
+            checks["database"] = "ok"
+            checks["migrations"] = ("ok" if head is None or versions == {head}
+                                    else f"at {sorted(versions)}, code expects {head}")
+        except Exception as exc:  # any failure is "not ready", never a 500
+            checks["database"] = f"unreachable ({type(exc).__name__})"
+        if isinstance(self.budget, RedisBudget):
+            checks["redis"] = "ok" if await self.budget.ping() else "unreachable"
+        ready = all(value == "ok" for value in checks.values())
+        body = orjson.dumps({"status": "ready" if ready else "not ready", "checks": checks})
+        return (200 if ready else 503), body
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
@@ -122,6 +150,13 @@ class DubheApp:
                 await self.gateway(scope, receive, send)
             elif path == "/healthz":
                 await send_json(send, 200, b'{"status":"ok"}', new_request_id())
+            elif path == "/readyz":
+                status, body = await self.readiness()
+                await send_json(send, status, body, new_request_id())
+            elif path == "/metrics":
+                await send({"type": "http.response.start", "status": 200,
+                            "headers": [(b"content-type", metrics.CONTENT_TYPE)]})
+                await send({"type": "http.response.body", "body": metrics.scrape()})
             else:
                 assert self.web is not None
                 limit = (self.settings.webhook_max_body_bytes if path == "/api/stripe/webhook"

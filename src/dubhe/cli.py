@@ -169,6 +169,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
             _start_builtin_sim(upstream.name, upstream.base_url)
     host = args.host or settings.host
     port = args.port or settings.port
+    _prepare_metrics_directory(settings)
     print(f"dubhe: serving the API on http://{host}:{port}/v1", file=sys.stderr)
     uvicorn.run(
         "dubhe.app:create_app",
@@ -188,7 +189,22 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         # this many seconds; its default of 5 restarts workers forever on a loaded small machine,
         # where starting one (imports, first connections) can take longer than that.
         timeout_worker_healthcheck=60,
+        # SIGTERM: stop accepting, let requests in flight finish up to this, then the lifespan
+        # shutdown returns leases and flushes the spool.
+        timeout_graceful_shutdown=settings.shutdown_grace_seconds,
     )
+
+
+def _prepare_metrics_directory(settings: Settings) -> None:
+    """An empty directory for this run's per-worker metric files (dubhe.metrics), named in the
+    environment before any worker imports prometheus-client."""
+    import os
+    import shutil
+
+    directory = settings.data_dir.resolve() / "metrics"
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
 
 
 def _ensure_first_admin(settings: Settings, catalog: Catalog) -> None:

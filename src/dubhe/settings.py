@@ -97,6 +97,8 @@ class Settings(BaseSettings):
     # While Redis is unreachable: "open" limits each worker on its own counts; "closed" refuses
     # /v1 requests with 503 rate_limiter_unavailable.
     redis_failure_policy: Literal["open", "closed"] = "open"
+    # On SIGTERM: how long requests in flight (streams included) may take to finish.
+    shutdown_grace_seconds: int = Field(default=30, ge=1)
 
     @cached_property
     def cors_origins(self) -> frozenset[str]:

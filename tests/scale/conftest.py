@@ -23,10 +23,16 @@ kind = "openai"
 base_url = "{fast}"
 models = ["dubhe-fast"]
 
+[[upstreams]]
+name = "paced"
+kind = "openai"
+base_url = "{paced}"
+models = ["dubhe-code"]
+
 [plans.roomy]
 name = "Roomy"
 price_usd = "0"
-models = ["dubhe-fast"]
+models = ["dubhe-fast", "dubhe-code"]
 included_tokens = 100_000_000
 requests_per_minute = 100000
 tokens_per_minute = 100000000
@@ -91,7 +97,7 @@ class Cluster:
 def cluster(sims: dict[str, Sim], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     tmp = tmp_path_factory.mktemp("scale")
     redis_server = start_redis(tmp)
-    config = SCALE_CONFIG.format(fast=sims["fast"].base_url)
+    config = SCALE_CONFIG.format(fast=sims["fast"].base_url, paced=sims["paced"].base_url)
     prefix = f"t{secrets.token_hex(4)}:"
     try:
         with fresh_database("postgresql", tmp) as url:

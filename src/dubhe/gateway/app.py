@@ -21,6 +21,7 @@ from dubhe.gateway.asgi import (
 from dubhe.gateway.chat import RATE_LIMIT_SCOPE_KEY, chat_completions
 from dubhe.gateway.models_list import ModelListings
 from dubhe.keys.cache import KeyCache
+from dubhe.metrics import REQUESTS, path_label
 from dubhe.providers import UpstreamPool
 from dubhe.ratelimit import PlanLimiter, UnauthenticatedLimiter
 
@@ -54,6 +55,7 @@ class GatewayApp:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
+                REQUESTS.labels(path_label(scope["path"]), str(message["status"])).inc()
             await send(message)
 
         try:
@@ -67,13 +69,13 @@ class GatewayApp:
             if ticket is not None and "x-ratelimit-limit-requests" not in error.headers:
                 error.headers.update(
                     (name.decode(), value.decode()) for name, value in ticket.headers())
-            await send_error(send, error, request_id)
+            await send_error(tracked_send, error, request_id)
         except Exception:
             log.exception("unhandled error in %s %s (%s)", scope["method"], scope["path"], request_id)
             if started:
                 return
             await send_error(
-                send,
+                tracked_send,
                 DubheError(
                     f"The server had an error processing your request (request id {request_id}); "
                     "retry, and contact support with the request id if it persists.",

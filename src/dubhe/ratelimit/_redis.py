@@ -27,6 +27,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
@@ -142,6 +143,9 @@ class _Subject:
     idle_since: float = 0.0
     refreshed_at: float = 0.0
     slots_blocked_until: float = 0.0
+    # Requests awaiting Redis for this subject: while any are, the flusher must not forget it
+    # (they would count their slots on an object no longer in the map).
+    waiting: int = 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -158,6 +162,7 @@ class RedisBudget:
         self._hold = client.register_script(_HOLD)
         self._down_until = 0.0
         self.redis_failures = 0
+        self.on_failure: list[Callable[[], None]] = []
         self.round_trips = 0
         self._task: asyncio.Task[None] | None = None
 
@@ -177,6 +182,8 @@ class RedisBudget:
 
     def _failed(self, error: BaseException) -> None:
         self.redis_failures += 1
+        for hook in self.on_failure:
+            hook()
         if not self._down(time.monotonic()):
             log.warning("Redis is unreachable (%s): rate limits %s", type(error).__name__,
                         "fall back to each worker's own counts" if self.fail_open
@@ -203,6 +210,7 @@ class RedisBudget:
             return None
         have = rate.units if rate.fresh(now) else 0
         need = cost - have
+        state.waiting += 1
         try:
             self.round_trips += 1
             granted, wait_us, used_us = await self._grant(
@@ -210,6 +218,8 @@ class RedisBudget:
         except (RedisError, OSError) as error:
             self._failed(error)
             return None
+        finally:
+            state.waiting -= 1
         now = time.monotonic()
         if granted == 0:
             rate.blocked_until = now + wait_us / 1e6
@@ -272,6 +282,13 @@ class RedisBudget:
             return False
         if self._down(now):
             return await self._enter_fallback(state, subject, limits)
+        state.waiting += 1
+        try:
+            return await self._enter_slowly(state, subject, limits)
+        finally:
+            state.waiting -= 1
+
+    async def _enter_slowly(self, state: _Subject, subject: str, limits: Limits) -> bool:
         async with state.lock:
             if state.in_flight < state.held:  # freed or granted while this one waited
                 state.in_flight += 1
@@ -312,6 +329,12 @@ class RedisBudget:
         if state.in_flight > 0:
             state.in_flight -= 1
             state.idle_since = time.monotonic()
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self._client.ping())
+        except (RedisError, OSError):
+            return False
 
     # -- background: give back idle slices and slots, keep held slots alive ---------------------
 
@@ -366,6 +389,7 @@ class RedisBudget:
                                            int(SLOT_TTL_SECONDS * 1e6)])
                     state.refreshed_at = now
             if not state.held and not state.in_flight and not state.fallback_in_flight and (
+                not state.waiting and not state.lock.locked() and
                 not state.requests.fresh(now) and not state.tokens.fresh(now)
                 and now > state.requests.blocked_until and now > state.tokens.blocked_until
             ):
