@@ -25,6 +25,7 @@ from dubhe.gateway.models_list import ModelListings
 from dubhe.keys.cache import KeyCache
 from dubhe.migrations import head_revision
 from dubhe.providers import UpstreamPool
+from dubhe.pubsub import ChangeListener
 from dubhe.ratelimit import (
     LocalBudget,
     PlanLimiter,
@@ -55,6 +56,7 @@ class DubheApp:
         self.cors = Cors(settings.cors_origins) if settings.cors_origins else None
         self.max_request_bytes = catalog.max_request_bytes
         self.budget: LocalBudget | RedisBudget = LocalBudget()  # RedisBudget when configured
+        self.listener: ChangeListener | None = None
 
     async def startup(self) -> None:
         if self.settings.stripe_secret_key or self.settings.stripe_webhook_secret:
@@ -69,6 +71,10 @@ class DubheApp:
         meter.start()
         await keys.load()
         keys.start()
+        database_url = self.settings.resolved_database_url
+        if ChangeListener.supported(database_url):
+            self.listener = ChangeListener(database_url, keys.changed)
+            self.listener.start()
         if self.settings.redis_url is not None:
             self.budget = RedisBudget(
                 redis_client(self.settings.redis_url.get_secret_value()),
@@ -107,6 +113,8 @@ class DubheApp:
     async def shutdown(self) -> None:
         if self._state is not None:
             await self._state.keys.stop()
+            if self.listener is not None:
+                await self.listener.stop()
             if isinstance(self.budget, RedisBudget):
                 await self.budget.stop()
             await self._state.meter.stop()

@@ -245,6 +245,26 @@ async def test_nginx_relays_streams_unbuffered_and_enforces_its_limits(
             assert (await client.get(f"{root}/metrics")).status_code == 200
 
 
+async def test_a_key_revoked_through_one_instance_is_refused_by_the_other_at_once(
+    cluster: Cluster,
+) -> None:
+    key = cluster.key()
+    other = openai.AsyncOpenAI(base_url=cluster.b.base_url, api_key=key, max_retries=0)
+    await other.chat.completions.create(
+        model="dubhe-fast", messages=[{"role": "user", "content": "hi"}])  # cached on b now
+    cluster.a.cli("keys", "revoke", key)
+    revoked_at = time.monotonic()
+    while True:
+        try:
+            await other.chat.completions.create(
+                model="dubhe-fast", messages=[{"role": "user", "content": "hi"}])
+        except openai.AuthenticationError:
+            break
+        # Pushed (PostgreSQL NOTIFY), not waited for by the one-second poll.
+        assert time.monotonic() - revoked_at < 1.0
+        await asyncio.sleep(0.02)
+
+
 async def test_redis_down_follows_each_instances_policy(cluster: Cluster) -> None:
     key = cluster.key(rpm=1000)
     open_client, closed_client = _clients(cluster, key)

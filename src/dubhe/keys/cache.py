@@ -174,6 +174,10 @@ class KeyCache:
         except TimeoutError:
             pass
 
+    def changed(self) -> None:
+        """Keys or users changed somewhere (a pushed notice): refresh now, not at the next poll."""
+        self._wake.set()
+
     def start(self) -> None:
         self._task = asyncio.create_task(self._refresh_forever(), name="key-cache-refresh")
 
