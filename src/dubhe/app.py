@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import sys
 from typing import Any
 
 import orjson
@@ -59,6 +60,8 @@ class DubheApp:
         self.listener: ChangeListener | None = None
 
     async def startup(self) -> None:
+        if self.settings.access_log:
+            _log_access_lines()
         if self.settings.stripe_secret_key or self.settings.stripe_webhook_secret:
             # ~25 MB and a second of CPU: only where payments are configured, and now rather
             # than on the event loop at the first payment.
@@ -96,6 +99,7 @@ class DubheApp:
             listings=ModelListings(self.catalog),
             unauthenticated=self.unauthenticated,
             limits=limiter,
+            access_log=self.settings.access_log,
         )
         self.gateway = GatewayApp(self._state)
         # Everything built so far lives as long as the worker: keep it out of the collector's
@@ -191,6 +195,17 @@ class DubheApp:
                 await self.shutdown()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+def _log_access_lines() -> None:
+    """The access log's JSON lines, alone on stdout (uvicorn configures only its own loggers)."""
+    access = logging.getLogger("dubhe.access")
+    if not access.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access.addHandler(handler)
+        access.setLevel(logging.INFO)
+        access.propagate = False
 
 
 def create_app(settings: Settings | None = None, catalog: Any = None) -> DubheApp:

@@ -97,6 +97,9 @@ class Settings(BaseSettings):
     # While Redis is unreachable: "open" limits each worker on its own counts; "closed" refuses
     # /v1 requests with 503 rate_limiter_unavailable.
     redis_failure_policy: Literal["open", "closed"] = "open"
+    # One JSON line per /v1 request on the "dubhe.access" logger (at info): ids, key prefix,
+    # model, upstream, status, tokens, cost, latency; never a key or a prompt.
+    access_log: bool = False
     # On SIGTERM: how long requests in flight (streams included) may take to finish.
     shutdown_grace_seconds: int = Field(default=30, ge=1)
 

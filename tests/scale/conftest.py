@@ -106,7 +106,8 @@ def cluster(sims: dict[str, Sim], tmp_path_factory: pytest.TempPathFactory) -> I
             secret = secrets.token_urlsafe(48)
             common = {"DUBHE_REDIS_URL": redis_server.url, "DUBHE_REDIS_PREFIX": prefix,
                       "DUBHE_SECRET_KEY": secret}
-            a = start_server(tmp / "a", url, config, workers=2, **common)
+            a = start_server(tmp / "a", url, config, workers=2, DUBHE_ACCESS_LOG="true",
+                             **common)
             try:
                 b = start_server(tmp / "b", url, config, DUBHE_REDIS_FAILURE_POLICY="closed",
                                  **common)

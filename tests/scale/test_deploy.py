@@ -4,6 +4,8 @@ test_two_instances.py, in front of two running instances.)"""
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -49,3 +51,24 @@ def test_dockerfile_runs_as_non_root_from_a_multi_stage_build() -> None:
     # Its entry point is the console script pyproject.toml installs.
     assert 'dubhe = "dubhe.cli:main"' in (ROOT / "pyproject.toml").read_text()
     assert 'ENTRYPOINT ["dubhe"]' in lines
+
+
+def test_kubernetes_and_grafana_examples_parse_and_use_real_names() -> None:
+    documents = list(yaml.safe_load_all((DEPLOY / "kubernetes.yaml").read_text()))
+    kinds = {document["kind"] for document in documents}
+    assert kinds == {"Deployment", "Service", "PodDisruptionBudget"}
+    deployment = next(d for d in documents if d["kind"] == "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    dashboard = json.loads((DEPLOY / "grafana-dashboard.json").read_text())
+    exprs = " ".join(t["expr"] for panel in dashboard["panels"] for t in panel["targets"])
+    # Every metric the dashboard plots is one Dubhe exports.
+    from dubhe.metrics import RATE_LIMIT_REJECTIONS, REDIS_FAILURES, REQUESTS
+    from dubhe.metrics.requests import COST, LATENCY, TOKENS
+
+    exported = {metric._name for metric in (REQUESTS, RATE_LIMIT_REJECTIONS, REDIS_FAILURES,
+                                            LATENCY, TOKENS, COST)}
+    for name in re.findall(r"dubhe_[a-z_]+", exprs):
+        base = re.sub(r"_(total|bucket|sum|count)$", "", name)
+        assert base in exported, name

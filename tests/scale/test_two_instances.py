@@ -4,6 +4,7 @@ official SDK as the client: requests, tokens and concurrency; Redis stopped mid-
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from dubhe.keys.format import display_prefix
 from tests.conftest import ROOT, Sim, free_port
 from tests.scale.conftest import Cluster
 
@@ -167,6 +169,22 @@ async def test_metrics_count_every_workers_requests(cluster: Cluster) -> None:
     # Whichever worker answers the scrape, it reports all of them.
     for _ in range(4):
         assert _served(root) - before == 12
+    # One JSON line per request, from both workers: who, what, how much; never the key or the
+    # prompt.
+    await client.chat.completions.create(
+        model="dubhe-fast", messages=[{"role": "user", "content": "a private prompt 7f3a"}])
+    lines = [json.loads(line) for line in cluster.a.running.log.read_text().splitlines()
+             if line.startswith("{")]
+    # Prefixes collide across keys only by chance; the log carries the key id as well.
+    mine = [line for line in lines if line.get("key_prefix") == display_prefix(key)
+            and line["path"] == "/v1/chat/completions"]
+    assert len(mine) == 13, lines[-3:]
+    for line in mine:
+        assert line["status"] == 200 and line["model"] == "dubhe-fast"
+        assert line["upstream"] == "fast" and line["prompt_tokens"] > 0
+        assert line["cost_uusd"] >= 0 and line["latency_ms"] > 0
+    text = cluster.a.running.log.read_text()
+    assert key not in text and "7f3a" not in text
 
 
 @contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 from dubhe.billing.meter import Meter
@@ -22,6 +23,7 @@ from dubhe.gateway.chat import RATE_LIMIT_SCOPE_KEY, chat_completions
 from dubhe.gateway.models_list import ModelListings
 from dubhe.keys.cache import KeyCache
 from dubhe.metrics import REQUESTS, path_label
+from dubhe.metrics.requests import observe
 from dubhe.providers import UpstreamPool
 from dubhe.ratelimit import PlanLimiter, UnauthenticatedLimiter
 
@@ -41,6 +43,7 @@ class GatewayState:
     listings: ModelListings
     unauthenticated: UnauthenticatedLimiter
     limits: PlanLimiter
+    access_log: bool = False
 
 
 class GatewayApp:
@@ -50,12 +53,15 @@ class GatewayApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_id = new_request_id()
         started = False
+        status = 0
+        began = time.perf_counter()
 
         async def tracked_send(message: Message) -> None:
-            nonlocal started
+            nonlocal started, status
             if message["type"] == "http.response.start":
                 started = True
-                REQUESTS.labels(path_label(scope["path"]), str(message["status"])).inc()
+                status = message["status"]
+                REQUESTS.labels(path_label(scope["path"]), str(status)).inc()
             await send(message)
 
         try:
@@ -83,6 +89,9 @@ class GatewayApp:
                 ),
                 request_id,
             )
+        finally:
+            # The answer is sent: latency, tokens and cost, and the access log line.
+            observe(scope, status, request_id, began, log_line=self.state.access_log)
 
     async def _route(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
         path: str = scope["path"]

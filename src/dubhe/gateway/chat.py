@@ -20,6 +20,7 @@ from dubhe.billing.pricing import format_usd
 from dubhe.errors import DubheError
 from dubhe.gateway.asgi import ClientGone, Receive, Scope, Send, header, read_body, send_json
 from dubhe.gateway.completion import ChatCompletion, Settled
+from dubhe.metrics.requests import FACTS_SCOPE_KEY
 
 if TYPE_CHECKING:
     from dubhe.gateway.app import GatewayState
@@ -58,6 +59,8 @@ async def chat_completions(
         # Tokens per minute count what was used, once it is known; otherwise what was held.
         # A request refused before the upstream call used none of what it held.
         ticket.finish(exchange.used_tokens if exchange is not None else 0)
+        scope[FACTS_SCOPE_KEY] = (identity, completion,
+                                  exchange.settled if exchange is not None else None)
 
 
 def _balance_headers(balance: Balance) -> list[tuple[bytes, bytes]]:
@@ -78,9 +81,11 @@ class _Exchange:
         self.finishing = False
         # Prompt plus completion tokens charged, once settled (None: not known).
         self.used_tokens: int | None = None
+        self.settled: Settled | None = None
 
     def _used(self, settled: Settled | None) -> None:
         if settled is not None:
+            self.settled = settled
             self.used_tokens = settled.prompt_tokens + settled.completion_tokens
 
     def _headers(self, balance: Balance) -> list[tuple[bytes, bytes]]:

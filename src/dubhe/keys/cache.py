@@ -59,6 +59,7 @@ class KeyIdentity:
     rpm_limit: int | None = None
     tpm_limit: int | None = None
     concurrency_limit: int | None = None
+    key_prefix: str = ""  # what lists and logs show (sk-dubhe-AbCd…), never the key
 
 
 def _identity(key: ApiKey, plan_code: str) -> KeyIdentity:
@@ -71,6 +72,7 @@ def _identity(key: ApiKey, plan_code: str) -> KeyIdentity:
         rpm_limit=key.rpm_limit,
         tpm_limit=key.tpm_limit,
         concurrency_limit=key.concurrency_limit,
+        key_prefix=key.prefix,
     )
 
 
