@@ -89,6 +89,7 @@ class KeyCache:
         self._refresh_seconds = refresh_seconds
         self._by_hash: dict[str, KeyIdentity] = {}
         self._unknown: set[str] = set()
+        self._loading: dict[str, asyncio.Future[KeyIdentity]] = {}
         self._known: set[int] = set()
         self._watermark = utcnow()
         self._task: asyncio.Task[None] | None = None
@@ -121,7 +122,7 @@ class KeyCache:
                 await self._refreshed()
                 if _fingerprint(key_hash) not in self._known:
                     raise _invalid_key()
-            identity = await self._load(key_hash)
+            identity = await self._load_once(key_hash)
         if identity.revoked:
             raise _invalid_key()
         if identity.expires_at is not None and identity.expires_at <= time.time():
@@ -130,6 +131,21 @@ class KeyCache:
                 code="expired_api_key",
             )
         return identity
+
+    async def _load_once(self, key_hash: str) -> KeyIdentity:
+        """``_load``, shared by every request that waits for the same key: a burst of requests
+        with a key new to this worker makes one query, not one connection each (50 at once
+        exhausted the database's connections)."""
+        loading = self._loading.get(key_hash)
+        if loading is None:
+            loading = self._loading[key_hash] = asyncio.ensure_future(self._load(key_hash))
+            loading.add_done_callback(lambda done: self._loaded(key_hash, done))
+        return await asyncio.shield(loading)
+
+    def _loaded(self, key_hash: str, done: asyncio.Future[KeyIdentity]) -> None:
+        self._loading.pop(key_hash, None)
+        if not done.cancelled():
+            done.exception()  # retrieved: every waiter may have gone (cancelled) by now
 
     async def _load(self, key_hash: str) -> KeyIdentity:
         async with self._sessionmaker() as session:

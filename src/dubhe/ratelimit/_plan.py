@@ -20,7 +20,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
-from dubhe.errors import RateLimited, ServiceUnavailable
+from dubhe.errors import ServiceUnavailable
 from dubhe.ratelimit._unauthenticated import rate_limited
 
 if TYPE_CHECKING:
@@ -230,7 +230,6 @@ __all__ = [
     "BudgetUnavailable",
     "Limits",
     "PlanLimiter",
-    "RateLimited",
     "Refusal",
     "Standing",
     "Ticket",
