@@ -9,7 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from dubhe.catalog import PlanSpec
 from dubhe.errors import RateLimited
+from dubhe.keys.cache import KeyIdentity
 from dubhe.ratelimit import (
     Limits,
     LocalBudget,
@@ -46,6 +48,22 @@ async def test_local_budget_allows_a_minutes_burst_then_the_rate() -> None:
     assert refused.value.headers["x-ratelimit-remaining-requests"] == "0"
     # Another account is not touched.
     await limiter.admit("u2", limits)
+
+
+async def test_answers_that_count_nothing_still_report_the_limits() -> None:
+    limiter = PlanLimiter(LocalBudget())
+    identity = KeyIdentity(key_id=7, user_id=3, plan_code="p", expires_at=None, revoked=False,
+                           rpm_limit=30)
+    plan = PlanSpec(code="p", name="P", price_cents=0, models=frozenset(), included_tokens=0,
+                    requests_per_minute=600, tokens_per_minute=1000, concurrent_requests=5)
+    for _ in range(3):
+        (await limiter.admit_key(identity, plan)).finish(0)
+    headers = dict(limiter.standing_headers(identity, plan))
+    # The key's own rpm (30, not the plan's 600), and what its three requests used.
+    assert headers[b"x-ratelimit-limit-requests"] == b"30"
+    assert headers[b"x-ratelimit-remaining-requests"] == b"27"
+    assert headers[b"x-ratelimit-limit-tokens"] == b"1000"
+    assert headers[b"x-ratelimit-reset-requests"] == b"6s"
 
 
 async def test_tokens_held_come_back_when_unused() -> None:

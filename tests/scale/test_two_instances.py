@@ -62,6 +62,10 @@ async def test_requests_per_minute_hold_across_instances(cluster: Cluster) -> No
         _assert_limit_headers(headers)
         assert headers["x-ratelimit-limit-requests"] == "30"
     assert min(int(h["x-ratelimit-remaining-requests"]) for h in served) <= 1
+    # An answer that counts nothing carries the headers too.
+    listed = await clients[1].models.with_raw_response.list()
+    _assert_limit_headers(listed.headers)
+    assert listed.headers["x-ratelimit-limit-requests"] == "30"
     for error in refused:
         assert error.status_code == 429
         body = error.body

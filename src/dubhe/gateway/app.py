@@ -21,7 +21,7 @@ from dubhe.gateway.asgi import (
 )
 from dubhe.gateway.chat import RATE_LIMIT_SCOPE_KEY, chat_completions
 from dubhe.gateway.models_list import ModelListings
-from dubhe.keys.cache import KeyCache
+from dubhe.keys.cache import KeyCache, KeyIdentity
 from dubhe.metrics import REQUESTS, path_label
 from dubhe.metrics.requests import observe
 from dubhe.providers import UpstreamPool
@@ -93,6 +93,11 @@ class GatewayApp:
             # The answer is sent: latency, tokens and cost, and the access log line.
             observe(scope, status, request_id, began, log_line=self.state.access_log)
 
+    def _limit_headers(self, identity: KeyIdentity) -> list[tuple[bytes, bytes]]:
+        catalog = self.state.catalog
+        plan = catalog.plans.get(identity.plan_code) or catalog.plans[catalog.default_plan]
+        return self.state.limits.standing_headers(identity, plan)
+
     async def _route(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
         path: str = scope["path"]
         method: str = scope["method"]
@@ -102,13 +107,14 @@ class GatewayApp:
         elif path == _MODELS or path == _MODELS + "/":
             _allow(method, "GET")
             identity = await self.state.keys.authenticate(header(scope, b"authorization"))
-            await send_json(send, 200, self.state.listings.list_for(identity.plan_code), request_id)
+            await send_json(send, 200, self.state.listings.list_for(identity.plan_code), request_id,
+                            self._limit_headers(identity))
         elif path.startswith(_MODELS_PREFIX):
             _allow(method, "GET")
             identity = await self.state.keys.authenticate(header(scope, b"authorization"))
             model_id = path[len(_MODELS_PREFIX) :]
             body = self.state.listings.one_for(identity.plan_code, model_id)
-            await send_json(send, 200, body, request_id)
+            await send_json(send, 200, body, request_id, self._limit_headers(identity))
         else:
             raise NotFound(
                 f"Unknown request URL: {method} {path}. See the API documentation for the "

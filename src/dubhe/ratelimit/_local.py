@@ -90,6 +90,11 @@ class LocalBudget:
         state = self._subjects.get(subject)
         return standing(limits.tokens_per_minute, state.tokens.tat if state else now, now)
 
+    def requests_standing(self, subject: str, limits: Limits) -> Standing:
+        now = time.monotonic()
+        state = self._subjects.get(subject)
+        return standing(limits.requests_per_minute, state.requests.tat if state else now, now)
+
     async def enter(self, subject: str, limits: Limits) -> bool:
         state = self._get(subject, time.monotonic())
         if state.in_flight >= limits.concurrent:

@@ -70,6 +70,8 @@ class Budget(Protocol):
 
     def tokens_standing(self, subject: str, limits: Limits) -> Standing: ...
 
+    def requests_standing(self, subject: str, limits: Limits) -> Standing: ...
+
 
 def format_duration(seconds: float) -> str:
     """OpenAI's reset format: ``1s``, ``250ms``, ``6m0s``, ``1h2m3s``."""
@@ -172,20 +174,30 @@ class PlanLimiter:
     def tokens_standing(self, subject: str, limits: Limits) -> Standing:
         return self.budget.tokens_standing(subject, limits)
 
-    async def admit_key(self, identity: KeyIdentity, plan: PlanSpec) -> Ticket:
-        """``admit`` for a key: its own limits when the operator set any, else its account's
-        plan budget (shared by all of the account's keys)."""
+    def _subject(self, identity: KeyIdentity, plan: PlanSpec) -> tuple[str, Limits]:
+        """A key's own limits when the operator set any, else its account's plan budget (shared
+        by all of the account's keys)."""
         if (identity.rpm_limit is None and identity.tpm_limit is None
                 and identity.concurrency_limit is None):
             limits = self._plan_limits.get(plan.code)
             if limits is None:
                 limits = self._plan_limits[plan.code] = Limits(
                     plan.requests_per_minute, plan.tokens_per_minute, plan.concurrent_requests)
-            return await self.admit(f"u{identity.user_id}", limits)
-        return await self.admit(f"k{identity.key_id}", Limits(
+            return f"u{identity.user_id}", limits
+        return f"k{identity.key_id}", Limits(
             identity.rpm_limit or plan.requests_per_minute,
             identity.tpm_limit or plan.tokens_per_minute,
-            identity.concurrency_limit or plan.concurrent_requests))
+            identity.concurrency_limit or plan.concurrent_requests)
+
+    async def admit_key(self, identity: KeyIdentity, plan: PlanSpec) -> Ticket:
+        """``admit`` for a key (see ``_subject`` for whose budget it spends)."""
+        return await self.admit(*self._subject(identity, plan))
+
+    def standing_headers(self, identity: KeyIdentity, plan: PlanSpec) -> list[tuple[bytes, bytes]]:
+        """The ``x-ratelimit-*`` headers for an answer that counts nothing (``/v1/models``)."""
+        subject, limits = self._subject(identity, plan)
+        return (_headers("requests", self.budget.requests_standing(subject, limits))
+                + _headers("tokens", self.budget.tokens_standing(subject, limits)))
 
     async def admit(self, subject: str, limits: Limits) -> Ticket:
         """Concurrency, then requests per minute; raises ``RateLimited`` (429) over either."""

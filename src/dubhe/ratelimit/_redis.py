@@ -268,6 +268,13 @@ class RedisBudget:
             return Standing(limits.tokens_per_minute, limits.tokens_per_minute, 0.0)
         return state.tokens.standing(limits.tokens_per_minute, now)
 
+    def requests_standing(self, subject: str, limits: Limits) -> Standing:
+        state = self._subjects.get(subject)
+        now = time.monotonic()
+        if state is None or state.requests.per_minute != limits.requests_per_minute:
+            return Standing(limits.requests_per_minute, limits.requests_per_minute, 0.0)
+        return state.requests.standing(limits.requests_per_minute, now)
+
     # -- concurrency ---------------------------------------------------------------------------
 
     async def enter(self, subject: str, limits: Limits) -> bool:
