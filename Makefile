@@ -26,15 +26,19 @@ setup: .venv/.synced
 serve: setup
 	$(VENV)/dubhe serve
 
-# The browser tests drive Debian's Chromium (never a browser build downloaded by Playwright).
-/usr/bin/chromium:
+# The browser tests drive Debian's Chromium (never a browser build downloaded by Playwright); the
+# scale-out tests run Debian's nginx in front of two instances and validate deploy/'s compose
+# file with Debian's docker-compose.
+SYSTEM_TOOLS := /usr/bin/chromium /usr/sbin/nginx /usr/bin/docker-compose
+$(SYSTEM_TOOLS) &:
 	@if [ "$$(id -u)" = 0 ]; then \
-	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+	    chromium nginx-light docker-compose; \
 	else \
-	  echo "make test needs Debian's chromium: sudo apt-get install chromium" >&2; exit 1; \
+	  echo "make test needs Debian's chromium, nginx-light and docker-compose: sudo apt-get install chromium nginx-light docker-compose" >&2; exit 1; \
 	fi
 
-test: lint tests/node/node_modules/.installed /usr/bin/chromium
+test: lint tests/node/node_modules/.installed $(SYSTEM_TOOLS)
 	$(VENV)/python -m pytest -n 4 --dist loadfile
 
 lint: setup

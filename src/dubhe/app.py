@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import gc
 import logging
+import sys
 from typing import Any
 
+import orjson
 from fastapi import FastAPI
+from sqlalchemy import text
 
+from dubhe import metrics
 from dubhe.admin.maintenance import MaintenanceBoard
 from dubhe.billing.meter import Meter
 from dubhe.catalog import Catalog, load_catalog
@@ -28,8 +32,16 @@ from dubhe.gateway.asgi import Receive, Scope, Send, new_request_id, send_error,
 from dubhe.gateway.models_list import ModelListings
 from dubhe.gateway.ws import ChatSocketEndpoint, SocketLimits, deny
 from dubhe.keys.cache import KeyCache
+from dubhe.migrations import head_revision
 from dubhe.providers import UpstreamPool
-from dubhe.ratelimit import UnauthenticatedLimiter
+from dubhe.pubsub import ChangeListener
+from dubhe.ratelimit import (
+    LocalBudget,
+    PlanLimiter,
+    RedisBudget,
+    UnauthenticatedLimiter,
+    redis_client,
+)
 from dubhe.server import Cors, declared_too_large, limited_receive, request_too_large
 from dubhe.settings import Settings, load_settings
 from dubhe.web import WebState, create_web_app
@@ -55,8 +67,12 @@ class DubheApp:
         )
         self.cors = Cors(settings.cors_origins) if settings.cors_origins else None
         self.max_request_bytes = catalog.max_request_bytes
+        self.budget: LocalBudget | RedisBudget = LocalBudget()  # RedisBudget when configured
+        self.listener: ChangeListener | None = None
 
     async def startup(self) -> None:
+        if self.settings.access_log:
+            _log_access_lines()
         if self.settings.stripe_secret_key or self.settings.stripe_webhook_secret:
             # ~25 MB and a second of CPU: only where payments are configured, and now rather
             # than on the event loop at the first payment.
@@ -69,6 +85,23 @@ class DubheApp:
         meter.start()
         await keys.load()
         keys.start()
+        database_url = self.settings.resolved_database_url
+        if ChangeListener.supported(database_url):
+            self.listener = ChangeListener(database_url, keys.changed)
+            self.listener.start()
+        if self.settings.redis_url is not None:
+            self.budget = RedisBudget(
+                redis_client(self.settings.redis_url.get_secret_value()),
+                prefix=self.settings.redis_prefix,
+                fail_open=self.settings.redis_failure_policy == "open",
+            )
+            self.budget.start()
+        else:
+            self.budget = LocalBudget()
+        limiter = PlanLimiter(self.budget)
+        limiter.on_reject.append(lambda kind: metrics.RATE_LIMIT_REJECTIONS.labels(kind).inc())
+        if isinstance(self.budget, RedisBudget):
+            self.budget.on_failure.append(metrics.REDIS_FAILURES.inc)
         self._state = GatewayState(
             catalog=self.catalog,
             keys=keys,
@@ -76,6 +109,8 @@ class DubheApp:
             meter=meter,
             listings=ModelListings(self.catalog),
             unauthenticated=self.unauthenticated,
+            limits=limiter,
+            access_log=self.settings.access_log,
         )
         self.gateway = GatewayApp(self._state)
         self._maintenance = MaintenanceBoard(self.read_sessionmaker, self._maintenance_changed)
@@ -109,10 +144,34 @@ class DubheApp:
             await self._maintenance.stop()
         if self._state is not None:
             await self._state.keys.stop()
+            if self.listener is not None:
+                await self.listener.stop()
+            if isinstance(self.budget, RedisBudget):
+                await self.budget.stop()
             await self._state.meter.stop()
             await self._state.upstreams.close()
         await self.engine.dispose()
         await self.read_engine.dispose()
+
+    async def readiness(self) -> tuple[int, bytes]:
+        """``/readyz``: the database answers and is at this code's migration head, and Redis
+        (when configured) answers. 503 with the failed checks otherwise."""
+        checks: dict[str, str] = {}
+        try:
+            async with self.engine.connect() as connection:
+                rows = await connection.execute(text("SELECT version_num FROM alembic_version"))
+                versions = {str(row[0]) for row in rows}
+            head = head_revision()
+            checks["database"] = "ok"
+            checks["migrations"] = ("ok" if head is None or versions == {head}
+                                    else f"at {sorted(versions)}, code expects {head}")
+        except Exception as exc:  # any failure is "not ready", never a 500
+            checks["database"] = f"unreachable ({type(exc).__name__})"
+        if isinstance(self.budget, RedisBudget):
+            checks["redis"] = "ok" if await self.budget.ping() else "unreachable"
+        ready = all(value == "ok" for value in checks.values())
+        body = orjson.dumps({"status": "ready" if ready else "not ready", "checks": checks})
+        return (200 if ready else 503), body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -131,6 +190,13 @@ class DubheApp:
                 await self.gateway(scope, receive, send)
             elif path == "/healthz":
                 await send_json(send, 200, b'{"status":"ok"}', new_request_id())
+            elif path == "/readyz":
+                status, body = await self.readiness()
+                await send_json(send, status, body, new_request_id())
+            elif path == "/metrics":
+                await send({"type": "http.response.start", "status": 200,
+                            "headers": [(b"content-type", metrics.CONTENT_TYPE)]})
+                await send({"type": "http.response.body", "body": metrics.scrape()})
             else:
                 assert self.web is not None
                 limit = (self.settings.webhook_max_body_bytes if path == "/api/stripe/webhook"
@@ -166,6 +232,17 @@ class DubheApp:
                 await self.shutdown()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+def _log_access_lines() -> None:
+    """The access log's JSON lines, alone on stdout (uvicorn configures only its own loggers)."""
+    access = logging.getLogger("dubhe.access")
+    if not access.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access.addHandler(handler)
+        access.setLevel(logging.INFO)
+        access.propagate = False
 
 
 def create_app(settings: Settings | None = None, catalog: Any = None) -> DubheApp:

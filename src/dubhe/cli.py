@@ -76,6 +76,14 @@ def _parser() -> argparse.ArgumentParser:
     list_keys.add_argument("email")
     revoke_key = keys.add_parser("revoke", help="revoke the one live key with this prefix")
     revoke_key.add_argument("key_prefix", help="as the lists show it (sk-dubhe-AbCd), or the key")
+    key_limits = keys.add_parser(
+        "limits", help="set one key's own rate limits (replacing its plan's); prints them as JSON")
+    key_limits.add_argument("key_prefix", help="as the lists show it (sk-dubhe-AbCd), or the key")
+    key_limits.add_argument("--rpm", type=int, default=None, help="requests per minute")
+    key_limits.add_argument("--tpm", type=int, default=None, help="tokens per minute")
+    key_limits.add_argument("--concurrency", type=int, default=None,
+                            help="requests in flight at once")
+    key_limits.add_argument("--clear", action="store_true", help="back to the plan's limits")
 
     codes = commands.add_parser("codes", help="redemption codes").add_subparsers(
         dest="codes_command", required=True, parser_class=_Parser
@@ -177,6 +185,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
             _start_builtin_sim(upstream.name, upstream.base_url)
     host = args.host or settings.host
     port = args.port or settings.port
+    _prepare_metrics_directory(settings)
     print(f"dubhe: serving the API on http://{host}:{port}/v1", file=sys.stderr)
     uvicorn.run(
         "dubhe.app:create_app",
@@ -207,7 +216,22 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         ws_ping_interval=settings.ws_ping_interval_seconds,
         ws_ping_timeout=settings.ws_ping_timeout_seconds,
         ws_per_message_deflate=False,
+        # SIGTERM: stop accepting, let requests in flight finish up to this, then the lifespan
+        # shutdown returns leases and flushes the spool.
+        timeout_graceful_shutdown=settings.shutdown_grace_seconds,
     )
+
+
+def _prepare_metrics_directory(settings: Settings) -> None:
+    """An empty directory for this run's per-worker metric files (dubhe.metrics), named in the
+    environment before any worker imports prometheus-client."""
+    import os
+    import shutil
+
+    directory = settings.data_dir.resolve() / "metrics"
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
 
 
 def _ensure_first_admin(settings: Settings, catalog: Catalog) -> None:
@@ -336,6 +360,17 @@ def _cmd_keys(args: argparse.Namespace) -> None:
         key = _run_in_session(settings, revoke)
         print(f"dubhe: revoked key {key.prefix} ({key.name}); every worker refuses it within "
               "a second", file=sys.stderr)
+    elif args.keys_command == "limits":
+        from dubhe.keys.service import set_key_limits
+
+        async def limit(session: Any) -> Any:
+            key = await set_key_limits(session, args.key_prefix, secret=secret, now=utcnow(),
+                                       rpm=args.rpm, tpm=args.tpm,
+                                       concurrency=args.concurrency, clear=args.clear)
+            return {"prefix": key.prefix, "rpm": key.rpm_limit, "tpm": key.tpm_limit,
+                    "concurrency": key.concurrency_limit}
+
+        print(json.dumps(_run_in_session(settings, limit)))
 
 
 def _set_plan(settings: Settings, catalog: Catalog, email: str, plan: str) -> None:

@@ -115,6 +115,19 @@ class Settings(BaseSettings):
     ws_max_queued: int = Field(default=16, ge=0)
     ws_messages_per_second: float = Field(default=10.0, gt=0)
     ws_message_burst: int = Field(default=50, ge=1)
+    # Redis (redis://host:6379/0): plan rate limits shared by every worker and instance, and
+    # changes pushed to every worker. Unset: limits are kept per worker process.
+    redis_url: SecretStr | None = None
+    # Prefix of every Redis key Dubhe writes (several deployments may share one Redis).
+    redis_prefix: str = "dubhe:"
+    # While Redis is unreachable: "open" limits each worker on its own counts; "closed" refuses
+    # /v1 requests with 503 rate_limiter_unavailable.
+    redis_failure_policy: Literal["open", "closed"] = "open"
+    # One JSON line per /v1 request on the "dubhe.access" logger (at info): ids, key prefix,
+    # model, upstream, status, tokens, cost, latency; never a key or a prompt.
+    access_log: bool = False
+    # On SIGTERM: how long requests in flight (streams included) may take to finish.
+    shutdown_grace_seconds: int = Field(default=30, ge=1)
 
     @cached_property
     def cors_origins(self) -> frozenset[str]:

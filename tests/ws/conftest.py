@@ -34,7 +34,9 @@ MAX_REQUEST_BYTES = 64_000
 
 
 def ws_config(sims: dict[str, Sim], realistic: Realistic) -> str:
-    plans = {"roomy": 10_000_000, "tiny": 10, "metered": 0}
+    # code: (included tokens, requests per minute)
+    plans = {"roomy": (10_000_000, 100000), "tiny": (10, 100000), "metered": (0, 100000),
+             "limited": (10_000_000, 2)}
     text_plans = "".join(
         f"""
 [plans.{code}]
@@ -42,11 +44,11 @@ name = "{code.title()}"
 price_usd = "0"
 models = ["dubhe-fast", "dubhe-code", "dubhe-qwen"]
 included_tokens = {included}
-requests_per_minute = 100000
+requests_per_minute = {rpm}
 tokens_per_minute = 100000000
 concurrent_requests = 1000
 """
-        for code, included in plans.items()
+        for code, (included, rpm) in plans.items()
     )
     return f"""
 [defaults]

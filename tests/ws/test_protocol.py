@@ -143,6 +143,31 @@ async def test_an_exhausted_balance_is_a_402_event_and_the_socket_stays_open(
     await ws.assert_consistent(user_id)
 
 
+async def test_the_plans_rate_limit_counts_a_sockets_requests_as_http_does(
+    ws: WsBilling,
+) -> None:
+    key, user_id = await ws.new_account("limited")  # 2 requests a minute
+    async with connect(ws.ws_url, additional_headers=bearer(key)) as socket:
+        ends = []
+        for number in range(4):
+            await socket.send(create(f"r{number}", "dubhe-fast", "hi", max_tokens=5))
+            ends.append((await until_done(socket, f"r{number}"))[1])
+        assert [end["type"] for end in ends[:2]] == ["chat.completion.done"] * 2
+        for end in ends[2:]:
+            assert (end["type"], end["status"]) == ("error", 429)
+            assert end["error"]["code"] == "rate_limit_exceeded"
+    # The socket's requests and an HTTP request share one budget.
+    response = httpx.post(ws.server.base_url + "/chat/completions",
+                          headers={"authorization": f"Bearer {key}"},
+                          json={"model": "dubhe-fast", "max_tokens": 5,
+                                "messages": [{"role": "user", "content": "hi"}]})
+    assert response.status_code == 429
+    await ws.assert_consistent(user_id)  # the leases are back: every usage record is written
+    assert await fetch_one(
+        ws.engine, "SELECT count(*) AS n FROM usage_records WHERE user_id = :u", u=user_id
+    ) == {"n": 2}
+
+
 async def test_the_same_request_id_twice_is_billed_twice(ws: WsBilling) -> None:
     key, user_id = await ws.new_account("roomy")
     async with connect(ws.ws_url, additional_headers=bearer(key)) as socket:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 from dubhe.billing.meter import Meter
@@ -18,11 +19,13 @@ from dubhe.gateway.asgi import (
     send_error,
     send_json,
 )
-from dubhe.gateway.chat import chat_completions
+from dubhe.gateway.chat import RATE_LIMIT_SCOPE_KEY, chat_completions
 from dubhe.gateway.models_list import ModelListings
-from dubhe.keys.cache import KeyCache
+from dubhe.keys.cache import KeyCache, KeyIdentity
+from dubhe.metrics import REQUESTS, path_label
+from dubhe.metrics.requests import observe
 from dubhe.providers import UpstreamPool
-from dubhe.ratelimit import UnauthenticatedLimiter
+from dubhe.ratelimit import PlanLimiter, UnauthenticatedLimiter
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +42,10 @@ class GatewayState:
     meter: Meter
     listings: ModelListings
     unauthenticated: UnauthenticatedLimiter
+    limits: PlanLimiter
     # Models an admin switched to maintenance at run time (dubhe.admin.maintenance keeps it).
     maintenance: frozenset[str] = frozenset()
+    access_log: bool = False
 
 
 class GatewayApp:
@@ -50,11 +55,15 @@ class GatewayApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_id = new_request_id()
         started = False
+        status = 0
+        began = time.perf_counter()
 
         async def tracked_send(message: Message) -> None:
-            nonlocal started
+            nonlocal started, status
             if message["type"] == "http.response.start":
                 started = True
+                status = message["status"]
+                REQUESTS.labels(path_label(scope["path"]), str(status)).inc()
             await send(message)
 
         try:
@@ -64,13 +73,17 @@ class GatewayApp:
                 raise
             if isinstance(error, AuthenticationFailed):
                 error = self.state.unauthenticated.judge(error, scope.get("client"))
-            await send_error(send, error, request_id)
+            ticket = scope.get(RATE_LIMIT_SCOPE_KEY)
+            if ticket is not None and "x-ratelimit-limit-requests" not in error.headers:
+                error.headers.update(
+                    (name.decode(), value.decode()) for name, value in ticket.headers())
+            await send_error(tracked_send, error, request_id)
         except Exception:
             log.exception("unhandled error in %s %s (%s)", scope["method"], scope["path"], request_id)
             if started:
                 return
             await send_error(
-                send,
+                tracked_send,
                 DubheError(
                     f"The server had an error processing your request (request id {request_id}); "
                     "retry, and contact support with the request id if it persists.",
@@ -78,6 +91,14 @@ class GatewayApp:
                 ),
                 request_id,
             )
+        finally:
+            # The answer is sent: latency, tokens and cost, and the access log line.
+            observe(scope, status, request_id, began, log_line=self.state.access_log)
+
+    def _limit_headers(self, identity: KeyIdentity) -> list[tuple[bytes, bytes]]:
+        catalog = self.state.catalog
+        plan = catalog.plans.get(identity.plan_code) or catalog.plans[catalog.default_plan]
+        return self.state.limits.standing_headers(identity, plan)
 
     async def _route(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
         path: str = scope["path"]
@@ -88,13 +109,14 @@ class GatewayApp:
         elif path == _MODELS or path == _MODELS + "/":
             _allow(method, "GET")
             identity = await self.state.keys.authenticate(header(scope, b"authorization"))
-            await send_json(send, 200, self.state.listings.list_for(identity.plan_code), request_id)
+            await send_json(send, 200, self.state.listings.list_for(identity.plan_code), request_id,
+                            self._limit_headers(identity))
         elif path.startswith(_MODELS_PREFIX):
             _allow(method, "GET")
             identity = await self.state.keys.authenticate(header(scope, b"authorization"))
             model_id = path[len(_MODELS_PREFIX) :]
             body = self.state.listings.one_for(identity.plan_code, model_id)
-            await send_json(send, 200, body, request_id)
+            await send_json(send, 200, body, request_id, self._limit_headers(identity))
         else:
             raise NotFound(
                 f"Unknown request URL: {method} {path}. See the API documentation for the "

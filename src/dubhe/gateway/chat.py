@@ -19,7 +19,8 @@ from dubhe.billing.meter import Balance
 from dubhe.billing.pricing import format_usd
 from dubhe.errors import DubheError
 from dubhe.gateway.asgi import ClientGone, Receive, Scope, Send, header, read_body, send_json
-from dubhe.gateway.completion import ChatCompletion
+from dubhe.gateway.completion import ChatCompletion, Settled
+from dubhe.metrics.requests import FACTS_SCOPE_KEY
 
 if TYPE_CHECKING:
     from dubhe.gateway.app import GatewayState
@@ -30,6 +31,7 @@ _SSE_HEADERS = [
     (b"x-accel-buffering", b"no"),
 ]
 _PING = b": ping\n\n"
+RATE_LIMIT_SCOPE_KEY = "dubhe.ratelimit"
 _DONE = b"data: [DONE]\n\n"
 
 
@@ -37,13 +39,28 @@ async def chat_completions(
     scope: Scope, receive: Receive, send: Send, state: GatewayState, request_id: str
 ) -> None:
     identity = await state.keys.authenticate(header(scope, b"authorization"))
-    completion = ChatCompletion(state, request_id, identity)
+    catalog = state.catalog
+    plan = catalog.plans.get(identity.plan_code) or catalog.plans[catalog.default_plan]
+    # Concurrency and requests per minute, before the body is even read: a refusal is cheap.
+    ticket = await state.limits.admit_key(identity, plan)
+    scope[RATE_LIMIT_SCOPE_KEY] = ticket  # the error path adds its headers too
+    exchange: _Exchange | None = None
     try:
-        raw = await read_body(receive, state.catalog.max_request_bytes)
-    except ClientGone:
-        return
-    await completion.admit(raw)
-    await _Exchange(completion, receive, send).run()
+        completion = ChatCompletion(state, request_id, identity)
+        completion.ticket = ticket
+        try:
+            raw = await read_body(receive, catalog.max_request_bytes)
+        except ClientGone:
+            return
+        await completion.admit(raw)
+        exchange = _Exchange(completion, receive, send)
+        await exchange.run()
+    finally:
+        # Tokens per minute count what was used, once it is known; otherwise what was held.
+        # A request refused before the upstream call used none of what it held.
+        ticket.finish(exchange.used_tokens if exchange is not None else 0)
+        scope[FACTS_SCOPE_KEY] = (identity, completion,
+                                  exchange.settled if exchange is not None else None)
 
 
 def _balance_headers(balance: Balance) -> list[tuple[bytes, bytes]]:
@@ -62,11 +79,21 @@ class _Exchange:
         self.send = send
         self.client_gone = False
         self.finishing = False
+        # Prompt plus completion tokens charged, once settled (None: not known).
+        self.used_tokens: int | None = None
+        self.settled: Settled | None = None
+
+    def _used(self, settled: Settled | None) -> None:
+        if settled is not None:
+            self.settled = settled
+            self.used_tokens = settled.prompt_tokens + settled.completion_tokens
 
     def _headers(self, balance: Balance) -> list[tuple[bytes, bytes]]:
         headers = _balance_headers(balance)
         if self.completion.clamped_to is not None:
             headers.append((b"x-dubhe-max-tokens-clamped", str(self.completion.clamped_to).encode()))
+        if self.completion.ticket is not None:
+            headers.extend(self.completion.ticket.headers())
         return headers
 
     async def run(self) -> None:
@@ -107,6 +134,7 @@ class _Exchange:
         completed = await self.completion.complete()
         self.finishing = True
         settled = completed.settled
+        self._used(settled)
         headers = self._headers(settled.balance if settled else self.completion.balance)
         if settled is not None:
             headers.insert(2, (b"x-dubhe-cost-usd", format_usd(settled.cost_uusd).encode()))
@@ -143,6 +171,8 @@ class _Exchange:
             keepalive.stop()
         self.finishing = True
         end = completion.stream_end
+        if end is not None:
+            self._used(end.settled)
         if end is not None and end.upstream_error:
             # The upstream's own error event was relayed as the last one: nothing follows it.
             await send({"type": "http.response.body", "body": b""})

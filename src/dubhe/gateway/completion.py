@@ -64,6 +64,7 @@ if TYPE_CHECKING:
     from dubhe.gateway.app import GatewayState
     from dubhe.keys.cache import KeyIdentity
     from dubhe.providers import Upstream
+    from dubhe.ratelimit import Ticket
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,8 @@ class ChatCompletion:
         self._payload = b""
         self._response: aiohttp.ClientResponse | None = None
         self._relay: StreamRelay | None = None
+        # The request's hold on its rate limits (chat.py), if it is limited.
+        self.ticket: Ticket | None = None
 
     @property
     def streaming(self) -> bool:
@@ -161,6 +164,9 @@ class ChatCompletion:
         upstream = self.upstream = upstreams[0]
         # The hold: the prompt's bound plus each choice's output limit, n times (admission.py).
         sizing = await admission.size(body, request, model, upstream.spec, body_bytes=body_bytes)
+        if self.ticket is not None:
+            # Tokens per minute count what is held, before any credit is: a 429 holds nothing.
+            await self.ticket.take_tokens(sizing.prompt_bound + sizing.per_choice * request.n)
         try:
             held = await state.meter.reserve(
                 user_id=self.identity.user_id,

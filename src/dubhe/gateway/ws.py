@@ -49,6 +49,7 @@ from dubhe.gateway.completion import ChatCompletion, Settled
 
 if TYPE_CHECKING:
     from dubhe.gateway.app import GatewayState
+    from dubhe.ratelimit import Ticket
     from dubhe.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -402,16 +403,24 @@ class _Connection:
             await self.close(4401, error.code or "invalid_api_key")
             return
         completion = request.completion = ChatCompletion(self.state, new_request_id(), identity)
+        catalog = self.state.catalog
+        plan = catalog.plans.get(identity.plan_code) or catalog.plans[catalog.default_plan]
         task = asyncio.current_task()
         assert task is not None
+        ticket: Ticket | None = None
+        settled: Settled | None = None
         try:
             request.phase = "shielded"
+            # The plan's rate limits count a socket's requests as HTTP counts its own.
+            ticket = completion.ticket = await self.state.limits.admit_key(identity, plan)
             await completion.admit_body(body, size)
             request.admitted = True
             request.phase = "running"
             if request.cancelled_by is not None:
                 raise asyncio.CancelledError
             await self._stream(request, completion)
+            end = completion.stream_end
+            settled = end.settled if end is not None else None
         except asyncio.CancelledError:
             if task.cancelling():
                 task.uncancel()
@@ -420,7 +429,7 @@ class _Connection:
                 raise
             await self._end_cancelled(request, settled)
         except _SocketGone:
-            await completion.abandon()
+            settled = await completion.abandon()
         except DubheError as error:
             if request.cancelled_by == "socket" or self.closed:
                 return
@@ -437,7 +446,7 @@ class _Connection:
         except Exception:
             log.exception("request %s on a WebSocket failed", completion.request_id)
             # Charged for what was delivered, as if the client had left (never released unused).
-            await completion.abandon()
+            settled = await completion.abandon()
             if not request.ended and not self.closed:
                 request.ended = True
                 await self._error(request.client_id, DubheError(
@@ -446,6 +455,12 @@ class _Connection:
                     "id if it persists.", code="internal_error"), completion.request_id)
         finally:
             completion.close()
+            if ticket is not None:
+                # Tokens per minute count what was used once it is known (none for a request
+                # refused before the upstream call); otherwise what was held stands.
+                used = (settled.prompt_tokens + settled.completion_tokens if settled is not None
+                        else None if request.admitted else 0)
+                ticket.finish(used)
 
     async def _stream(self, request: _Request, completion: ChatCompletion) -> None:
         events = await completion.open_stream()

@@ -57,6 +57,11 @@ class KeyIdentity:
     revoked: bool
     # The key's monthly spend cap in µUSD (``billing/caps.py``); None: uncapped.
     spend_cap_uusd: int | None = None
+    # The key's own rate limits (NULL columns: the plan's); see ``ratelimit/_plan.py``.
+    rpm_limit: int | None = None
+    tpm_limit: int | None = None
+    concurrency_limit: int | None = None
+    key_prefix: str = ""  # what lists and logs show (sk-dubhe-AbCd…), never the key
 
 
 def _identity(key: ApiKey, plan_code: str, *, owner_disabled: bool) -> KeyIdentity:
@@ -69,6 +74,10 @@ def _identity(key: ApiKey, plan_code: str, *, owner_disabled: bool) -> KeyIdenti
         expires_at=key.expires_at.timestamp() if key.expires_at else None,
         revoked=key.revoked_at is not None or owner_disabled,
         spend_cap_uusd=key.spend_cap_uusd,
+        rpm_limit=key.rpm_limit,
+        tpm_limit=key.tpm_limit,
+        concurrency_limit=key.concurrency_limit,
+        key_prefix=key.prefix,
     )
 
 
@@ -85,6 +94,7 @@ class KeyCache:
         self._refresh_seconds = refresh_seconds
         self._by_hash: dict[str, KeyIdentity] = {}
         self._unknown: set[str] = set()
+        self._loading: dict[str, asyncio.Future[KeyIdentity]] = {}
         self._known: set[int] = set()
         self._watermark = utcnow()
         # Counts changes to identities already cached (a revocation, a plan change): a holder of
@@ -120,7 +130,7 @@ class KeyCache:
                 await self._refreshed()
                 if _fingerprint(key_hash) not in self._known:
                     raise _invalid_key()
-            identity = await self._load(key_hash)
+            identity = await self._load_once(key_hash)
         if identity.revoked:
             raise _invalid_key()
         if identity.expires_at is not None and identity.expires_at <= time.time():
@@ -129,6 +139,21 @@ class KeyCache:
                 code="expired_api_key",
             )
         return identity
+
+    async def _load_once(self, key_hash: str) -> KeyIdentity:
+        """``_load``, shared by every request that waits for the same key: a burst of requests
+        with a key new to this worker makes one query, not one connection each (50 at once
+        exhausted the database's connections)."""
+        loading = self._loading.get(key_hash)
+        if loading is None:
+            loading = self._loading[key_hash] = asyncio.ensure_future(self._load(key_hash))
+            loading.add_done_callback(lambda done: self._loaded(key_hash, done))
+        return await asyncio.shield(loading)
+
+    def _loaded(self, key_hash: str, done: asyncio.Future[KeyIdentity]) -> None:
+        self._loading.pop(key_hash, None)
+        if not done.cancelled():
+            done.exception()  # retrieved: every waiter may have gone (cancelled) by now
 
     async def _load(self, key_hash: str) -> KeyIdentity:
         async with self._sessionmaker() as session:
@@ -177,6 +202,10 @@ class KeyCache:
             await asyncio.wait_for(asyncio.shield(waiting), _UNKNOWN_KEY_WAIT)
         except TimeoutError:
             pass
+
+    def changed(self) -> None:
+        """Keys or users changed somewhere (a pushed notice): refresh now, not at the next poll."""
+        self._wake.set()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._refresh_forever(), name="key-cache-refresh")

@@ -148,6 +148,37 @@ async def revoke_by_prefix(session: AsyncSession, text: str, *, secret: bytes,
                            now: datetime) -> ApiKey:
     """The operator's revoke: a full key, or the prefix the lists show (``sk-dubhe-AbCd``), as
     long as it names exactly one live key."""
+    key = await _one_live_key(session, text, secret=secret)
+    await ApiKeyRepository.from_session(session).revoke(now=now, key_id=key.id)
+    await session.refresh(key)
+    return key
+
+
+async def set_key_limits(session: AsyncSession, text: str, *, secret: bytes, now: datetime,
+                         rpm: int | None, tpm: int | None, concurrency: int | None,
+                         clear: bool = False) -> ApiKey:
+    """The operator's per-key limits (``dubhe keys limits``): each one given replaces the plan's
+    for this key; ``clear`` returns the key to its plan's. ``updated_at`` moves, so every
+    worker's key cache applies them within a second."""
+    for name, value in (("rpm", rpm), ("tpm", tpm), ("concurrency", concurrency)):
+        if value is not None and value < 1:
+            raise UnprocessableRequest(f"--{name} must be at least 1", param=name)
+    key = await _one_live_key(session, text, secret=secret)
+    if clear:
+        key.rpm_limit = key.tpm_limit = key.concurrency_limit = None
+    if rpm is not None:
+        key.rpm_limit = rpm
+    if tpm is not None:
+        key.tpm_limit = tpm
+    if concurrency is not None:
+        key.concurrency_limit = concurrency
+    key.updated_at = now
+    await session.flush()
+    return key
+
+
+async def _one_live_key(session: AsyncSession, text: str, *, secret: bytes) -> ApiKey:
+    """A full key, or the prefix the lists show, as long as it names exactly one live key."""
     text = text.strip().rstrip("…")
     keys = ApiKeyRepository.from_session(session)
     if is_well_formed(text):
@@ -163,6 +194,4 @@ async def revoke_by_prefix(session: AsyncSession, text: str, *, secret: bytes,
     if len(matches) > 1:
         raise Conflict(f"{len(matches)} live keys start with {text}; give the full key",
                        code="ambiguous_key_prefix")
-    await keys.revoke(now=now, key_id=matches[0].id)
-    await session.refresh(matches[0])
     return matches[0]

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, ForeignKey, String
+from sqlalchemy import BigInteger, ForeignKey, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from dubhe.models.base import Base, BigIntPK, UTCDateTime, utcnow
@@ -19,6 +19,11 @@ class ApiKey(Base):
     # HMAC-SHA256 of the full key under the deployment secret; the key itself is never stored.
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     spend_cap_uusd: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # The operator's per-key limits (``dubhe keys limits``); NULL: the plan's. A key with any of
+    # them set is limited on its own instead of sharing its account's plan budget.
+    rpm_limit: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    tpm_limit: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    concurrency_limit: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

@@ -2,9 +2,10 @@
 
 Each key costs one float, its theoretical arrival time (TAT): a request at ``now`` is allowed
 when ``TAT - now`` stays within the burst's tolerance, and then moves TAT one emission interval
-on. No log of past requests, no timer: O(1) time and memory per key. State is per worker for
-now; plan limits (requests and tokens per minute) will use this same class and reconcile it
-across workers.
+on. No log of past requests, no timer: O(1) time and memory per key. This one limits failed
+authentication per address, per worker. The plan limits (``_plan.py``) use the same algorithm
+with a burst of one minute's worth, kept per worker (``_local.py``) or shared through Redis
+(``_redis.py``).
 """
 
 from __future__ import annotations
