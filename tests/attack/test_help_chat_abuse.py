@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
@@ -25,12 +26,18 @@ from tests.web.conftest import PASSWORD, gateway_config, random_ip, start_web_se
 
 PER_IP_PER_HOUR = 3
 VISITORS = 40
+CLI: list[Callable[..., str]] = []  # the running server's operator CLI
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def assisted(request: pytest.FixtureRequest, sims: dict[str, Sim],
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, str]]:
     """(root URL, database URL, support e-mail): two workers with the assistant on."""
+    yield from _assisted(request, sims, tmp_path_factory)
+
+
+def _assisted(request: pytest.FixtureRequest, sims: dict[str, Sim],
+              tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, str]]:
     tmp = tmp_path_factory.mktemp("attack-chat")
     with fresh_database(request.param, tmp) as url:
         (tmp / "dubhe.toml").write_text(gateway_config(sims, dead_port=free_port()))
@@ -43,6 +50,8 @@ def assisted(request: pytest.FixtureRequest, sims: dict[str, Sim],
                                   capture_output=True, timeout=180).stdout.strip()
 
         cli("migrate")
+        CLI.clear()
+        CLI.append(cli)
         cli("users", "create", support, "--password", PASSWORD, "--plan", "pro")
         key = cli("keys", "create", support, "--name", "help chat assistant")
         server = start_web_server(
@@ -116,3 +125,47 @@ def test_one_address_cannot_open_more_conversations_than_its_hourly_limit_by_rac
         f"{accepted} of {VISITORS} first messages from one address were accepted at once "
         f"(limit {PER_IP_PER_HOUR} an hour); {drafted} automatic answers billed to support")
     assert drafted <= PER_IP_PER_HOUR
+
+
+async def _signed_in_burst(root: str, email: str, count: int) -> list[int]:
+    async with httpx.AsyncClient(base_url=root, headers={"x-forwarded-for": random_ip()},
+                                 timeout=60) as client:
+        token = (await client.get("/api/auth/session")).json()["csrf_token"]
+        logged = await client.post("/api/auth/login", headers={"x-csrf-token": token},
+                                   json={"email": email, "password": PASSWORD})
+        assert logged.status_code == 200, logged.text
+        token = (await client.get("/api/auth/session")).json()["csrf_token"]
+        sent = await asyncio.gather(*(
+            client.post("/api/chat/messages", headers={"x-csrf-token": token},
+                        json={"body": f"question {index}: write me a poem"})
+            for index in range(count)))
+        return [response.status_code for response in sent]
+
+
+async def _conversations_of(database_url: str, email: str) -> tuple[int, int]:
+    engine = create_engine(database_url)
+    try:
+        row = await fetch_one(
+            engine, "SELECT COUNT(DISTINCT c.id) AS conversations, COUNT(m.id) AS answers "
+            "FROM help_conversations c JOIN users u ON u.id = c.user_id LEFT JOIN help_messages m "
+            "ON m.conversation_id = c.id AND m.author = 'assistant' WHERE u.email = :e", e=email)
+        return int(row["conversations"]), int(row["answers"])
+    finally:
+        await engine.dispose()
+
+
+def test_a_signed_in_user_has_one_conversation_and_one_automatic_answer_however_fast_it_writes(
+        assisted: tuple[str, str, str]) -> None:
+    """A signed-in user's conversation is found by ``user_id``, which is not unique: first
+    messages sent at once each open a conversation, each drafting an automatic answer, and all
+    but the oldest conversation vanish from the user's panel (only the first is ever read)."""
+    root, database_url, _ = assisted
+    email = f"chatty-{secrets.token_hex(4)}@example.com"
+    CLI[0]("users", "create", email, "--password", PASSWORD)
+    statuses = asyncio.run(_signed_in_burst(root, email, PER_IP_PER_HOUR))
+    assert set(statuses) <= {201, 429}, statuses
+    time.sleep(5)  # automatic answers drafted and stored
+    conversations, answers = asyncio.run(_conversations_of(database_url, email))
+    assert conversations == 1 and answers <= 1, (
+        f"{statuses.count(201)} first messages at once opened {conversations} conversations for "
+        f"one user and drew {answers} automatic answers")
