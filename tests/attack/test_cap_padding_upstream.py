@@ -1,0 +1,95 @@
+"""Red team: a per-key monthly spend cap passed many times over through usage the settlement
+believes although the upstream could not have generated it.
+
+Dubhe sends the upstream the output limit it held (``max_tokens`` 100) and the upstream obeys it
+(100 words), but reports ``completion_tokens`` = the answer's UTF-8 bytes + 16 (2,116): "physically
+possible" by the settlement's rule (one token per byte), so it is charged in full, 21 times what
+each request held. The cap lease only held each request's honest possible cost, so 20 concurrent
+requests on ``dubhe serve --workers 2`` are admitted together and the key ends its month many
+times over its cap; its owner pays for 2,016 completion tokens per request that a limit of 100
+made impossible. (``usage/reports.py`` already refuses hidden reasoning above the output limit,
+but not visible completion tokens above it.)"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import sys
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from sqlalchemy import text
+
+from dubhe.database import create_engine
+from tests.attack.conftest import PLANS
+from tests.conftest import (
+    ROOT,
+    Server,
+    assert_clean_log,
+    free_port,
+    start_process,
+    start_server,
+    wait_until_up,
+)
+
+CAP_UUSD = 1_000  # $0.001
+MAX_TOKENS = 100
+CONCURRENT = 20
+
+
+@pytest.fixture(scope="module")
+async def padded(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Server]:
+    tmp = tmp_path_factory.mktemp("padding")
+    port = free_port()
+    upstream = start_process([sys.executable, "-m", "tests.attack.padding_upstream", str(port)],
+                             tmp / "upstream.log")
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/stats", upstream.process, upstream.log)
+        config = PLANS + f"""
+[[upstreams]]
+name = "padding"
+kind = "openai"
+base_url = "http://127.0.0.1:{port}/v1"
+models = ["dubhe-fast", "dubhe-reasoning"]
+"""
+        server = start_server(tmp, f"sqlite+aiosqlite:///{tmp / 'dubhe.db'}", config,
+                              workers=2, PYTHONPATH=str(ROOT))
+        yield server
+        server.running.stop()
+        assert_clean_log(server)
+    finally:
+        upstream.stop()
+
+
+async def test_usage_above_the_output_limit_sent_cannot_spend_a_key_past_its_cap(
+        padded: Server) -> None:
+    email = f"padded-{secrets.token_hex(4)}@example.com"
+    padded.cli("users", "create", email, "--password", "correct-horse-battery", "--plan", "metered")
+    padded.cli("balance", "add", email, "5")
+    key = padded.cli("keys", "create", email, "--spend-cap-usd", "0.001").stdout.strip()
+    body = {"model": "dubhe-fast", "max_tokens": MAX_TOKENS,
+            "messages": [{"role": "user", "content": "Say something."}]}
+    async with httpx.AsyncClient(timeout=60) as client:
+        responses = await asyncio.gather(*(
+            client.post(padded.base_url + "/chat/completions", json=body,
+                        headers={"authorization": f"Bearer {key}"}) for _ in range(CONCURRENT)))
+    statuses = [response.status_code for response in responses]
+    assert 200 in statuses and set(statuses) <= {200, 402}, statuses
+    await asyncio.sleep(3)  # settlements flushed, leases idle (1.5 s) and closed
+    engine = create_engine(padded.database_url)
+    try:
+        async with engine.connect() as connection:
+            spent, most = (await connection.execute(text(
+                "SELECT coalesce(sum(u.cost_uusd), 0), coalesce(max(u.completion_tokens), 0) "
+                "FROM usage_records u JOIN users s ON s.id = u.user_id WHERE s.email = :e"),
+                {"e": email})).one()
+    finally:
+        await engine.dispose()
+    assert most <= MAX_TOKENS, (
+        f"a request was charged {most} completion tokens; the upstream was sent "
+        f"max_tokens={MAX_TOKENS}; the key capped at ${CAP_UUSD / 1e6} spent ${spent / 1e6} "
+        f"({statuses.count(200)} of {CONCURRENT} requests admitted)")
+    assert spent <= CAP_UUSD, (
+        f"the key capped at ${CAP_UUSD / 1e6} spent ${spent / 1e6} "
+        f"({statuses.count(200)} of {CONCURRENT} requests admitted)")
