@@ -294,12 +294,12 @@ class ChatCompletion:
         event = self._event(outcome, status)
         report = parse_usage(data.get("usage"))
         if isinstance(report, UsageReport):
-            choices = data.get("choices")
             verdict = judge(
                 report,
                 prompt_bound=self.prompt_bound,
                 visible_bytes=tokens.visible_output_bytes(data),
-                choices=len(choices) if isinstance(choices, list) and choices else 1,
+                # What was asked for: extra choices an upstream adds earn no overhead allowance.
+                choices=self.request.n,
                 output_limit=self.output_limit,
             )
             report = verdict or report
@@ -307,7 +307,7 @@ class ChatCompletion:
             event.prompt_tokens = report.prompt_tokens
             event.completion_tokens = report.completion_tokens
         else:
-            event.prompt_tokens = await self._prompt_estimate()
+            event.prompt_tokens = await self._prompt_count(report)
             if len(raw) > _COUNT_INLINE_BYTES:
                 event.completion_tokens = await asyncio.to_thread(
                     tokens.count_completion_message, data
@@ -426,6 +426,12 @@ class ChatCompletion:
             )
         return self._estimate
 
+    async def _prompt_count(self, why: Untrusted) -> int:
+        """The prompt count charged when the upstream's usage was not believed: its own prompt
+        count where that passed its check (only the completion count was refused), else
+        Dubhe's estimate."""
+        return why.prompt_tokens if why.prompt_tokens is not None else await self._prompt_estimate()
+
     def _estimated(self, event: UsageEvent, why: Untrusted) -> None:
         event.usage_source = "estimated"
         level = logging.INFO if why.reason == "no usage reported" else logging.WARNING
@@ -476,9 +482,10 @@ class ChatCompletion:
             event.prompt_tokens = report.prompt_tokens
             event.completion_tokens = report.completion_tokens
         else:
-            event.prompt_tokens = await self._prompt_estimate()
+            report = report or Untrusted("no usage reported")
+            event.prompt_tokens = await self._prompt_count(report)
             event.completion_tokens = await relay.completion_tokens()
-            self._estimated(event, report or Untrusted("no usage reported"))
+            self._estimated(event, report)
         return self._settle(event)
 
     def _meter_failure(self, outcome: str, status: int) -> None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from dubhe.models import HelpConversation, HelpMessage, User
@@ -57,6 +58,18 @@ class HelpChatRepository:
                             HelpMessage.id > after)
                      .order_by(HelpMessage.id.desc()).limit(limit))
         return list(reversed((await self.session.execute(statement)).scalars().all()))
+
+    async def serialize(self, *names: str) -> None:
+        """Make this transaction the only one between here and its end that posts for each of
+        ``names`` (a client address, an account): a check-then-insert cannot race. PostgreSQL
+        takes a transaction-level advisory lock per name, in the order given (every caller
+        gives the same order); SQLite's writers are serialised already (BEGIN IMMEDIATE)."""
+        if self.session.get_bind().dialect.name != "postgresql":
+            return
+        for name in names:
+            digest = hashlib.sha256(b"dubhe-helpchat:" + name.encode()).digest()
+            await self.session.execute(text("SELECT pg_advisory_xact_lock(:k)"),
+                                       {"k": int.from_bytes(digest[:8], "big", signed=True)})
 
     async def visitor_messages_since(self, *, since: datetime, conversation_id: int | None = None,
                                      client_ip: str | None = None) -> int:

@@ -87,6 +87,11 @@ async def post_visitor_message(session: AsyncSession, visitor: Visitor, text: st
                                client_ip: str, settings: Settings, now: datetime) -> Posted:
     body = clean_body(text, settings)
     repository = HelpChatRepository.from_session(session)
+    # The limits below count, then insert: posts from one address, or by one account (which
+    # has one conversation), wait for each other so that racing them cannot pass a limit or
+    # open a second conversation.
+    await repository.serialize(f"ip:{client_ip}", *(
+        [f"user:{visitor.user_id}"] if visitor.user_id is not None else []))
     if await repository.visitor_messages_since(
             since=now - timedelta(hours=1), client_ip=client_ip
     ) >= settings.help_chat_messages_per_ip_per_hour:

@@ -11,8 +11,10 @@ charged in full only if it is physically possible for this request:
   refusal) plus ``OVERHEAD_PER_CHOICE`` per choice: a byte-level tokenizer never makes more than one
   token per byte, and the overhead covers the few special tokens (end of turn, tool-call markers)
   that generate no visible text;
-- hidden reasoning tokens at most the output limit held for the request (what the upstream was
-  told it may generate, over all choices).
+- hidden reasoning tokens, and all completion tokens, at most the output limit held for the
+  request (what the upstream was told it may generate, over all choices). When only this last
+  check fails, the reported prompt count (which passed its own) is kept and Dubhe counts the
+  output itself.
 
 Anything else (no usage, partial usage such as only ``total_tokens``, zeros with output, negative,
 fractional, strings, impossibly large) is replaced by Dubhe's own count of what was exchanged, and
@@ -44,6 +46,9 @@ class Untrusted:
     """Why an upstream's usage was not charged as reported."""
 
     reason: str
+    # The reported prompt count, kept when it passed its own check and only the completion count
+    # was refused for exceeding the output limit the upstream was sent.
+    prompt_tokens: int | None = None
 
 
 def _count(value: Any) -> int | None:
@@ -104,5 +109,14 @@ def judge(
         return Untrusted(
             f"{report.hidden_reasoning_tokens} hidden reasoning tokens exceed the output limit "
             f"{output_limit}"
+        )
+    if report.completion_tokens > output_limit:
+        # Within what the output's bytes could hold, but more than the upstream was told it may
+        # generate: it over-reports, or it ignored the limit. Either way Dubhe counts the output
+        # it relayed (an upstream that really ignored its limit is still paid for all of it).
+        return Untrusted(
+            f"completion_tokens {report.completion_tokens} exceed the output limit "
+            f"{output_limit} the upstream was sent",
+            prompt_tokens=report.prompt_tokens,
         )
     return None
