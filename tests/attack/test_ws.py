@@ -1,0 +1,142 @@
+"""Red team of ``/v1/ws/chat`` (decisions.md §7) through a real ``dubhe serve``: a client that
+speaks the protocol on a raw TCP socket (``websockets``' sans-I/O client), so that it can do what
+a well-behaved library never does: stop reading for good, flood control frames, hold sockets.
+
+Each test here failed on 910dad1 (branch ``ws``) and passes once the finding is fixed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket as socketlib
+from typing import Any
+from urllib.parse import urlsplit
+
+from websockets.client import ClientProtocol
+from websockets.frames import Frame
+from websockets.http11 import Response
+from websockets.uri import parse_uri
+
+from tests.conftest import wait_for_row
+from tests.ws.conftest import WsBilling, create, ws, ws_database  # noqa: F401 (fixtures)
+
+
+class RawSocket:
+    """A WebSocket client on a bare TCP socket with a tiny receive buffer: nothing is read unless
+    the test says so, and the protocol is framed by hand (no automatic pongs)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 protocol: ClientProtocol) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.protocol = protocol
+
+    @classmethod
+    async def connect(cls, url: str, key: str, rcvbuf: int = 4096) -> RawSocket:
+        parts = urlsplit(url)
+        raw = socketlib.socket(socketlib.AF_INET, socketlib.SOCK_STREAM)
+        raw.setsockopt(socketlib.SOL_SOCKET, socketlib.SO_RCVBUF, rcvbuf)
+        raw.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(raw, (parts.hostname, parts.port))
+        reader, writer = await asyncio.open_connection(sock=raw, limit=2**20)
+        protocol = ClientProtocol(parse_uri(url), max_size=None)
+        request = protocol.connect()
+        request.headers["Authorization"] = f"Bearer {key}"
+        protocol.send_request(request)
+        self = cls(reader, writer, protocol)
+        await self.flush()
+        while True:
+            data = await asyncio.wait_for(reader.read(65536), 15)
+            assert data, "closed during the handshake"
+            protocol.receive_data(data)
+            events = protocol.events_received()
+            if any(isinstance(event, Response) for event in events):
+                assert protocol.handshake_exc is None, protocol.handshake_exc
+                return self
+
+    async def flush(self) -> None:
+        for chunk in self.protocol.data_to_send():
+            self.writer.write(chunk)
+        await self.writer.drain()
+
+    async def send_text(self, text: str) -> None:
+        self.protocol.send_text(text.encode())
+        await self.flush()
+
+    async def read_frames(self, timeout: float = 15) -> list[Frame]:
+        data = await asyncio.wait_for(self.reader.read(65536), timeout)
+        if not data:
+            return []
+        self.protocol.receive_data(data)
+        return [event for event in self.protocol.events_received() if isinstance(event, Frame)]
+
+    def abort(self) -> None:
+        self.writer.transport.abort()
+
+
+async def usage_of(ws: WsBilling, user_id: int, timeout: float) -> Any:
+    return await wait_for_row(ws.engine, "SELECT * FROM usage_records WHERE user_id = :u",
+                              timeout=timeout, u=user_id)
+
+
+async def test_a_reader_that_never_reads_is_charged_once_the_server_drops_it(ws: WsBilling) -> None:
+    """A client that stops reading for good while a long answer streams: the server's pings go
+    unanswered and uvicorn drops the socket (1011, keepalive timeout) within 1 + 3 seconds here.
+    The request must then be charged for what was sent, as a half-open socket's is.
+
+    On 910dad1 it is not: uvicorn's ``transport.close()`` waits for the write buffer to drain,
+    which a peer that never reads never lets happen, so ``connection_lost`` never comes, the
+    request's task waits forever in uvicorn's ``send`` (``writable.wait()``), the hold is never
+    settled and the upstream connection stays open. The client decides when (if ever) the
+    request is billed; a worker restart returns the hold unused."""
+    key, user_id = await ws.new_account("roomy")
+    raw = await RawSocket.connect(ws.ws_url, key)
+    await raw.send_text(create("stuck", "dubhe-qwen", "x [[up:tokens=60000]]", max_tokens=60000))
+    await asyncio.sleep(1)  # the answer fills every buffer between the server and us
+    record = await usage_of(ws, user_id, timeout=20)
+    try:
+        assert record is not None, "nothing was charged 20 s after the socket stopped reading"
+    finally:
+        raw.abort()
+
+
+async def test_reading_after_the_server_dropped_the_socket_is_not_free(ws: WsBilling) -> None:
+    """The same reader, once the server has given up on it, reads everything that was buffered
+    for it (about 20,000 tokens here). Its reading wakes the blocked send, which fails
+    (uvicorn already sent its close frame: ``RuntimeError``), so the request starts settling:
+    ``completion.abandon()`` awaits the relay's token count (a thread for a long answer). The
+    buffer then drains, ``connection_lost`` queues the disconnect, and the receive loop cancels
+    every request still in ``self.requests`` (``request.cancel("socket")``): the cancellation
+    lands inside ``abandon()``, ``completion.close()`` then releases the hold unused, and the
+    usage record says outcome ``error``, 0 prompt and 0 completion tokens, $0.
+
+    Impact: every request is free (the hold is returned in full), as many as the attacker likes,
+    four at a time per socket and any number of sockets; the operator pays the upstream for
+    every token generated (47,000 for 20,000 delivered in the probe). Fix in
+    ``gateway/ws.py``: a request whose task has begun settling (``_SocketGone`` or the
+    ``Exception`` path) must not be cancelled again (mark it ``shielded`` before ``abandon()``,
+    or shield ``abandon()``), and ``ChatCompletion.abandon`` should not lose the relay's count
+    when cancelled (``relay.measured`` clears its batch first)."""
+    key, user_id = await ws.new_account("roomy")
+    raw = await RawSocket.connect(ws.ws_url, key)
+    await raw.send_text(create("free", "dubhe-qwen", "x [[up:tokens=60000]]", max_tokens=60000))
+    await asyncio.sleep(8)  # the buffers fill, the pings go unanswered, the server drops us
+    delivered = 0
+    try:
+        while True:
+            frames = await raw.read_frames(timeout=5)
+            if not frames and raw.reader.at_eof():
+                break
+            for frame in frames:
+                if frame.opcode.name == "TEXT":
+                    delivered += json.loads(frame.data)["type"] == "chat.completion.chunk"
+    except TimeoutError:
+        pass
+    finally:
+        raw.abort()
+    assert delivered > 1000, delivered  # the setup worked: a long answer was delivered
+    record = await usage_of(ws, user_id, timeout=20)
+    assert record is not None
+    assert record["completion_tokens"] >= delivered - 5, (delivered, dict(record))
+    assert record["cost_uusd"] > 0, dict(record)
+    await ws.assert_consistent(user_id)
