@@ -18,7 +18,7 @@ from websockets.http11 import Response
 from websockets.uri import parse_uri
 
 from tests.conftest import wait_for_row
-from tests.ws.conftest import WsBilling, create, ws, ws_database  # noqa: F401 (fixtures)
+from tests.ws.conftest import WsBilling, create
 
 
 class RawSocket:
