@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket as socketlib
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -140,3 +141,64 @@ async def test_reading_after_the_server_dropped_the_socket_is_not_free(ws: WsBil
     assert record["completion_tokens"] >= delivered - 5, (delivered, dict(record))
     assert record["cost_uusd"] > 0, dict(record)
     await ws.assert_consistent(user_id)
+
+
+def server_rss_kb(root: int) -> int:
+    """Resident memory of the server process and its children (uvicorn's workers), in KiB."""
+    pids = {root}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == root:
+                pids.add(int(entry.name))
+    total = 0
+    for pid in pids:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        total += sum(int(line.split()[1]) for line in status.splitlines()
+                     if line.startswith("VmRSS:"))
+    return total
+
+
+# A client ping with the largest control payload (125 bytes), masked with a zero key.
+_PING = bytes([0x89, 0x80 | 125]) + bytes(4) + b"p" * 125
+
+
+async def test_a_ping_flood_from_a_peer_that_never_reads_does_not_grow_the_worker(
+    ws: WsBilling,
+) -> None:
+    """Control frames are not messages: uvicorn answers each client ping at once with a
+    ``transport.write`` of its pong (``handle_ping``), without looking at ``writable``, and the
+    socket's message rate (4429) never sees them. A peer that floods pings and never reads makes
+    the worker buffer every pong: here about 60 MB in the 4 s before the keepalive timeout
+    (1 + 3 s; 40 s by default, so several hundred MB per socket), and the buffer is never freed
+    while the peer keeps the TCP connection (``transport.close()`` waits to flush it). A handful
+    of sockets runs the worker out of memory; meanwhile its event loop does nothing but pongs.
+
+    Fix: a ``DubheWebSocketProtocol.handle_ping`` (server/_websocket.py) that stops reading
+    while the transport is paused for writing (or drops pongs beyond a small backlog), and counts
+    control frames in the socket's rate limit."""
+    key, _ = await ws.new_account("roomy")
+    pid = ws.server.running.process.pid
+    before = server_rss_kb(pid)
+    raw = await RawSocket.connect(ws.ws_url, key, rcvbuf=4096)
+    block = _PING * 8000  # about 1 MB of pings
+    try:
+        for _ in range(80):
+            raw.writer.write(block)
+            try:
+                await asyncio.wait_for(raw.writer.drain(), 10)
+            except TimeoutError:
+                break  # the server stopped reading (it dropped us): the flood is over
+        await asyncio.sleep(6)  # past the keepalive timeout: whatever is buffered stays
+        grown_mb = (server_rss_kb(pid) - before) / 1024
+    finally:
+        raw.abort()
+    # A peer that never reads should cost the worker its write buffer's high-water mark
+    # (64 KiB) and the kernel's socket buffers, not tens of megabytes.
+    assert grown_mb < 20, f"the worker grew by {grown_mb:.0f} MB buffering pongs nobody reads"
