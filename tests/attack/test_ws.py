@@ -13,13 +13,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from websockets.asyncio.client import connect
 from websockets.client import ClientProtocol
 from websockets.frames import Frame
 from websockets.http11 import Response
 from websockets.uri import parse_uri
 
 from tests.conftest import wait_for_row
-from tests.ws.conftest import WsBilling, create
+from tests.upstreams.realistic import Realistic
+from tests.ws.conftest import WsBilling, bearer, create
 
 
 class RawSocket:
@@ -202,3 +204,48 @@ async def test_a_ping_flood_from_a_peer_that_never_reads_does_not_grow_the_worke
     # A peer that never reads should cost the worker its write buffer's high-water mark
     # (64 KiB) and the kernel's socket buffers, not tens of megabytes.
     assert grown_mb < 20, f"the worker grew by {grown_mb:.0f} MB buffering pongs nobody reads"
+
+
+async def test_a_cancel_sent_on_the_last_chunk_does_not_cut_the_count(
+    ws: WsBilling, realistic: Realistic
+) -> None:
+    """An upstream that reports no usage in its streams (many do not) is charged on Dubhe's own
+    count of what was relayed, made when the stream ends: ``relay.measured()`` takes the last
+    batch of events out of ``_batch`` and counts it in a thread. The request's phase is still
+    "running" then, so a ``chat.completion.cancel`` sent the moment the client sees the
+    ``finish_reason`` chunk cancels the task inside that count; ``abandon()`` then calls
+    ``measured()`` again, which finds the batch already emptied and counts only the batches
+    counted before (each 1 MiB, about 6,000 tokens). The client got every token; up to a
+    mebibyte of them per request is never billed (7,092 of 9,000 in the probe). A cancel landing
+    in the ``gather`` of earlier batches instead raises out of ``abandon()`` and the hold is
+    released unused (the whole request free).
+
+    Fix: ``gateway/ws.py`` marks the request "shielded" once the upstream's stream has ended
+    (before the settlement inside ``ChatCompletion._events``, not after it), or the settlement
+    is shielded from cancellation; and ``StreamRelay.measured`` should not drop its batch before
+    the count is done."""
+    key, user_id = await ws.new_account("roomy")
+    short: list[tuple[int, int, str]] = []
+    async with connect(ws.ws_url, additional_headers=bearer(key), max_size=None) as socket:
+        for attempt in range(6):
+            request_id = f"last-{attempt}"
+            await socket.send(create(request_id, "dubhe-qwen",
+                                     "x [[up:tokens=9000]] [[up:usage=none]]", max_tokens=9000))
+            while True:
+                event = json.loads(await asyncio.wait_for(socket.recv(), 60))
+                if event["type"] != "chat.completion.chunk":
+                    break
+                if event["choices"] and event["choices"][0].get("finish_reason"):
+                    await socket.send(json.dumps({"type": "chat.completion.cancel",
+                                                  "request_id": request_id}))
+            assert event["type"] == "chat.completion.done", event
+            generated = realistic.charged(event["server_request_id"])
+            assert generated is not None and generated["completion_tokens"] == 9000
+            record = await wait_for_row(ws.engine,
+                                        "SELECT * FROM usage_records WHERE request_id = :r",
+                                        timeout=10, r=event["server_request_id"])
+            assert record is not None
+            if record["completion_tokens"] < 9000:
+                short.append((attempt, record["completion_tokens"], record["outcome"]))
+    assert not short, f"delivered 9,000 tokens, billed fewer: {short}"
+    await ws.assert_consistent(user_id)
