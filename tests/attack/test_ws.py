@@ -249,3 +249,29 @@ async def test_a_cancel_sent_on_the_last_chunk_does_not_cut_the_count(
                 short.append((attempt, record["completion_tokens"], record["outcome"]))
     assert not short, f"delivered 9,000 tokens, billed fewer: {short}"
     await ws.assert_consistent(user_id)
+
+
+async def test_one_key_cannot_hold_any_number_of_sockets(ws: WsBilling) -> None:
+    """Every limit of the socket is per socket (DUBHE_WS_MAX_CONCURRENT running, MAX_QUEUED
+    waiting, the message rate), and nothing bounds the sockets one key (or one address) opens:
+    opening more sockets multiplies them all. Each idle socket also costs its worker a watchdog
+    task waking four times a second (``_KEY_CHECK_SECONDS``) for up to the idle timeout (300 s),
+    the key re-checked on every socket whenever the key cache changes: in the probe, 1,000 idle
+    sockets of one key took 15% of a core of an otherwise idle worker, so a few thousand
+    saturate it for everyone. Fix: a cap on open sockets per key (and per client address for
+    the upgrade) in ``ChatSocketEndpoint.__call__``, refused as an HTTP 429 before the upgrade,
+    shared by the workers or per worker."""
+    key, _ = await ws.new_account("roomy")
+    opened: list[RawSocket] = []
+    refused = 0
+    try:
+        for _ in range(200):
+            try:
+                opened.append(await RawSocket.connect(ws.ws_url, key))
+            except AssertionError:  # the handshake was refused (an HTTP answer, not 101)
+                refused += 1
+                break
+    finally:
+        for raw in opened:
+            raw.abort()
+    assert refused, f"one key held {len(opened)} WebSockets open at once"
