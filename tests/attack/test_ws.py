@@ -275,3 +275,33 @@ async def test_one_key_cannot_hold_any_number_of_sockets(ws: WsBilling) -> None:
         for raw in opened:
             raw.abort()
     assert refused, f"one key held {len(opened)} WebSockets open at once"
+
+
+async def test_dropping_the_socket_on_the_last_chunk_does_not_make_the_answer_free(
+    ws: WsBilling, realistic: Realistic
+) -> None:
+    """The disconnect variant of the cancel above (and of test_cut_count.py over HTTP): the
+    client cuts the TCP connection when it reads the ``finish_reason`` chunk; the receive loop
+    cancels the request inside the end-of-stream count, and ``abandon()`` counts from the relay's
+    emptied batch. Same fix."""
+    short: list[tuple[int, int, str]] = []
+    for attempt in range(3):
+        key, user_id = await ws.new_account("roomy")
+        socket = await connect(ws.ws_url, additional_headers=bearer(key), max_size=None)
+        await socket.send(create("cut", "dubhe-qwen", "x [[up:tokens=3000]] [[up:usage=none]]",
+                                 max_tokens=3000))
+        while True:
+            event = json.loads(await asyncio.wait_for(socket.recv(), 60))
+            assert event["type"] == "chat.completion.chunk", event
+            if event["choices"] and event["choices"][0].get("finish_reason"):
+                socket.transport.abort()
+                break
+        record = await usage_of(ws, user_id, timeout=15)
+        assert record is not None
+        server_request_id = record["request_id"]
+        generated = realistic.charged(server_request_id)
+        assert generated is not None and generated["completion_tokens"] == 3000
+        if record["completion_tokens"] < 3000:
+            short.append((attempt, record["completion_tokens"], record["outcome"]))
+        await ws.assert_consistent(user_id)
+    assert not short, f"delivered 3,000 tokens, billed fewer: {short}"
