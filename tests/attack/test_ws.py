@@ -216,7 +216,8 @@ async def test_a_cancel_sent_on_the_last_chunk_does_not_cut_the_count(
     ``finish_reason`` chunk cancels the task inside that count; ``abandon()`` then calls
     ``measured()`` again, which finds the batch already emptied and counts only the batches
     counted before (each 1 MiB, about 6,000 tokens). The client got every token; up to a
-    mebibyte of them per request is never billed (7,092 of 9,000 in the probe). A cancel landing
+    mebibyte of them per request is never billed (7,092 of 9,000 in the probe; 0 of 3,000 here
+    when it lands, about one try in six). A cancel landing
     in the ``gather`` of earlier batches instead raises out of ``abandon()`` and the hold is
     released unused (the whole request free).
 
@@ -227,10 +228,10 @@ async def test_a_cancel_sent_on_the_last_chunk_does_not_cut_the_count(
     key, user_id = await ws.new_account("roomy")
     short: list[tuple[int, int, str]] = []
     async with connect(ws.ws_url, additional_headers=bearer(key), max_size=None) as socket:
-        for attempt in range(6):
+        for attempt in range(12):  # a race (the cancel must land in the count): several tries
             request_id = f"last-{attempt}"
             await socket.send(create(request_id, "dubhe-qwen",
-                                     "x [[up:tokens=9000]] [[up:usage=none]]", max_tokens=9000))
+                                     "x [[up:tokens=3000]] [[up:usage=none]]", max_tokens=3000))
             while True:
                 event = json.loads(await asyncio.wait_for(socket.recv(), 60))
                 if event["type"] != "chat.completion.chunk":
@@ -240,14 +241,14 @@ async def test_a_cancel_sent_on_the_last_chunk_does_not_cut_the_count(
                                                   "request_id": request_id}))
             assert event["type"] == "chat.completion.done", event
             generated = realistic.charged(event["server_request_id"])
-            assert generated is not None and generated["completion_tokens"] == 9000
+            assert generated is not None and generated["completion_tokens"] == 3000
             record = await wait_for_row(ws.engine,
                                         "SELECT * FROM usage_records WHERE request_id = :r",
                                         timeout=10, r=event["server_request_id"])
             assert record is not None
-            if record["completion_tokens"] < 9000:
+            if record["completion_tokens"] < 3000:
                 short.append((attempt, record["completion_tokens"], record["outcome"]))
-    assert not short, f"delivered 9,000 tokens, billed fewer: {short}"
+    assert not short, f"delivered 3,000 tokens, billed fewer: {short}"
     await ws.assert_consistent(user_id)
 
 
@@ -285,7 +286,7 @@ async def test_dropping_the_socket_on_the_last_chunk_does_not_make_the_answer_fr
     cancels the request inside the end-of-stream count, and ``abandon()`` counts from the relay's
     emptied batch. Same fix."""
     short: list[tuple[int, int, str]] = []
-    for attempt in range(3):
+    for attempt in range(6):  # a race on PostgreSQL (lost on the first try on SQLite): tries
         key, user_id = await ws.new_account("roomy")
         socket = await connect(ws.ws_url, additional_headers=bearer(key), max_size=None)
         await socket.send(create("cut", "dubhe-qwen", "x [[up:tokens=3000]] [[up:usage=none]]",
