@@ -13,6 +13,7 @@ from dubhe.database import create_engine
 from tests.billing.conftest import Billing
 from tests.conftest import assert_clean_log, fresh_database, start_server
 from tests.upstreams.realistic import Realistic
+from tests.ws.conftest import ws, ws_database  # noqa: F401 (the WebSocket server: test_ws.py)
 
 PLANS = """
 [defaults]
