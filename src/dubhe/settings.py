@@ -115,6 +115,8 @@ class Settings(BaseSettings):
     ws_max_queued: int = Field(default=16, ge=0)
     ws_messages_per_second: float = Field(default=10.0, gt=0)
     ws_message_burst: int = Field(default=50, ge=1)
+    # Open WebSockets one API key may hold on one worker (more: HTTP 429 before the upgrade).
+    ws_max_sockets_per_key: int = Field(default=32, ge=1)
     # Redis (redis://host:6379/0): plan rate limits shared by every worker and instance, and
     # changes pushed to every worker. Unset: limits are kept per worker process.
     redis_url: SecretStr | None = None

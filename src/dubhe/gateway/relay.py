@@ -32,8 +32,11 @@ from dubhe.usage import tokens
 from dubhe.usage.reports import Untrusted, UsageReport, parse_usage
 
 _USAGE_MARK = b'"usage":{'
+# The space after "data:" is optional in server-sent events: both spellings are matched.
 _DONE_EVENT = b"data: [DONE]"
+_DONE_UNSPACED = b"data:[DONE]"
 _ERROR_EVENT = b'data: {"error"'
+_ERROR_UNSPACED = b'data:{"error"'
 _COUNT_BATCH = 1024 * 1024
 
 
@@ -67,7 +70,7 @@ class StreamRelay:
         self._batch: list[bytes] = []
         self._batch_size = 0
         self._counts: list[asyncio.Future[tuple[int, int]]] = []
-        self._measured: tuple[int, int] | None = None
+        self._measuring: asyncio.Future[tuple[int, int]] | None = None
         self._rename: tuple[bytes, bytes] | None = None
         if upstream_model != public_model:
             self._rename = (
@@ -108,7 +111,8 @@ class StreamRelay:
         if not (ready.startswith(b"data: {") and ready.endswith(b"}\n\n")
                 and ready.find(b"\n\n") == len(ready) - 2):  # fmt: skip
             ready = self._check_events(ready)
-        if _USAGE_MARK in ready or _DONE_EVENT in ready or _ERROR_EVENT in ready:
+        if (_USAGE_MARK in ready or _DONE_EVENT in ready or _ERROR_EVENT in ready
+                or _DONE_UNSPACED in ready or _ERROR_UNSPACED in ready):
             ready = self._hold_back(ready)
         if ready:
             self.relayed_size += len(ready)
@@ -159,10 +163,10 @@ class StreamRelay:
         for event in ready.replace(b"\r\n", b"\n").split(b"\n\n"):
             if not event or self.ended:
                 continue
-            if event.startswith(_DONE_EVENT):
+            if event.startswith((_DONE_EVENT, _DONE_UNSPACED)):
                 self.saw_done = True
                 continue
-            if event.startswith(_ERROR_EVENT):
+            if event.startswith((_ERROR_EVENT, _ERROR_UNSPACED)):
                 # The upstream's own error: relayed once, in Dubhe's envelope with its message
                 # redacted (it may name the upstream's key, hosts or addresses), and the stream
                 # ends with it. The original is kept for the log.
@@ -208,18 +212,23 @@ class StreamRelay:
 
     async def measured(self) -> tuple[int, int]:
         """Dubhe's own count of every generated token relayed (content, reasoning, tools), and
-        the UTF-8 bytes of that generated text. Computed once; later calls return the same."""
-        if self._measured is None:
+        the UTF-8 bytes of that generated text. Counted once, in a task of its own: a caller
+        cancelled while it runs (a client hanging up at the last chunk) leaves it running, and
+        the next caller (the settlement of the abandoned request) gets the same, whole count."""
+        if self._measuring is None:
             rest = b"".join(self._batch)
             self._batch.clear()
             self._batch_size = 0
-            if len(rest) > _COUNT_BATCH // 16:
-                last = await asyncio.to_thread(tokens.measure_completion_events, rest)
-            else:
-                last = tokens.measure_completion_events(rest)
-            parts = [*await asyncio.gather(*self._counts), last]
-            self._measured = (sum(part[0] for part in parts), sum(part[1] for part in parts))
-        return self._measured
+            self._measuring = asyncio.ensure_future(self._measure(rest))
+        return await asyncio.shield(self._measuring)
+
+    async def _measure(self, rest: bytes) -> tuple[int, int]:
+        if len(rest) > _COUNT_BATCH // 16:
+            last = await asyncio.to_thread(tokens.measure_completion_events, rest)
+        else:
+            last = tokens.measure_completion_events(rest)
+        parts = [*await asyncio.gather(*self._counts), last]
+        return sum(part[0] for part in parts), sum(part[1] for part in parts)
 
     def forget_counts(self) -> None:
         """Cancel batch counts nobody will read (the upstream's usage was trusted)."""

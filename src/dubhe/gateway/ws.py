@@ -72,6 +72,9 @@ class SocketLimits:
     max_queued: int
     messages_per_second: float
     message_burst: int
+    max_sockets_per_key: int = 32
+    # A send the peer does not let finish this long (it stopped reading) gives the socket up.
+    send_timeout_seconds: float = 40.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SocketLimits:
@@ -82,6 +85,10 @@ class SocketLimits:
             max_queued=settings.ws_max_queued,
             messages_per_second=settings.ws_messages_per_second,
             message_burst=settings.ws_message_burst,
+            max_sockets_per_key=settings.ws_max_sockets_per_key,
+            # As long as a peer that stopped answering pings is kept: by then it is gone.
+            send_timeout_seconds=settings.ws_ping_interval_seconds
+            + settings.ws_ping_timeout_seconds,
         )
 
 
@@ -92,6 +99,7 @@ class ChatSocketEndpoint:
         self.state = state
         self.limits = limits
         self.origins = {origin.encode() for origin in origins}
+        self.open_sockets: dict[int, int] = {}  # key id -> sockets open on this worker
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         message = await receive()
@@ -101,16 +109,30 @@ class ChatSocketEndpoint:
         try:
             self._check_origin(scope)
             subprotocol, authorization = _credentials(scope)
-            await self.state.keys.authenticate(authorization)
+            identity = await self.state.keys.authenticate(authorization)
+            if self.open_sockets.get(identity.key_id, 0) >= self.limits.max_sockets_per_key:
+                # Every per-socket limit multiplies with the sockets: a key holds a bounded few.
+                raise RateLimited(
+                    f"This API key already holds {self.limits.max_sockets_per_key} open "
+                    "WebSocket connections on this server; close one, or run more requests on "
+                    "each (they multiplex).", code="rate_limit_exceeded",
+                    headers={"retry-after": "1", "retry-after-ms": "1000"})
         except DubheError as error:
             if isinstance(error, AuthenticationFailed):
                 error = self.state.unauthenticated.judge(error, scope.get("client"))
             await deny(send, error, connection_id)
             return
         assert authorization is not None
-        await send({"type": "websocket.accept", "subprotocol": subprotocol,
-                    "headers": [(b"x-request-id", connection_id.encode())]})
-        await _Connection(self, receive, send, authorization).run()
+        key_id = identity.key_id
+        self.open_sockets[key_id] = self.open_sockets.get(key_id, 0) + 1
+        try:
+            await send({"type": "websocket.accept", "subprotocol": subprotocol,
+                        "headers": [(b"x-request-id", connection_id.encode())]})
+            await _Connection(self, receive, send, authorization).run()
+        finally:
+            left = self.open_sockets.pop(key_id) - 1
+            if left:
+                self.open_sockets[key_id] = left
 
     def _check_origin(self, scope: Scope) -> None:
         """A browser names the page's origin: it must be this server's own or one allowed to
@@ -250,7 +272,14 @@ class _Connection:
         if self.closed:
             raise _SocketGone
         try:
-            await self._send(message)
+            # uvicorn waits for the socket to drain before each send, and its own close waits
+            # for the same: a peer that stops reading would hold this send, and the request's
+            # settlement behind it, for as long as it likes.
+            async with asyncio.timeout(self.limits.send_timeout_seconds):
+                await self._send(message)
+        except TimeoutError:
+            self.closed = True
+            raise _SocketGone from None
         except OSError:  # uvicorn's ClientDisconnected: the peer is gone
             self.closed = True
             raise _SocketGone from None
