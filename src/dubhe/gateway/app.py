@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dubhe.billing.meter import Meter
 from dubhe.catalog import Catalog
@@ -23,6 +23,7 @@ from dubhe.gateway.models_list import ModelListings
 from dubhe.keys.cache import KeyCache
 from dubhe.providers import UpstreamPool
 from dubhe.ratelimit import UnauthenticatedLimiter
+from dubhe.routing import Router
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class GatewayState:
     meter: Meter
     listings: ModelListings
     unauthenticated: UnauthenticatedLimiter
+    router: Router = field(default_factory=Router)
 
 
 class GatewayApp:
