@@ -6,8 +6,9 @@ fails every other request is also taken out. Open: no request is sent for ``cool
 Then half-open: one trial request goes through (another only after a further cool-down, should
 the trial never report); its success closes the breaker, its failure opens it again.
 
-An upstream's ``retry-after`` (a 429 or 503) cools the deployment for that long whatever the
-breaker's state, so no request of this worker is sent there before the upstream asked.
+An upstream's ``retry-after`` (a 429 or 503) pauses the deployment for that long whatever the
+breaker's state, so no request of this worker is sent there before the upstream asked. An open
+breaker does not stop a request that has no other deployment to go to; a pause does.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class BreakerState(enum.StrEnum):
 
 class Breaker:
     __slots__ = ("_cooldown", "_failures_to_open", "_outcomes", "consecutive_failures", "name",
-                 "opened_at", "retry_at", "state")  # fmt: skip
+                 "opened_at", "paused_until", "retry_at", "state")  # fmt: skip
 
     def __init__(self, name: str, *, failures: int, cooldown: float) -> None:
         self.name = name
@@ -42,11 +43,18 @@ class Breaker:
         self.state = BreakerState.CLOSED
         self.consecutive_failures = 0
         self.opened_at = 0.0
-        # No request before this monotonic time (a cool-down, or the upstream's retry-after).
+        # No request before this monotonic time (a cool-down, or the upstream's retry-after)...
         self.retry_at = 0.0
+        # ...and, whatever else, none before the upstream's own retry-after.
+        self.paused_until = 0.0
 
-    def usable(self, now: float) -> bool:
-        """Whether a request may be sent now (without taking a half-open trial)."""
+    def usable(self, now: float, *, alone: bool = False) -> bool:
+        """Whether a request may be sent now (without taking a half-open trial). A deployment
+        that is the only one a request can use is tried even with its breaker open (a breaker
+        is for routing around a failure; with nowhere else to go it would only turn errors into
+        refusals), unless the upstream itself asked for a pause."""
+        if alone:
+            return now >= self.paused_until
         return now >= self.retry_at
 
     def take(self, now: float) -> None:
@@ -68,7 +76,10 @@ class Breaker:
         self._outcomes.append(False)
         self.consecutive_failures += 1
         if retry_after is not None and retry_after > 0:
-            self.retry_at = max(self.retry_at, now + min(retry_after, _MAX_RETRY_AFTER_SECONDS))
+            self.paused_until = max(
+                self.paused_until, now + min(retry_after, _MAX_RETRY_AFTER_SECONDS)
+            )
+            self.retry_at = max(self.retry_at, self.paused_until)
         failing = len(self._outcomes) >= _MIN_SAMPLES and (
             self._outcomes.count(False) * 2 >= len(self._outcomes)
         )

@@ -35,7 +35,7 @@ class Router:
         deployment is excluded or cooling down."""
         if len(deployments) == 1:  # the common case: no tiers, no draw
             only = deployments[0]
-            if only in excluded or not only.breaker.usable(now):
+            if only in excluded or not only.breaker.usable(now, alone=True):
                 return None
             only.breaker.take(now)
             return only
