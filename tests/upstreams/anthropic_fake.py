@@ -18,8 +18,7 @@ Directives in the last user text (``[[anthropic:name]]`` or ``[[anthropic:name=N
 * ``tool`` with tools given: call the first tool (or the one ``tool_choice`` names) with
   ``{"city": "Paris"}``; ``stop_reason`` ``tool_use``.
 * ``status=N``: answer that HTTP status with the matching error type (529 overloaded).
-* ``stream_error``: a stream sends one text delta, then (0.3 s later) an ``error`` event
-  (overloaded).
+* ``stream_error``: a stream sends one text delta, then an ``error`` event (overloaded).
 * ``cache=N``: report N cache-read and N/2 cache-write input tokens.
 
 Otherwise it answers ``ANSWER`` (cut at ``max_tokens`` words, ``stop_reason`` ``max_tokens``),
@@ -29,7 +28,6 @@ one word per token. ``GET /fake/last`` returns the last request body it accepted
 from __future__ import annotations
 
 import argparse
-import asyncio
 import re
 import subprocess
 import sys
@@ -299,9 +297,6 @@ class FakeAnthropic:
                                                        "delta": {"type": "text_delta",
                                                                  "text": piece}})  # fmt: skip
                     if answer.stream_error:
-                        # After a pause, so the text before it has reached the client (an error
-                        # in the same read as the first events would be retried instead).
-                        await asyncio.sleep(0.3)
                         await emit("error", {"type": "error", "error": {
                             "type": "overloaded_error", "message": "Overloaded"}})  # fmt: skip
                         await send({"type": "http.response.body", "body": b""})

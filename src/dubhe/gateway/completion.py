@@ -81,11 +81,15 @@ class _Retryable(Exception):  # noqa: N818 (a signal between two methods, not an
     """An attempt failed before anything reached the client: another deployment may answer.
     ``error`` is what the client gets if none does."""
 
-    def __init__(self, error: DubheError, outcome: str, retry_after: float | None = None) -> None:
+    def __init__(self, error: DubheError, outcome: str, retry_after: float | None = None, *,
+                 retry_same: bool = True) -> None:  # fmt: skip
         super().__init__(outcome)
         self.error = error
         self.outcome = outcome
         self.retry_after = retry_after
+        # Worth a second try on the same deployment (a 5xx, a timeout); not a refused
+        # credential or a redirect, which only another deployment can get past.
+        self.retry_same = retry_same
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,9 +282,10 @@ class ChatCompletion:
         last: _Retryable | None = None
         for attempt in range(1, catalog.upstream_max_attempts + 1):
             now = time.monotonic()
-            upstream = router.choose(self._candidates, failed, now) or router.choose(
-                self._candidates, (), now
-            )
+            upstream = router.choose(self._candidates, failed, now)
+            if upstream is None and last is not None and last.retry_same:
+                # No other deployment: the one that failed may answer a second time.
+                upstream = router.choose(self._candidates, failed - {self.upstream}, now)
             if upstream is None:
                 break
             if attempt > 1:
@@ -311,18 +316,23 @@ class ChatCompletion:
         self._exhausted(last)
 
     def _exhausted(self, last: _Retryable | None) -> NoReturn:
-        wait = max(1, math.ceil(self.state.router.soonest_retry(self._candidates, time.monotonic())))
-        if last is None or last.outcome == "upstream_busy":
-            if last is not None and last.retry_after:
-                wait = max(wait, math.ceil(last.retry_after))
+        """No attempt answered. Nothing was tried (every deployment is down or paused): 503.
+        Else the last failure's own error (500 for the upstream's error status, 502 when it
+        could not be reached), with the upstream's ``retry-after`` where it gave one."""
+        if last is None:
+            wait = max(1, math.ceil(self.state.router.soonest_retry(self._candidates,
+                                                                    time.monotonic())))  # fmt: skip
             self._meter_failure("no_healthy_upstream", 503)
             raise ServiceUnavailable(
-                f"Every upstream of '{self.model.id}' is down or busy; retry in {wait} s.",
+                f"Every upstream of '{self.model.id}' is down or paused; retry in {wait} s.",
                 code="no_healthy_upstream",
                 headers={"retry-after": str(wait)},
             )
-        self._meter_failure(last.outcome, last.error.status_code)
-        raise last.error
+        error = last.error
+        if last.retry_after:
+            error.headers["retry-after"] = str(math.ceil(last.retry_after))
+        self._meter_failure(last.outcome, error.status_code)
+        raise error
 
     async def _post(self, upstream: Upstream) -> aiohttp.ClientResponse:
         session = self.state.upstreams.session
@@ -350,9 +360,9 @@ class ChatCompletion:
             if isinstance(error, InvalidRequest):
                 raise error
             retry_after = _retry_after(response)
-            # A 429, or a 503 that says when to come back: the deployment is busy, not broken.
-            busy = response.status == 429 or response.status == 503 and retry_after is not None
-            raise _Retryable(error, "upstream_busy" if busy else "upstream_error", retry_after)
+            # A 401/403 (its credential) or a 3xx will not change on a second try there.
+            raise _Retryable(error, "upstream_error", retry_after,
+                             retry_same=response.status >= 429)  # fmt: skip
         return response
 
     def _unreachable(self, what: str) -> UpstreamUnreachable:
@@ -419,10 +429,14 @@ class ChatCompletion:
                 if translator is not None:
                     data = translator.feed(data)
                 ready = relay.feed(data)
-                if relay.fault is not None or relay.upstream_error:
-                    break
-                if ready or relay.ended:
+                # Any valid event commits the request to this deployment, even if a fault or
+                # the upstream's own error follows in the same read (then the stream ends with
+                # the error frame after it): how TCP happened to cut the reads never decides
+                # whether a started answer is thrown away.
+                if ready or relay.saw_done:
                     return response, ready
+                if relay.ended:
+                    break
         except (TimeoutError, aiohttp.ClientError, OSError):
             raise _Retryable(self._unreachable("broke off the stream before its first event"),
                              "upstream_unreachable") from None  # fmt: skip
