@@ -77,7 +77,8 @@ class DubheApp:
         # change at the same moment /v1 does.
         self.web = create_web_app(WebState(settings=self.settings, catalog=self.catalog,
                                            sessionmaker=self.sessionmaker, keys=keys,
-                                           unauthenticated=self.unauthenticated))
+                                           unauthenticated=self.unauthenticated,
+                                           upstreams=upstreams))
 
     async def shutdown(self) -> None:
         if self._state is not None:

@@ -13,6 +13,7 @@ import pytest
 from openai import BadRequestError, InternalServerError, OpenAI, UnprocessableEntityError
 
 from tests.conftest import Server, start_server
+from tests.routing.conftest import assert_no_tracebacks
 from tests.upstreams.anthropic_fake import (
     ANSWER,
     API_KEY,
@@ -59,7 +60,7 @@ model_map = {{ "dubhe-agent" = "claude-sonnet-4-5" }}
     yield running
     running.running.stop()
     log = running.running.log.read_text()
-    assert "Traceback" not in log, log
+    assert_no_tracebacks(log)
     assert API_KEY not in log, "the upstream's key was logged"
 
 

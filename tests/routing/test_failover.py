@@ -13,6 +13,7 @@ Each model of the gateway's config is one scenario:
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -25,8 +26,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from dubhe.database import create_engine
 from tests.conftest import Server, Sim, free_port, start_server, wait_for_row
+from tests.routing.conftest import assert_no_tracebacks
 from tests.upstreams.realistic import Realistic, iter_events
 from tests.upstreams.switchable import Switchable, start_switchable
+from tests.web.conftest import PASSWORD, WebClient
 
 COOLDOWN = 6.0
 
@@ -123,7 +126,7 @@ models = ["dubhe-agent"]
     for upstream in (flaky, staller, *running.started):
         upstream.stop()
     log = server.running.log.read_text()
-    assert "Traceback" not in log, log
+    assert_no_tracebacks(log)
 
 
 @pytest.fixture(scope="module")
@@ -241,3 +244,30 @@ def test_images_go_only_to_deployments_that_take_them(
     # ...but does take a plain text request.
     raw = client.chat.completions.with_raw_response.create(**ask("dubhe-agent"))  # type: ignore[call-overload]
     assert realistic.charged(raw.headers["x-request-id"]) is not None
+
+
+def test_admins_see_each_deployment_s_breaker(scenario: Scenario) -> None:
+    server = scenario.server
+    root = server.base_url.removesuffix("/v1")
+    for _ in range(3):  # every deployment of dubhe-qwen is down: their breakers open
+        httpx.post(server.base_url + "/chat/completions", json=ask("dubhe-qwen"), timeout=30,
+                   headers={"authorization": f"Bearer {server.key('ultimate')}"})  # fmt: skip
+    assert httpx.get(root + "/admin/api/upstreams").status_code == 401
+    admin_email = f"admin-{secrets.token_hex(3)}@example.com"
+    server.cli("users", "create", admin_email, "--password", PASSWORD, "--admin")
+    user_email = f"user-{secrets.token_hex(3)}@example.com"
+    server.cli("users", "create", user_email, "--password", PASSWORD)
+    with WebClient(root, "10.20.30.40") as user:
+        assert user.log_in(user_email, PASSWORD).status_code == 200
+        refused = user.get("/admin/api/upstreams")
+        assert refused.status_code == 403, refused.text
+    with WebClient(root, "10.20.30.41") as admin:
+        assert admin.log_in(admin_email, PASSWORD).status_code == 200
+        response = admin.get("/admin/api/upstreams")
+    assert response.status_code == 200, response.text
+    deployments = {entry["name"]: entry for entry in response.json()["data"]}
+    assert deployments["dead-1"]["breaker"]["state"] == "open"
+    assert deployments["dead-2"]["breaker"]["retry_in_seconds"] > 0
+    assert deployments["steady"]["breaker"]["state"] == "closed"
+    assert (deployments["backup"]["priority"], deployments["flaky"]["weight"]) == (1, 1000)
+    assert "base_url" not in deployments["steady"]

@@ -40,6 +40,7 @@ def create_web_app(state: WebState) -> FastAPI:
     from dubhe.keys.endpoints import router as keys_router
     from dubhe.keys.pages import router as keys_pages
     from dubhe.payments.endpoints import router as payments_router
+    from dubhe.routing.endpoints import router as routing_router
 
     app = FastAPI(
         title="Dubhe API",
@@ -57,6 +58,7 @@ def create_web_app(state: WebState) -> FastAPI:
     app.include_router(dashboard_router)
     app.include_router(accounts_pages)
     app.include_router(keys_pages)
+    app.include_router(routing_router)
     app.mount("/static", static_files(), name="static")
     app.add_exception_handler(DubheError, _dubhe_error)
     # More specific than DubheError: a page without a session redirects to /login instead.
