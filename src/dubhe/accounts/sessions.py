@@ -155,8 +155,9 @@ OptionalSessionUserDep = Annotated[SessionUser | None, Depends(get_optional_sess
 
 
 def wants_html(request: Request) -> bool:
-    """Pages are everything outside /api; they get redirects and pages instead of JSON."""
-    return not request.url.path.startswith("/api")
+    """Pages are everything outside /api (and the admin's /admin/api); they get redirects and
+    pages instead of JSON."""
+    return not request.url.path.startswith(("/api", "/admin/api"))
 
 
 async def login_required_response(request: Request, exc: Exception) -> Response:
