@@ -4,6 +4,7 @@ switchable realistic upstream (tests/upstreams/switchable.py), one deployment fa
 Each model of the gateway's config is one scenario:
 
 - dubhe-fast: "flaky" (answers 500, weighted to be chosen first) and "steady" (a simulator);
+- dubhe-vision: "busy" (answers 429 with retry-after: 30, weighted first) and a simulator;
 - dubhe-code: "revivable" (a port nothing listens on, until the test starts a server there) in
   the best priority tier, "backup" (a simulator) in the next;
 - dubhe-reasoning: "staller" (sends three tokens, then nothing; idle timeout one second);
@@ -35,11 +36,12 @@ COOLDOWN = 6.0
 
 
 class Scenario:
-    def __init__(self, server: Server, flaky: Switchable, staller: Switchable, revivable_port: int,
-                 tmp: Path) -> None:  # fmt: skip
+    def __init__(self, server: Server, flaky: Switchable, staller: Switchable, busy: Switchable,
+                 revivable_port: int, tmp: Path) -> None:  # fmt: skip
         self.server = server
         self.flaky = flaky
         self.staller = staller
+        self.busy = busy
         self.revivable_port = revivable_port
         self.tmp = tmp
         self.started: list[Switchable] = []
@@ -57,8 +59,10 @@ def scenario(
     tmp = tmp_path_factory.mktemp("failover")
     flaky = start_switchable(tmp / "flaky.log")
     staller = start_switchable(tmp / "staller.log")
+    busy = start_switchable(tmp / "busy.log")
     flaky.switch(status=500)
     staller.switch(stall_after=3)
+    busy.switch(status=429, retry_after=30)
     revivable_port = free_port()
     steady = sims["fast"].base_url
     config = f"""
@@ -77,6 +81,17 @@ weight = 1000
 name = "steady"
 base_url = "{steady}"
 models = ["dubhe-fast"]
+
+[[upstreams]]
+name = "busy"
+base_url = "{busy.base_url}"
+models = ["dubhe-vision"]
+weight = 1000
+
+[[upstreams]]
+name = "steady-too"
+base_url = "{steady}"
+models = ["dubhe-vision"]
 
 [[upstreams]]
 name = "revivable"
@@ -120,10 +135,10 @@ base_url = "{steady}"
 models = ["dubhe-agent"]
 """
     server = start_server(tmp, database_url, config)
-    running = Scenario(server, flaky, staller, revivable_port, tmp)
+    running = Scenario(server, flaky, staller, busy, revivable_port, tmp)
     yield running
     server.running.stop()
-    for upstream in (flaky, staller, *running.started):
+    for upstream in (flaky, staller, busy, *running.started):
         upstream.stop()
     log = server.running.log.read_text()
     assert_no_tracebacks(log)
@@ -161,6 +176,16 @@ async def test_a_failing_deployment_is_routed_around_and_billed_once(
         # One record, for the attempt that answered: the failed ones are never billed.
         assert (row["upstream"], row["outcome"], row["status_code"]) == ("steady", "ok", 200)
         assert row["completion_tokens"] > 0
+
+
+def test_an_upstream_s_retry_after_pauses_it(scenario: Scenario) -> None:
+    client = scenario.client()
+    for _ in range(3):
+        answer = client.chat.completions.create(**ask("dubhe-vision"))  # type: ignore[call-overload]
+        assert answer.choices[0].message.content
+    # Weighted to be chosen first, it answered 429 with retry-after: 30 once; its breaker is
+    # not open (one failure), but nothing more is sent there for 30 s.
+    assert scenario.busy.stats()["requests"] == 1
 
 
 def test_a_refusing_deployment_opens_its_breaker_and_closes_once_it_is_back(
