@@ -4,7 +4,7 @@ several without touching the request (directives in the prompt reach every deplo
 ``POST /up/mode`` with a JSON object sets how every following chat request is answered:
 ``{"status": 500}`` an error envelope with that status (``"retry_after": N`` adds the header);
 ``{"stall_after": K}`` a stream that sends K tokens and then nothing more, never ending, until
-the client leaves; ``{}`` back to the realistic upstream's normal answers. The ledger
+the client leaves; ``{"delay_ms": N}`` the normal answer, N ms late (nothing is sent before); ``{}`` back to the realistic upstream's normal answers. The ledger
 (``/up/stats``) counts every chat request, failed ones included.
 
 Run it with ``python -m tests.upstreams.switchable --port N``; ``start_switchable()`` does that.
@@ -13,6 +13,7 @@ Run it with ``python -m tests.upstreams.switchable --port N``; ``start_switchabl
 from __future__ import annotations
 
 import argparse
+import asyncio
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +65,9 @@ class SwitchableUpstream(RealisticUpstream):
             await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": body})
             return
+        delay = self.mode.get("delay_ms")
+        if scope["type"] == "http" and scope["path"] == "/v1/chat/completions" and delay:
+            await asyncio.sleep(delay / 1000)  # before the status line: a slow first byte
         await super().__call__(scope, receive, send)
 
     async def _generate(

@@ -410,6 +410,9 @@ class ChatCompletion:
         done, _ = await asyncio.wait({task}, timeout=wait)
         if not done:
             if upstream.first_byte_timeout <= keepalive:
+                log.warning("upstream %s sent nothing within its first-byte timeout (%g s) for %s",
+                            upstream.spec.name, upstream.first_byte_timeout,
+                            self.request_id)  # fmt: skip
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, DubheError, _Retryable):
                     await task
