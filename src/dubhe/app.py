@@ -135,4 +135,7 @@ class DubheApp:
 def create_app(settings: Settings | None = None, catalog: Any = None) -> DubheApp:
     """The uvicorn factory: settings from the environment, the catalog from DUBHE_CONFIG."""
     settings = settings or load_settings()
-    return DubheApp(settings, catalog or load_catalog(settings.config))
+    return DubheApp(
+        settings,
+        catalog or load_catalog(settings.config, builtin_upstream=settings.builtin_upstream),
+    )

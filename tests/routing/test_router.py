@@ -141,3 +141,21 @@ def test_bad_deployment_fields_name_the_file_the_entry_and_the_field(
     with pytest.raises(CatalogError, match=message) as refused:
         load_catalog(config)
     assert str(refused.value).startswith(f"{config}: ")
+
+
+def test_the_bundled_model_serves_every_model_and_the_catalog_says_what_it_takes(
+    tmp_path: Path,
+) -> None:
+    catalog = load_catalog(None, builtin_upstream="local")
+    [bundled] = catalog.upstreams
+    assert (bundled.kind, bundled.context_window, bundled.vision) == ("local", 8192, False)
+    assert set(bundled.models) == set(catalog.models)
+    for model in catalog.models.values():
+        assert (model.context_window, model.vision, model.function_calling) == (8192, False, False)
+    # An operator's own upstreams win, and the models keep their shipped limits.
+    config = write(tmp_path, '[[upstreams]]\nname = "v"\nbase_url = "http://v/v1"\n'
+                             'models = ["dubhe-fast"]\n')  # fmt: skip
+    operated = load_catalog(config, builtin_upstream="local")
+    assert [u.name for u in operated.upstreams] == ["v"]
+    assert operated.models["dubhe-vision"].vision
+    assert load_catalog(None).upstreams[0].kind == "sim"

@@ -50,8 +50,9 @@ class UpstreamSpec:
     """One ``[[upstreams]]`` entry: a deployment of each public model it lists."""
 
     name: str
-    # "openai" (any OpenAI-compatible server), "sim" (the built-in simulator) or "anthropic"
-    # (Anthropic's Messages API, translated both ways by ``providers/anthropic.py``).
+    # "openai" (any OpenAI-compatible server), "sim" (the built-in simulator), "anthropic"
+    # (Anthropic's Messages API, translated both ways by ``providers/anthropic.py``) or "local"
+    # (a GGUF model in a process of Dubhe's own, ``providers/local_model.py``).
     kind: str
     base_url: str
     models: tuple[str, ...]
@@ -80,6 +81,12 @@ class UpstreamSpec:
     function_calling: bool | None = None
     # Takes ``n`` > 1 (Anthropic's API has no ``n``).
     multiple_choices: bool = True
+    # kind = "local" (``dubhe local-model``, started and supervised by ``dubhe serve``): the GGUF
+    # file (None: the bundled Gemma 3 270M), how many requests may wait for the model, and the
+    # CPU threads it uses (None: llama.cpp's choice).
+    model_file: str | None = None
+    queue: int = 8
+    threads: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
