@@ -23,7 +23,15 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from dubhe.database import create_engine
 from dubhe.models.base import utcnow
-from tests.conftest import Server, Sim, assert_clean_log, execute, fetch_one, start_server
+from tests.conftest import (
+    ROOMY_LIMITS,
+    Server,
+    Sim,
+    assert_clean_log,
+    execute,
+    fetch_one,
+    start_server,
+)
 from tests.recharge.conftest import assert_ledger_matches
 
 # dubhe-fast at $0.001 per prompt token and $0.10 per completion token: ten completion tokens
@@ -132,7 +140,10 @@ def _serve(database_url: str, sims: dict[str, Sim], tmp_path_factory: pytest.Tem
     webhook_secret = "whsec_" + secrets.token_hex(16)
     server = start_server(
         tmp_path_factory.mktemp("plans"), database_url,
-        PLANS_CONFIG.format(fast=sims["fast"].base_url, paced=sims["paced"].base_url),
+        # These tests are about money, not rate limits (tests/scale is): the shipped plans'
+        # limits are lifted.
+        PLANS_CONFIG.format(fast=sims["fast"].base_url, paced=sims["paced"].base_url)
+        + ROOMY_LIMITS,
         workers=workers,
         DUBHE_STRIPE_SECRET_KEY="sk_test_" + secrets.token_hex(12),
         DUBHE_STRIPE_WEBHOOK_SECRET=webhook_secret,

@@ -34,7 +34,11 @@ def test_usage_that_is_counts_is_parsed() -> None:
 def test_only_physically_possible_usage_is_believed() -> None:
     bounds = {"prompt_bound": 100, "visible_bytes": 40, "choices": 2, "output_limit": 500}
     assert judge(UsageReport(100, 40 + 2 * OVERHEAD_PER_CHOICE), **bounds) is None
-    assert judge(UsageReport(100, 540, 500), **bounds) is None  # hidden reasoning, within limit
+    assert judge(UsageReport(100, 500, 460), **bounds) is None  # hidden reasoning, within limit
+    # More than the output limit sent (hidden plus visible): the completion count is refused,
+    # the prompt count (within its bound) kept.
+    refused = judge(UsageReport(100, 540, 500), **bounds)
+    assert isinstance(refused, Untrusted) and refused.prompt_tokens == 100
     for report in (UsageReport(101, 10), UsageReport(0, 10), UsageReport(50, 0),
                    UsageReport(50, 41 + 2 * OVERHEAD_PER_CHOICE), UsageReport(50, 1010, 501)):
         assert isinstance(judge(report, **bounds), Untrusted), report
