@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import pytest
 from websockets.asyncio.client import connect
 from websockets.client import ClientProtocol
 from websockets.frames import Frame
@@ -173,10 +172,6 @@ def server_rss_kb(root: int) -> int:
 _PING = bytes([0x89, 0x80 | 125]) + bytes(4) + b"p" * 125
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "open (red team): uvicorn answers every ping at once, with no backpressure, and control "
-    "frames escape the message-rate limit; a peer that floods pings and never reads grows the "
-    "worker until the send timeout gives the socket up. Fix: handle_ping in server/_websocket.py"))
 async def test_a_ping_flood_from_a_peer_that_never_reads_does_not_grow_the_worker(
     ws: WsBilling,
 ) -> None:
@@ -201,8 +196,8 @@ async def test_a_ping_flood_from_a_peer_that_never_reads_does_not_grow_the_worke
             raw.writer.write(block)
             try:
                 await asyncio.wait_for(raw.writer.drain(), 10)
-            except TimeoutError:
-                break  # the server stopped reading (it dropped us): the flood is over
+            except (TimeoutError, ConnectionError):
+                break  # the server stopped reading, or cut us off: the flood is over
         await asyncio.sleep(6)  # past the keepalive timeout: whatever is buffered stays
         grown_mb = (server_rss_kb(pid) - before) / 1024
     finally:
