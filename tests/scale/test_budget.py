@@ -116,6 +116,34 @@ async def test_concurrency_is_shared_by_every_worker(redis_server: RedisServer) 
     assert served >= 5
 
 
+async def test_slots_idle_on_one_worker_are_recalled_by_another(
+    redis_server: RedisServer,
+) -> None:
+    budgets = [RedisBudget(redis_client(redis_server.url), prefix="rc1:") for _ in range(2)]
+    for budget in budgets:
+        budget.start()
+    first, second = (PlanLimiter(budget) for budget in budgets)
+    limits = Limits(requests_per_minute=100_000, tokens_per_minute=10**8, concurrent=3)
+    try:
+        await asyncio.sleep(0.2)  # both listen for recalls
+        tickets = [await first.admit("k1", limits) for _ in range(3)]
+        with pytest.raises(RateLimited):  # all three slots are in use: no recall frees one
+            await second.admit("k1", limits)
+        for ticket in tickets:
+            ticket.finish(0)
+        await asyncio.sleep(0.1)  # past the refusal's short back-off
+        # The first worker keeps its idle slots for the next request; the second recalls them.
+        again = [await second.admit("k1", limits) for _ in range(3)]
+        with pytest.raises(RateLimited):
+            await first.admit("k1", limits)
+        for ticket in again:
+            ticket.finish(0)
+        assert budgets[1].recalls >= 1
+    finally:
+        for budget in budgets:
+            await budget.stop()
+
+
 async def test_requests_per_minute_are_shared_by_every_worker(redis_server: RedisServer) -> None:
     budgets = [RedisBudget(redis_client(redis_server.url), prefix="r1:") for _ in range(3)]
     limiters = [PlanLimiter(budget) for budget in budgets]

@@ -14,7 +14,11 @@ A Redis round trip costs ~110-265 µs of Python CPU here, so a request does not 
 - **Concurrency** is a hash per subject, one field per worker holding its slot count (with an
   expiry, refreshed while held, so a dead worker's slots free themselves). A worker asks for one
   more slot only when all it holds are busy; a slot freed is kept for ``IDLE_RELEASE_SECONDS``
-  for the next request before it is handed back.
+  for the next request before it is handed back. A worker refused a slot while other workers
+  hold some *recalls* them (Redis pub/sub): each hands its idle slots back at once, and the
+  refused request asks again, within ``RECALL_WAITS`` (~70 ms), before it gets 429. So a key
+  whose requests all ended can be used again at once, on any worker; only slots really in use
+  refuse. One recall per subject and worker at a time: a refused flood costs no extra trips.
 
 When Redis cannot be reached: fail open (the default) answers from this worker's own exact
 limits (``LocalBudget``) until Redis answers again, or fail closed refuses with 503. Either way
@@ -46,6 +50,8 @@ _FLUSH_INTERVAL = 0.1
 _RETRY_AFTER_FAILURE = 1.0
 # A refused concurrency slot is not asked for again this soon (slots free at any moment).
 _CONCURRENCY_BACKOFF = 0.05
+# After a recall, a refused request asks for its slot again after each of these pauses.
+RECALL_WAITS = (0.02, 0.05)
 
 _GRANT = """
 local t = redis.call('TIME')
@@ -143,6 +149,8 @@ class _Subject:
     idle_since: float = 0.0
     refreshed_at: float = 0.0
     slots_blocked_until: float = 0.0
+    # A request of this worker has recalled the subject's idle slots and is asking again.
+    recalling: bool = False
     # Requests awaiting Redis for this subject: while any are, the flusher must not forget it
     # (they would count their slots on an object no longer in the map).
     waiting: int = 0
@@ -164,7 +172,10 @@ class RedisBudget:
         self.redis_failures = 0
         self.on_failure: list[Callable[[], None]] = []
         self.round_trips = 0
+        self.recalls = 0
+        self._recall_channel = f"{prefix}rl:recall"
         self._task: asyncio.Task[None] | None = None
+        self._listener: asyncio.Task[None] | None = None
 
     # -- the shared budget, or what replaces it while Redis is down ----------------------------
 
@@ -296,6 +307,19 @@ class RedisBudget:
             state.waiting -= 1
 
     async def _enter_slowly(self, state: _Subject, subject: str, limits: Limits) -> bool:
+        granted = await self._ask_slot(state, subject, limits)
+        if granted is not None:
+            return granted
+        if state.recalling:  # another request of this worker is already recalling
+            return False
+        state.recalling = True
+        try:
+            return await self._recall(state, subject, limits)
+        finally:
+            state.recalling = False
+
+    async def _ask_slot(self, state: _Subject, subject: str, limits: Limits) -> bool | None:
+        """One more slot from Redis: ``None`` when Redis refused it (every slot is held)."""
         async with state.lock:
             if state.in_flight < state.held:  # freed or granted while this one waited
                 state.in_flight += 1
@@ -311,11 +335,29 @@ class RedisBudget:
                 return await self._enter_fallback(state, subject, limits)
             if not granted:
                 state.slots_blocked_until = time.monotonic() + _CONCURRENCY_BACKOFF
-                return False
+                return None
             state.held = state.in_flight + 1
             state.in_flight += 1
             state.refreshed_at = time.monotonic()
+            state.slots_blocked_until = 0.0
             return True
+
+    async def _recall(self, state: _Subject, subject: str, limits: Limits) -> bool:
+        """Ask every worker to hand back the subject's idle slots, then ask for one again."""
+        try:
+            listeners = await self._client.publish(self._recall_channel, subject)
+        except (RedisError, OSError) as error:
+            self._failed(error)
+            return False
+        self.recalls += 1
+        if listeners <= 1:  # only this worker listens: nobody else can give a slot back
+            return False
+        for pause in RECALL_WAITS:
+            await asyncio.sleep(pause)
+            granted = await self._ask_slot(state, subject, limits)
+            if granted is not None:
+                return granted
+        return False
 
     async def _enter_fallback(self, state: _Subject, subject: str, limits: Limits) -> bool:
         if not self.fail_open:
@@ -347,19 +389,50 @@ class RedisBudget:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._flush_forever(), name="ratelimit-flush")
+        self._listener = asyncio.create_task(self._answer_recalls(), name="ratelimit-recalls")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        for task in (self._task, self._listener):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
         try:
             await self.flush(everything=True)
         except (RedisError, OSError):
             pass
         await self._client.aclose()
+
+    async def _release_idle(self, subject: str, state: _Subject) -> None:
+        async with state.lock:
+            # Lower the local count first: ``enter`` takes a spare slot without the lock, and
+            # must never use one that Redis is being told is free.
+            target = state.held = state.in_flight
+            await self._hold(keys=[self._key(subject, "c"), self._key(subject, "ce")],
+                             args=[self._worker, target, 0, int(SLOT_TTL_SECONDS * 1e6)])
+            state.refreshed_at = time.monotonic()
+
+    async def _answer_recalls(self) -> None:
+        """Hand back a subject's idle slots as soon as another worker recalls them."""
+        while True:
+            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self._recall_channel)
+                while True:
+                    message = await pubsub.get_message(timeout=0.5)
+                    if message is None:
+                        continue
+                    subject = message["data"].decode()
+                    state = self._subjects.get(subject)
+                    if state is not None and state.held > state.in_flight:
+                        await self._release_idle(subject, state)
+            except (RedisError, OSError) as error:
+                self._failed(error)
+            finally:
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await asyncio.sleep(_RETRY_AFTER_FAILURE)
 
     async def _flush_forever(self) -> None:
         while True:
@@ -382,13 +455,7 @@ class RedisBudget:
             if state.held > state.in_flight and (
                 everything or now - state.idle_since >= IDLE_RELEASE_SECONDS
             ):
-                async with state.lock:
-                    # Lower the local count first: ``enter`` takes a spare slot without the lock,
-                    # and must never use one that Redis is being told is free.
-                    target = state.held = state.in_flight
-                    await self._hold(keys=[self._key(subject, "c"), self._key(subject, "ce")],
-                                     args=[self._worker, target, 0, int(SLOT_TTL_SECONDS * 1e6)])
-                    state.refreshed_at = now
+                await self._release_idle(subject, state)
             elif state.held and now - state.refreshed_at >= SLOT_TTL_SECONDS / 3:
                 async with state.lock:
                     await self._hold(keys=[self._key(subject, "c"), self._key(subject, "ce")],
