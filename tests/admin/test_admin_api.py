@@ -131,6 +131,12 @@ def test_a_balance_adjustment_lands_once_in_the_statement_with_its_reason(
         assert admin.api("POST", adjust, body).json() == {"applied": True}
         # The same key again (a double click, a retry): nothing more.
         assert admin.api("POST", adjust, body).json() == {"applied": False}
+        # The same key for another user is that user's own adjustment, not a duplicate.
+        with web.client() as other:
+            other.sign_up()
+            other_adjust = f"/admin/api/users/{user_id_of(other)}/balance"
+            assert admin.api("POST", other_adjust, body).json() == {"applied": True}
+            assert other.get("/api/account").json()["balance_usd"] in ("7.25", "7.250000")
         taken = admin.api("POST", adjust, {"amount_usd": "-2", "reason": "correction",
                                            "idempotency_key": "ticket42-debit"})
         assert taken.json() == {"applied": True}

@@ -79,8 +79,9 @@ async def adjust_balance(session: AsyncSession, actor: Actor, *, user_id: int, a
                          reason: str, idempotency_key: str, catalog: Catalog,
                          now: datetime) -> bool:
     """Credit (positive) or take back (negative) prepaid balance, with the reason in the ledger
-    entry the user sees. Once per idempotency key: a retried or double-clicked form applies
-    once; False when this key was applied already. A take-back larger than the balance leaves
+    entry the user sees. Once per idempotency key and user: a retried or double-clicked form
+    applies once; False when this key was applied to this user already (the same key sent for
+    another user is that user's own adjustment). A take-back larger than the balance leaves
     the rest as a debt (billing's ``take_back``), as a refund does."""
     reason = reason.strip()
     if not reason:
@@ -93,7 +94,7 @@ async def adjust_balance(session: AsyncSession, actor: Actor, *, user_id: int, a
     user = await existing_user(session, user_id)
     repository = BillingRepository.from_session(session)
     kind = "admin_credit" if amount_uusd > 0 else "admin_debit"
-    ref = f"admin:{idempotency_key}"
+    ref = f"admin:{user_id}:{idempotency_key}"
     description = f"adjustment by support: {reason}"
     if await repository.ledger_entry_exists(kind, ref):
         return False
