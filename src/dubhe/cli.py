@@ -14,12 +14,14 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
-from dubhe.catalog import Catalog, CatalogError, load_catalog
+from dubhe.catalog import Catalog, CatalogError, UpstreamSpec, load_catalog
 from dubhe.errors import DubheError
 from dubhe.settings import ConfigurationError, Settings, load_settings
 
@@ -115,6 +117,17 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=9100)
     sim.add_argument("--tokens-per-second", type=float, default=None)
+
+    local = commands.add_parser(
+        "local-model", help="run a GGUF model with llama.cpp behind the OpenAI API (extra 'local')"
+    )
+    local.add_argument("--host", default="127.0.0.1")
+    local.add_argument("--port", type=int, default=9200)
+    local.add_argument("--model-file", type=Path, default=None,
+                       help="a GGUF file (default: the bundled Gemma 3 270M)")  # fmt: skip
+    local.add_argument("--context-window", type=int, default=8192)
+    local.add_argument("--queue", type=int, default=8, help="requests that may wait (then 503)")
+    local.add_argument("--threads", type=int, default=None)
     return parser
 
 
@@ -137,7 +150,7 @@ def _fail(message: str) -> NoReturn:
 
 def _context() -> tuple[Settings, Catalog]:
     settings = load_settings()
-    return settings, load_catalog(settings.config)
+    return settings, load_catalog(settings.config, builtin_upstream=settings.builtin_upstream)
 
 
 def _migrate(settings: Settings) -> None:
@@ -183,6 +196,8 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     for upstream in catalog.upstreams:
         if upstream.kind == "sim":
             _start_builtin_sim(upstream.name, upstream.base_url)
+        elif upstream.kind == "local":
+            _start_local_model(upstream)
     host = args.host or settings.host
     port = args.port or settings.port
     _prepare_metrics_directory(settings)
@@ -266,6 +281,47 @@ def _start_builtin_sim(name: str, base_url: str) -> None:
         if process.poll() is not None or time.monotonic() > deadline:
             raise CommandError(f"the built-in simulator did not start on {host}:{port}")
         time.sleep(0.05)
+
+
+def _start_local_model(upstream: UpstreamSpec) -> None:
+    """``dubhe local-model`` as a child process, restarted whenever it exits (a crash of
+    llama.cpp), until ``dubhe serve`` ends. Waits until it answers."""
+    parts = urlsplit(upstream.base_url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    what = upstream.model_file or "the bundled Gemma 3 270M (a small base model)"
+    print(f"dubhe: upstream '{upstream.name}' is a local model, {what}, run by llama.cpp on "
+          f"{host}:{port}", file=sys.stderr)  # fmt: skip
+    command = [sys.executable, "-m", "dubhe", "local-model", "--host", host, "--port", str(port),
+               "--context-window", str(upstream.context_window or 8192),
+               "--queue", str(upstream.queue)]  # fmt: skip
+    if upstream.model_file:
+        command += ["--model-file", upstream.model_file]
+    if upstream.threads:
+        command += ["--threads", str(upstream.threads)]
+    stopping = threading.Event()
+    current: list[subprocess.Popen[bytes]] = [subprocess.Popen(command)]
+
+    def supervise() -> None:
+        while not stopping.is_set():
+            code = current[0].wait()
+            if stopping.is_set():
+                return
+            print(f"dubhe: the local model '{upstream.name}' exited ({code}); restarting it",
+                  file=sys.stderr)  # fmt: skip
+            time.sleep(1)
+            current[0] = subprocess.Popen(command)
+
+    def stop() -> None:
+        stopping.set()
+        current[0].terminate()
+
+    atexit.register(stop)
+    threading.Thread(target=supervise, name="local-model-supervisor", daemon=True).start()
+    deadline = time.monotonic() + 300
+    while not _port_open(host, port):
+        if time.monotonic() > deadline:
+            raise CommandError(f"the local model did not start on {host}:{port}")
+        time.sleep(0.1)
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -500,6 +556,18 @@ def _cmd_models(args: argparse.Namespace) -> None:
           file=sys.stderr)
 
 
+def _cmd_local_model(args: argparse.Namespace) -> None:
+    from dubhe.providers.local_model import serve
+
+    if args.context_window < 1 or args.queue < 0:
+        raise CommandError("--context-window must be positive and --queue at least 0")
+    try:
+        serve(args.host, args.port, model_path=args.model_file,
+              context_window=args.context_window, queue=args.queue, threads=args.threads)  # fmt: skip
+    except RuntimeError as exc:
+        raise CommandError(str(exc)) from None
+
+
 def _cmd_upstream_sim(args: argparse.Namespace) -> None:
     from dubhe.sim import serve
 
@@ -515,4 +583,5 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "balance": _cmd_balance,
     "models": _cmd_models,
     "upstream-sim": _cmd_upstream_sim,
+    "local-model": _cmd_local_model,
 }
