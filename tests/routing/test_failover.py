@@ -289,11 +289,16 @@ def test_admins_see_each_deployment_s_breaker(scenario: Scenario) -> None:
     with WebClient(root, "10.20.30.41") as admin:
         assert admin.log_in(admin_email, PASSWORD).status_code == 200
         response = admin.get("/admin/api/upstreams")
+        page = admin.get("/admin/upstreams")
     assert response.status_code == 200, response.text
-    deployments = {entry["name"]: entry for entry in response.json()["data"]}
+    # The admin console's own view (GET /admin/api/upstreams), with each breaker in it.
+    deployments = {entry["name"]: entry for entry in response.json()}
     assert deployments["dead-1"]["breaker"]["state"] == "open"
     assert deployments["dead-2"]["breaker"]["state"] == "open"
     assert deployments["dead-2"]["breaker"]["consecutive_failures"] >= 3
     assert deployments["steady"]["breaker"]["state"] == "closed"
     assert (deployments["backup"]["priority"], deployments["flaky"]["weight"]) == (1, 1000)
-    assert "base_url" not in deployments["steady"]
+    assert "api_key_env" not in deployments["steady"]
+    assert page.status_code == 200
+    dead = page.text[page.text.index("dead-1"):]
+    assert "Circuit breaker: <strong>open</strong>" in dead[:dead.index("</section>")]

@@ -98,10 +98,6 @@ class Breaker:
             self.retry_at = max(self.retry_at, now + self._cooldown)
             self._outcomes.clear()
 
-    def snapshot(self, now: float) -> dict[str, object]:
-        """The breaker as the admin API shows it."""
-        return {
-            "state": self.state.value,
-            "consecutive_failures": self.consecutive_failures,
-            "retry_in_seconds": round(max(0.0, self.retry_at - now), 3),
-        }
+    def retry_in(self, now: float) -> float:
+        """Seconds before a request may be sent here again (0: now)."""
+        return max(0.0, self.retry_at - now)
