@@ -1,6 +1,7 @@
 # The README's two commands, `make serve` and `make test`, do all the set-up on a fresh machine:
-# a pinned uv in .tools/, the locked environment in .venv/, the Node packages of the tests and
-# (for make test, as root) Debian's chromium for the browser tests.
+# a pinned uv in .tools/, the locked environment in .venv/ with the 'local' extra (the bundled
+# model), the Node packages of the tests and (for make test, as root) Debian's chromium, nginx and
+# docker-compose.
 
 UV_VERSION := 0.13.9
 PYTHON ?= python3

@@ -3,12 +3,14 @@
 ``ChatCompletion`` knows nothing of HTTP framing, so the SSE/JSON handler (``chat.py``) and the
 WebSocket endpoint (``ws.py``) drive the same object:
 
-1. ``admit(raw)`` parses and validates the body, picks the model and upstream, sizes the hold and
-   reserves it with the meter; it raises ``DubheError`` for anything refused (nothing is held then).
+1. ``admit(raw)`` (or ``admit_body``) parses and validates the body, picks the model and the
+   deployments able to take the request, sizes the hold for the most expensive of them and
+   reserves it with the meter; it raises ``DubheError`` for anything refused (nothing is held).
 2. Either ``complete()`` (one JSON answer, settled before it is returned) or ``open_stream()``
    (calls the upstream, then returns an async iterator of whole SSE events as the upstream sent
    them; when it ends the request is settled and ``stream_end`` holds the usage chunk and the
-   settlement). An upstream failure is a
+   settlement). Both fail over to another deployment while nothing has reached the client
+   (``_call``), so HTTP and the WebSocket get the same routing. An upstream failure is a
    ``DubheError`` from either, raised after the request is metered.
 3. ``abandon()`` when the consumer went away or cancelled (the transport cancels its task, then
    calls it): the request is charged for what was delivered. ``close()`` always, last: it drops
