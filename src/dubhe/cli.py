@@ -305,7 +305,10 @@ def _start_local_model(upstream: UpstreamSpec) -> None:
     if upstream.threads:
         command += ["--threads", str(upstream.threads)]
     stopping = threading.Event()
-    current: list[subprocess.Popen[bytes]] = [subprocess.Popen(command)]
+    # Held while a child is started or stopped: a restart racing the end of serve would leave a
+    # model process behind, holding its port and a core.
+    lock = threading.Lock()
+    current: list[subprocess.Popen[bytes]] = [_child_of_this_process(command)]
 
     def supervise() -> None:
         while not stopping.is_set():
@@ -314,12 +317,17 @@ def _start_local_model(upstream: UpstreamSpec) -> None:
                 return
             print(f"dubhe: the local model '{upstream.name}' exited ({code}); restarting it",
                   file=sys.stderr)  # fmt: skip
-            time.sleep(1)
-            current[0] = subprocess.Popen(command)
+            if stopping.wait(1):
+                return
+            with lock:
+                if stopping.is_set():
+                    return
+                current[0] = _child_of_this_process(command)
 
     def stop() -> None:
-        stopping.set()
-        current[0].terminate()
+        with lock:
+            stopping.set()
+            current[0].terminate()
 
     atexit.register(stop)
     threading.Thread(target=supervise, name="local-model-supervisor", daemon=True).start()
@@ -328,6 +336,22 @@ def _start_local_model(upstream: UpstreamSpec) -> None:
         if time.monotonic() > deadline:
             raise CommandError(f"the local model did not start on {host}:{port}")
         time.sleep(0.1)
+
+
+def _child_of_this_process(command: list[str]) -> subprocess.Popen[bytes]:
+    """A child that Linux terminates when this process dies, however it dies (a SIGKILL runs no
+    atexit handler); elsewhere, atexit alone stops it."""
+    if not sys.platform.startswith("linux"):
+        return subprocess.Popen(command)
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def die_with_parent() -> None:
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+    return subprocess.Popen(command, preexec_fn=die_with_parent)  # noqa: PLW1509
 
 
 def _port_open(host: str, port: int) -> bool:

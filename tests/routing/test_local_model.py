@@ -111,3 +111,32 @@ def test_a_crashed_model_process_is_restarted(local: tuple[Server, int]) -> None
     assert answer.choices[0].message.content
     second = _model_pid(port)
     assert second is not None and second != first
+
+
+def test_the_model_process_ends_with_dubhe_serve_even_killed(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    tmp = tmp_path_factory.mktemp("local-killed")
+    port = free_port()
+    config = f"""
+[[upstreams]]
+name = "bundled"
+kind = "local"
+base_url = "http://127.0.0.1:{port}/v1"
+models = ["dubhe-fast"]
+context_window = 512
+"""
+    with fresh_database("sqlite", tmp) as url:
+        server = start_server(tmp, url, config)
+        try:
+            model = _model_pid(port)
+            assert model is not None
+            # A SIGKILL runs no atexit handler: the kernel ends the child (PR_SET_PDEATHSIG).
+            server.running.process.kill()
+            server.running.process.wait()
+            deadline = time.monotonic() + 30
+            while _model_pid(port) is not None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert _model_pid(port) is None, "the model process outlived dubhe serve"
+        finally:
+            server.running.stop()
