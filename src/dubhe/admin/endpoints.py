@@ -3,6 +3,8 @@ every route), one service call, a schema out."""
 
 from __future__ import annotations
 
+import os
+import time
 from typing import Annotated
 
 from fastapi import APIRouter, BackgroundTasks, Path, Query
@@ -20,6 +22,7 @@ from dubhe.admin.schemas import (
     AdminUserDetailOut,
     AdminUserOut,
     AuditOut,
+    BreakerOut,
     CodeOut,
     CodesIn,
     CodesOut,
@@ -39,6 +42,7 @@ from dubhe.billing.schemas import parse_usd
 from dubhe.catalog import Catalog
 from dubhe.models import User
 from dubhe.models.base import utcnow
+from dubhe.routing import Breaker
 from dubhe.web.dependencies import SessionDep, StateDep
 
 router = APIRouter(prefix="/admin/api", tags=["admin"])
@@ -147,11 +151,24 @@ async def set_maintenance(model_id: Annotated[str, Path(max_length=64)], body: M
                       "; every worker sees it within a second.")
 
 
+def _breaker_out(breaker: Breaker, now: float, pid: int) -> BreakerOut:
+    return BreakerOut(state=breaker.state.value, consecutive_failures=breaker.consecutive_failures,
+                      retry_in_seconds=round(breaker.retry_in(now), 3), worker_pid=pid)
+
+
 @router.get("/upstreams")
 async def list_upstreams(admin: AdminDep, session: SessionDep,
                          state: StateDep) -> list[UpstreamOut]:
+    """Each deployment: its routing (tier, weight), this worker's circuit breaker and the last
+    failures recorded for it. Never its credential (only ``api_key_env`` names it, and neither
+    is shown)."""
     failures = await AdminRepository.from_session(session).upstream_failures(per_upstream=10)
+    now, pid = time.monotonic(), os.getpid()
+    breakers = {d.spec.name: d.breaker for d in state.upstreams.all} if state.upstreams else {}
     return [UpstreamOut(name=u.name, kind=u.kind, base_url=u.base_url, models=list(u.models),
+                        priority=u.priority, weight=u.weight,
+                        breaker=_breaker_out(breakers[u.name], now, pid)
+                        if u.name in breakers else None,
                         last_errors=[UpstreamErrorOut(model=f.model, outcome=f.outcome,
                                                       status_code=f.status_code,
                                                       request_id=f.request_id, at=f.created_at)

@@ -68,11 +68,24 @@ class UpstreamErrorOut(BaseModel):
     at: datetime
 
 
+class BreakerOut(BaseModel):
+    """One deployment's circuit breaker as the answering worker sees it (breakers live in each
+    worker's memory; ``worker_pid`` says which worker answered)."""
+
+    state: Literal["closed", "open", "half_open"]
+    consecutive_failures: int
+    retry_in_seconds: float
+    worker_pid: int
+
+
 class UpstreamOut(BaseModel):
     name: str
     kind: str
     base_url: str
     models: list[str]
+    priority: int
+    weight: int
+    breaker: BreakerOut | None  # None where this process routes nothing (the web app alone)
     last_errors: list[UpstreamErrorOut]
 
 

@@ -8,7 +8,9 @@ from typing import Any
 
 from dubhe.catalog._types import Catalog, ModelSpec, PlanSpec, UpstreamSpec
 
-UPSTREAM_KINDS = frozenset({"openai", "sim"})
+UPSTREAM_KINDS = frozenset({"openai", "sim", "anthropic", "local"})
+# A local model's own window when its entry gives none (Gemma 3 270M takes 32K; less memory).
+LOCAL_CONTEXT_WINDOW = 8192
 OUTPUT_LIMIT_FIELDS = ("max_tokens", "max_completion_tokens")
 
 
@@ -16,9 +18,14 @@ class CatalogError(Exception):
     """The catalog configuration is invalid; the message names the offending entry."""
 
 
-def load_catalog(path: Path | None = None) -> Catalog:
-    """The shipped defaults with the operator's file at ``path`` laid over them."""
+def load_catalog(path: Path | None = None, *, builtin_upstream: str = "sim") -> Catalog:
+    """The shipped defaults with the operator's file at ``path`` laid over them.
+
+    Where the operator configures no ``[[upstreams]]``, the shipped one serves every model:
+    the simulator, or with ``builtin_upstream = "local"`` the bundled local model (then every
+    model says what that deployment takes: its context window, no images, no tools)."""
     raw = tomllib.loads(resources.files("dubhe.catalog").joinpath("defaults.toml").read_text())
+    operator_upstreams = False
     if path is not None and path.exists():
         try:
             operator = tomllib.loads(path.read_text())
@@ -32,8 +39,32 @@ def load_catalog(path: Path | None = None) -> Catalog:
             plan["models"] = [model for model in plan.get("models", []) if model not in disabled]
         if "upstreams" in operator:
             raw["upstreams"] = operator["upstreams"]
+            operator_upstreams = True
         raw["defaults"] = {**raw.get("defaults", {}), **operator.get("defaults", {})}
+        if builtin_upstream == "local" and not operator_upstreams:
+            _serve_from_the_bundled_model(raw)
+        try:
+            return _build(raw)
+        except CatalogError as exc:
+            # The shipped defaults are valid: whatever is wrong came from the operator's file.
+            raise CatalogError(f"{path}: {exc}") from None
+    if builtin_upstream == "local" and not operator_upstreams:
+        _serve_from_the_bundled_model(raw)
     return _build(raw)
+
+
+BUNDLED_MODEL_URL = "http://127.0.0.1:9200/v1"
+
+
+def _serve_from_the_bundled_model(raw: dict[str, Any]) -> None:
+    models = raw.get("models", {})
+    for entry in models.values():
+        entry["context_window"] = min(int(entry.get("context_window", 0)), LOCAL_CONTEXT_WINDOW)
+        entry["vision"] = False
+        entry["function_calling"] = False
+    raw["upstreams"] = [
+        {"name": "bundled", "kind": "local", "base_url": BUNDLED_MODEL_URL, "models": list(models)}
+    ]
 
 
 def _merge_entries(shipped: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
@@ -109,7 +140,12 @@ def _build(raw: dict[str, Any]) -> Catalog:
         )
     if not plans:
         raise CatalogError("the catalog defines no plans")
-    upstreams = tuple(_upstream(entry, models) for entry in raw.get("upstreams", []))
+    upstreams = tuple(
+        _upstream(entry, index, models) for index, entry in enumerate(raw.get("upstreams", []))
+    )
+    names = [upstream.name for upstream in upstreams]
+    if len(set(names)) != len(names):
+        raise CatalogError(f"two [[upstreams]] entries share a name: {sorted(names)}")
     default_plan = str(defaults.get("default_plan", "free"))
     if default_plan not in plans:
         raise CatalogError(f"defaults.default_plan {default_plan!r} is not a plan")
@@ -136,14 +172,38 @@ def _build(raw: dict[str, Any]) -> Catalog:
             "max_upstream_error_bytes",
             "defaults",
         ),
+        upstream_max_attempts=_positive_int(
+            {"upstream_max_attempts": 3, **defaults}, "upstream_max_attempts", "defaults"
+        ),
+        upstream_first_byte_timeout_seconds=_seconds(
+            defaults, "upstream_first_byte_timeout_seconds", "defaults", 60
+        ),
+        breaker_failures=_positive_int(
+            {"breaker_failures": 3, **defaults}, "breaker_failures", "defaults"
+        ),
+        breaker_cooldown_seconds=_seconds(defaults, "breaker_cooldown_seconds", "defaults", 30),
     )
 
 
-def _upstream(entry: dict[str, Any], models: dict[str, ModelSpec]) -> UpstreamSpec:
+_UPSTREAM_FIELDS = frozenset(
+    {
+        "name", "kind", "base_url", "models", "model_map", "api_key_env", "output_limit_fields",
+        "weight", "priority", "connect_timeout_seconds", "first_byte_timeout_seconds",
+        "idle_timeout_seconds", "total_timeout_seconds", "context_window", "vision",
+        "function_calling", "multiple_choices", "model_file", "queue", "threads",
+    }
+)  # fmt: skip
+
+
+def _upstream(entry: dict[str, Any], index: int, models: dict[str, ModelSpec]) -> UpstreamSpec:
     name = entry.get("name")
     if not isinstance(name, str) or not name:
-        raise CatalogError("every [[upstreams]] entry needs a name")
+        raise CatalogError(f"upstreams[{index}] (the entry number {index + 1}) needs a name")
     where = f"upstreams.{name}"
+    unknown_fields = set(entry) - _UPSTREAM_FIELDS
+    if unknown_fields:
+        # A misspelt field (``wieght``) would otherwise be ignored in silence.
+        raise CatalogError(f"{where} has unknown fields: {sorted(unknown_fields)}")
     kind = entry.get("kind", "openai")
     if kind not in UPSTREAM_KINDS:
         raise CatalogError(f"{where}.kind must be one of {sorted(UPSTREAM_KINDS)}, not {kind!r}")
@@ -166,15 +226,61 @@ def _upstream(entry: dict[str, Any], models: dict[str, ModelSpec]) -> UpstreamSp
         raise CatalogError(
             f"{where}.output_limit_fields must be a non-empty list of {list(OUTPUT_LIMIT_FIELDS)}"
         )
+    api_key_env = entry.get("api_key_env")
+    if api_key_env is not None and (not isinstance(api_key_env, str) or not api_key_env):
+        raise CatalogError(f"{where}.api_key_env must name an environment variable")
+    priority = entry.get("priority", 0)
+    if not isinstance(priority, int) or isinstance(priority, bool) or priority < 0:
+        raise CatalogError(f"{where}.priority must be an integer >= 0 (0 is tried first)")
+    local = kind == "local"
+    model_file = entry.get("model_file")
+    if model_file is not None and (not local or not isinstance(model_file, str)):
+        raise CatalogError(f"{where}.model_file is a GGUF file's path, for kind = \"local\" only")
+    context_window = (
+        _positive_int(entry, "context_window", where) if "context_window" in entry else None
+    )
     return UpstreamSpec(
         name=name,
         kind=kind,
         base_url=base_url.rstrip("/"),
         models=served,
         model_map=model_map,
-        api_key_env=entry.get("api_key_env"),
+        api_key_env=api_key_env,
         output_limit_fields=tuple(dict.fromkeys(limit_fields)),
+        weight=_positive_int(entry, "weight", where, 1),
+        priority=priority,
+        connect_timeout_seconds=_optional_seconds(entry, "connect_timeout_seconds", where),
+        first_byte_timeout_seconds=_optional_seconds(entry, "first_byte_timeout_seconds", where),
+        idle_timeout_seconds=_optional_seconds(entry, "idle_timeout_seconds", where),
+        total_timeout_seconds=_optional_seconds(entry, "total_timeout_seconds", where),
+        # A local model is what it is: its own window, text only, no tools, one choice.
+        context_window=context_window or (LOCAL_CONTEXT_WINDOW if local else None),
+        vision=_bool(entry, "vision", where) if "vision" in entry else (False if local else None),
+        function_calling=(
+            _bool(entry, "function_calling", where)
+            if "function_calling" in entry
+            else (False if local else None)
+        ),
+        multiple_choices=(
+            _bool(entry, "multiple_choices", where)
+            if "multiple_choices" in entry
+            else kind not in ("anthropic", "local")
+        ),
+        model_file=model_file,
+        queue=_positive_int(entry, "queue", where, 8),
+        threads=_positive_int(entry, "threads", where) if "threads" in entry else None,
     )
+
+
+def _seconds(entry: dict[str, Any], key: str, where: str, default: float) -> float:
+    value = entry.get(key, default)
+    if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
+        raise CatalogError(f"{where}.{key} must be a number of seconds > 0")
+    return float(value)
+
+
+def _optional_seconds(entry: dict[str, Any], key: str, where: str) -> float | None:
+    return _seconds(entry, key, where, 0) if key in entry else None
 
 
 def _text(entry: dict[str, Any], key: str, where: str) -> str:

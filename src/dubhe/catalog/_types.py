@@ -47,16 +47,46 @@ class PlanSpec:
 
 @dataclass(frozen=True, slots=True)
 class UpstreamSpec:
+    """One ``[[upstreams]]`` entry: a deployment of each public model it lists."""
+
     name: str
-    kind: str  # "openai" (any OpenAI-compatible server) or "sim" (the built-in simulator)
+    # "openai" (any OpenAI-compatible server), "sim" (the built-in simulator), "anthropic"
+    # (Anthropic's Messages API, translated both ways by ``providers/anthropic.py``) or "local"
+    # (a GGUF model in a process of Dubhe's own, ``providers/local_model.py``).
+    kind: str
     base_url: str
     models: tuple[str, ...]
     model_map: dict[str, str] = field(default_factory=dict)
     api_key_env: str | None = None
     # The request fields that carry the output limit upstream, each set to the limit Dubhe held.
     # Both by default (vLLM, llama.cpp, Ollama read either); one where the upstream refuses the
-    # other (OpenAI's reasoning models refuse max_tokens).
+    # other (OpenAI's reasoning models refuse max_tokens). An Anthropic deployment always sends
+    # its own ``max_tokens``.
     output_limit_fields: tuple[str, ...] = ("max_tokens", "max_completion_tokens")
+    # Routing: a weighted choice within the best (lowest) priority tier that has a healthy
+    # deployment; the next tier only when every deployment of the better one is down.
+    weight: int = 1
+    priority: int = 0
+    # Timeouts in seconds; None takes the catalog's [defaults]. ``first_byte`` bounds the wait for
+    # the answer's status and first event, ``idle`` the silence between two reads after that,
+    # ``total`` the whole exchange.
+    connect_timeout_seconds: float | None = None
+    first_byte_timeout_seconds: float | None = None
+    idle_timeout_seconds: float | None = None
+    total_timeout_seconds: float | None = None
+    # This deployment's own limits, narrower than the public model's where its server is: None
+    # means "as the public model".
+    context_window: int | None = None
+    vision: bool | None = None
+    function_calling: bool | None = None
+    # Takes ``n`` > 1 (Anthropic's API has no ``n``).
+    multiple_choices: bool = True
+    # kind = "local" (``dubhe local-model``, started and supervised by ``dubhe serve``): the GGUF
+    # file (None: the bundled Gemma 3 270M), how many requests may wait for the model, and the
+    # CPU threads it uses (None: llama.cpp's choice).
+    model_file: str | None = None
+    queue: int = 8
+    threads: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +109,12 @@ class Catalog:
     max_upstream_event_bytes: int = 8 * 1024 * 1024
     # Of an upstream's error answer, at most this much is read (for its message and the log).
     max_upstream_error_bytes: int = 64 * 1024
+    # Failover: how many deployments one request may try before anything reached the client,
+    # and the circuit breaker each deployment has (see ``dubhe.routing``).
+    upstream_max_attempts: int = 3
+    upstream_first_byte_timeout_seconds: float = 60
+    breaker_failures: int = 3
+    breaker_cooldown_seconds: float = 30
 
     def plans_including(self, model_id: str) -> list[PlanSpec]:
         return [plan for plan in self.plans.values() if model_id in plan.models]

@@ -51,6 +51,7 @@ import orjson
 from dubhe.catalog import OUTPUT_LIMIT_FIELDS, ModelSpec, UpstreamSpec
 from dubhe.errors import InvalidRequest, UnprocessableRequest
 from dubhe.gateway.validation import ChatRequest
+from dubhe.providers import anthropic
 from dubhe.usage import tokens
 
 # Bodies up to this size are estimated at once (well under a millisecond of tiktoken).
@@ -80,7 +81,8 @@ def size_request(
     with a lower limit: the same strings and fewer digits, so this bound still covers it."""
     per_choice = output_limit(request, model, estimate)
     payload = upstream_payload(body, request, model, upstream, per_choice)
-    return Sizing(estimate, per_choice, prompt_bound(payload, request, model), payload)
+    bound = prompt_bound(payload, request, model) + provider_overhead(body, upstream)
+    return Sizing(estimate, per_choice, bound, payload)
 
 
 async def size(
@@ -102,7 +104,7 @@ async def size(
     prompt or an upstream's missing usage needs them."""
     limit = request.max_tokens or model.default_max_tokens
     payload = upstream_payload(body, request, model, upstream, limit)
-    bound = prompt_bound(payload, request, model)
+    bound = prompt_bound(payload, request, model) + provider_overhead(body, upstream)
     if bound + limit <= model.context_window:
         return Sizing(None, limit, bound, payload)
     estimate = await estimate_prompt(body, model, body_bytes=body_bytes)
@@ -156,7 +158,19 @@ def upstream_payload(
 ) -> bytes:
     """The JSON sent upstream: the upstream's model name, usage always asked of a stream, and
     the output limit in exactly the fields the upstream reads (the client's own removed).
-    Updates ``body`` in place."""
+    Updates ``body`` in place. An Anthropic deployment gets the body translated to its Messages
+    API, with the limit in its own ``max_tokens`` (``body`` is left as it is)."""
+    if upstream.kind == "anthropic":
+        translated = anthropic.request_body(
+            body, upstream.model_map.get(model.id, model.id), per_choice
+        )
+        try:
+            return orjson.dumps(translated)
+        except (orjson.JSONEncodeError, TypeError):
+            raise InvalidRequest(
+                "The request body is nested too deeply; flatten the extra fields.",
+                code="invalid_json",
+            ) from None
     body["model"] = upstream.model_map.get(model.id, model.id)
     if request.stream and not request.include_usage:
         options = body.get("stream_options") or {}
@@ -173,6 +187,14 @@ def upstream_payload(
             "The request body is nested too deeply; flatten the extra fields.",
             code="invalid_json",
         ) from None
+
+
+def provider_overhead(body: dict[str, Any], upstream: UpstreamSpec) -> int:
+    """Prompt tokens a provider adds of its own beyond a chat template's: Anthropic's tool-use
+    system prompt when tools are given."""
+    if upstream.kind == "anthropic" and (body.get("tools") or body.get("functions")):
+        return anthropic.TOOL_USE_SYSTEM_TOKENS
+    return 0
 
 
 def prompt_bound(payload: bytes, request: ChatRequest, model: ModelSpec) -> int:

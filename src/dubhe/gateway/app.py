@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dubhe.billing.meter import Meter
 from dubhe.catalog import Catalog
@@ -26,6 +26,7 @@ from dubhe.metrics import REQUESTS, path_label
 from dubhe.metrics.requests import observe
 from dubhe.providers import UpstreamPool
 from dubhe.ratelimit import PlanLimiter, UnauthenticatedLimiter
+from dubhe.routing import Router
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class GatewayState:
     # Models an admin switched to maintenance at run time (dubhe.admin.maintenance keeps it).
     maintenance: frozenset[str] = frozenset()
     access_log: bool = False
+    router: Router = field(default_factory=Router)
 
 
 class GatewayApp:

@@ -3,12 +3,14 @@
 ``ChatCompletion`` knows nothing of HTTP framing, so the SSE/JSON handler (``chat.py``) and the
 WebSocket endpoint (``ws.py``) drive the same object:
 
-1. ``admit(raw)`` parses and validates the body, picks the model and upstream, sizes the hold and
-   reserves it with the meter; it raises ``DubheError`` for anything refused (nothing is held then).
+1. ``admit(raw)`` (or ``admit_body``) parses and validates the body, picks the model and the
+   deployments able to take the request, sizes the hold for the most expensive of them and
+   reserves it with the meter; it raises ``DubheError`` for anything refused (nothing is held).
 2. Either ``complete()`` (one JSON answer, settled before it is returned) or ``open_stream()``
    (calls the upstream, then returns an async iterator of whole SSE events as the upstream sent
    them; when it ends the request is settled and ``stream_end`` holds the usage chunk and the
-   settlement). An upstream failure is a
+   settlement). Both fail over to another deployment while nothing has reached the client
+   (``_call``), so HTTP and the WebSocket get the same routing. An upstream failure is a
    ``DubheError`` from either, raised after the request is metered.
 3. ``abandon()`` when the consumer went away or cancelled (the transport cancels its task, then
    calls it): the request is charged for what was delivered. ``close()`` always, last: it drops
@@ -25,11 +27,13 @@ Errors raised, as a tree (all ``DubheError``):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import aiohttp
 import orjson
@@ -54,7 +58,9 @@ from dubhe.gateway import admission
 from dubhe.gateway.relay import StreamRelay
 from dubhe.gateway.validation import ChatRequest, validate_chat_request
 from dubhe.models.base import utcnow
+from dubhe.providers import anthropic
 from dubhe.providers.errors import read_error_body, redact_upstream_message
+from dubhe.routing import backoff_seconds
 from dubhe.usage import tokens
 from dubhe.usage.events import UsageEvent
 from dubhe.usage.reports import Untrusted, UsageReport, judge, parse_usage
@@ -71,6 +77,24 @@ log = logging.getLogger(__name__)
 # Counting more generated text than this (bytes of an answer) moves to a worker thread, which
 # tiktoken lets run in parallel (it releases the GIL): the event loop never stalls on it.
 _COUNT_INLINE_BYTES = 64 * 1024
+
+
+_PING = b": ping\n\n"
+
+
+class _Retryable(Exception):  # noqa: N818 (a signal between two methods, not an error shown)
+    """An attempt failed before anything reached the client: another deployment may answer.
+    ``error`` is what the client gets if none does."""
+
+    def __init__(self, error: DubheError, outcome: str, retry_after: float | None = None, *,
+                 retry_same: bool = True) -> None:  # fmt: skip
+        super().__init__(outcome)
+        self.error = error
+        self.outcome = outcome
+        self.retry_after = retry_after
+        # Worth a second try on the same deployment (a 5xx, a timeout); not a refused
+        # credential or a redirect, which only another deployment can get past.
+        self.retry_same = retry_same
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,12 +152,24 @@ class ChatCompletion:
         # complete()).
         self.consumer_gone = False
         self.stream_end: StreamEnd | None = None
-        self._payload = b""
         self._response: aiohttp.ClientResponse | None = None
         self._relay: StreamRelay | None = None
         # The request's hold on its rate limits (chat.py), if it is limited.
         self.ticket: Ticket | None = None
         self._abandoning: asyncio.Future[Settled | None] | None = None
+        # Routing: the deployments this request may land on (capable of it, best tier first),
+        # each distinct payload with the per-choice limit it was built for, and that limit.
+        self._candidates: tuple[Upstream, ...] = ()
+        self._body_bytes = 0
+        self._payloads: dict[tuple[str, str, tuple[str, ...]], tuple[int, bytes]] = {}
+        self.per_choice = 0
+        self._answer: dict[str, Any] = {}  # a non-streaming answer, parsed
+        self._translator: anthropic.StreamTranslator | None = None
+        self._first_task: asyncio.Future[tuple[aiohttp.ClientResponse, bytes]] | None = None
+        # A stream started at its first keep-alive, still waiting for its first events.
+        self._committed: (
+            tuple[asyncio.Future[tuple[aiohttp.ClientResponse, bytes]], float] | None
+        ) = None
 
     @property
     def streaming(self) -> bool:
@@ -151,6 +187,7 @@ class ChatCompletion:
         _check_body(body)
         state = self.state
         self.body = body
+        self._body_bytes = body_bytes
         model = self.model = _resolve_model(body, self.identity, state)
         request = self.request = validate_chat_request(body, model)
         if model.status == "maintenance" or model.id in state.maintenance:
@@ -159,27 +196,43 @@ class ChatCompletion:
                 code="model_maintenance",
                 headers={"retry-after": "60"},
             )
-        upstreams = state.upstreams.for_model(model.id)
-        if not upstreams:
+        deployments = state.upstreams.for_model(model.id)
+        if not deployments:
             raise ServiceUnavailable(
                 f"No upstream is configured for '{model.id}'; retry later or contact the operator.",
                 code="no_healthy_upstream",
                 headers={"retry-after": "30"},
             )
-        upstream = self.upstream = upstreams[0]
-        # The hold: the prompt's bound plus each choice's output limit, n times (admission.py).
-        sizing = await admission.size(body, request, model, upstream.spec, body_bytes=body_bytes)
+        candidates = _capable(deployments, body, request, model)
+        self.upstream = candidates[0]
+        # The hold is sized for the most expensive deployment the request may land on: each
+        # distinct payload (kind, upstream model name, limit fields) is sized once.
+        per_choice = 0
+        for deployment in candidates:
+            key = _payload_key(deployment, model.id)
+            if key in self._payloads:
+                continue
+            sizing = await admission.size(
+                body, request, model, deployment.spec, body_bytes=body_bytes
+            )
+            self._payloads[key] = (sizing.per_choice, sizing.payload)
+            if sizing.estimate is not None:
+                self._estimate = sizing.estimate
+            per_choice = sizing.per_choice if not per_choice else min(per_choice, sizing.per_choice)
+            self.prompt_bound = max(self.prompt_bound, sizing.prompt_bound)
+        candidates = await self._fitting(candidates, per_choice, body_bytes)
+        self._candidates = candidates
         if self.ticket is not None:
             # Tokens per minute count what is held, before any credit is: a 429 holds nothing.
-            await self.ticket.take_tokens(sizing.prompt_bound + sizing.per_choice * request.n)
+            await self.ticket.take_tokens(self.prompt_bound + per_choice * request.n)
         try:
             held = await state.meter.reserve(
                 user_id=self.identity.user_id,
                 request_id=self.request_id,
                 api_key_id=self.identity.key_id,
                 model=model.id,
-                prompt_tokens=sizing.prompt_bound,
-                max_tokens=sizing.per_choice,
+                prompt_tokens=self.prompt_bound,
+                max_tokens=per_choice,
                 n=request.n,
                 spend_cap_uusd=self.identity.spend_cap_uusd,
             )
@@ -193,47 +246,253 @@ class ChatCompletion:
                 headers={"retry-after": "5"},
             ) from None
         if isinstance(held, Denied):
-            raise _insufficient_quota(held, sizing.prompt_bound + request.n)
+            raise _insufficient_quota(held, self.prompt_bound + request.n)
         self.balance = held.balance
-        self._estimate = sizing.estimate
-        # The usage rule judges a reported prompt count against the same bound the hold used.
-        self.prompt_bound = sizing.prompt_bound
-        self._payload = sizing.payload
-        per_choice = sizing.per_choice
         if held.admission.clamped:
-            # Each choice's limit is what the account can pay for; the upstream is told that one.
+            # Each choice's limit is what the account can pay for; the upstream is told that one
+            # (each payload is re-serialised with it when its deployment is tried).
             self.clamped_to = per_choice = held.admission.max_tokens
-            self._payload = admission.upstream_payload(
-                body, request, model, upstream.spec, per_choice
-            )
+        self.per_choice = per_choice
         self.output_limit = per_choice * request.n
 
-    # -- the upstream call -------------------------------------------------------------------
+    async def _fitting(
+        self, candidates: tuple[Upstream, ...], per_choice: int, body_bytes: int
+    ) -> tuple[Upstream, ...]:
+        """The deployments whose own context window takes the prompt and the output limit (by
+        the bound first; the best estimate only where the bound does not fit)."""
+        if all(d.spec.context_window is None for d in candidates):
+            return candidates
+        fitting = []
+        for deployment in candidates:
+            window = deployment.spec.context_window
+            if window is None or self.prompt_bound + per_choice <= window:
+                fitting.append(deployment)
+                continue
+            if await self._prompt_estimate() + per_choice <= window:
+                fitting.append(deployment)
+        if not fitting:
+            largest = max(d.spec.context_window or 0 for d in candidates)
+            estimate = await self._prompt_estimate()
+            raise UnprocessableRequest(
+                f"This model's maximum context length is {largest} tokens. However, you "
+                f"requested {estimate + per_choice} tokens ({estimate} in the messages, "
+                f"{per_choice} in the completion). Shorten the messages or lower max_tokens.",
+                code="context_length_exceeded",
+                param="messages",
+            )
+        return tuple(fitting)
 
-    async def _open(self) -> aiohttp.ClientResponse:
+    # -- the upstream call: attempts on deployments, before anything reaches the client ------
+
+    def _payload(self, upstream: Upstream) -> bytes:
+        per_choice, payload = self._payloads[_payload_key(upstream, self.model.id)]
+        if per_choice != self.per_choice:
+            payload = admission.upstream_payload(
+                self.body, self.request, self.model, upstream.spec, self.per_choice
+            )
+        return payload
+
+    async def _call(self) -> tuple[aiohttp.ClientResponse | None, bytes]:
+        """Attempts until a deployment answers: a non-streaming answer whole, a stream up to its
+        first events (or its first keep-alive, see ``_first_events``). A failure that leaves the
+        client nothing (connect errors, timeouts, 429, 5xx, a broken or empty answer) is retried
+        on another deployment where one is usable, after a jittered backoff; the answer that
+        returns is the only one metered. Raises ``DubheError`` when none answered."""
+        router = self.state.router
+        catalog = self.state.catalog
+        failed: set[Upstream] = set()
+        last: _Retryable | None = None
+        for attempt in range(1, catalog.upstream_max_attempts + 1):
+            now = time.monotonic()
+            upstream = router.choose(self._candidates, failed, now)
+            if upstream is None and last is not None and last.retry_same:
+                # No other deployment: the one that failed may answer a second time.
+                upstream = router.choose(self._candidates, failed - {self.upstream}, now)
+            if upstream is None:
+                break
+            if attempt > 1:
+                await asyncio.sleep(backoff_seconds(attempt - 1))
+            self.upstream = upstream
+            try:
+                if self.streaming:
+                    response, first = await self._attempt_stream(upstream)
+                else:
+                    response, first = await self._attempt(upstream)
+            except _Retryable as failure:
+                upstream.breaker.failed(time.monotonic(), failure.retry_after)
+                failed.add(upstream)
+                last = failure
+                self._relay = self._translator = None  # nothing of it reached the client
+                if self._response is not None:
+                    self._response.close()
+                    self._response = None
+                continue
+            except DubheError as error:
+                # The upstream refused what the client sent: it is healthy, the request is not.
+                upstream.breaker.succeeded()
+                self._meter_failure("upstream_error", error.status_code)
+                raise
+            if response is not None:
+                upstream.breaker.succeeded()  # a committed stream reports when its events come
+            return response, first
+        self._exhausted(last)
+
+    def _exhausted(self, last: _Retryable | None) -> NoReturn:
+        """No attempt answered. Nothing was tried (every deployment is down or paused): 503.
+        Else the last failure's own error (500 for the upstream's error status, 502 when it
+        could not be reached), with the upstream's ``retry-after`` where it gave one."""
+        if last is None:
+            wait = max(1, math.ceil(self.state.router.soonest_retry(self._candidates,
+                                                                    time.monotonic())))  # fmt: skip
+            self._meter_failure("no_healthy_upstream", 503)
+            raise ServiceUnavailable(
+                f"Every upstream of '{self.model.id}' is down or paused; retry in {wait} s.",
+                code="no_healthy_upstream",
+                headers={"retry-after": str(wait)},
+            )
+        error = last.error
+        if last.retry_after:
+            error.headers["retry-after"] = str(math.ceil(last.retry_after))
+        self._meter_failure(last.outcome, error.status_code)
+        raise error
+
+    async def _post(self, upstream: Upstream) -> aiohttp.ClientResponse:
         session = self.state.upstreams.session
         assert session is not None
-        headers = dict(self.upstream.headers)
+        headers = dict(upstream.headers)
         headers["x-request-id"] = self.request_id
         try:
             # Redirects are not followed: a 3xx is an upstream error, and neither the prompt nor
             # the upstream's key is ever sent to an address the operator did not configure.
             response = await session.post(
-                self.upstream.chat_url, data=self._payload, headers=headers, allow_redirects=False
+                upstream.chat_url,
+                data=self._payload(upstream),
+                headers=headers,
+                allow_redirects=False,
+                timeout=upstream.timeout,
             )
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            self._meter_failure("upstream_unreachable", 502)
-            raise UpstreamUnreachable(
-                f"The upstream for '{self.model.id}' could not be reached ({type(exc).__name__}); "
-                "retry later.",
-                code="upstream_unreachable",
-            ) from None
+            log.warning("upstream %s unreachable for %s: %s",
+                        upstream.spec.name, self.request_id, type(exc).__name__)  # fmt: skip
+            raise _Retryable(self._unreachable(f"could not be reached ({type(exc).__name__})"),
+                             "upstream_unreachable") from None  # fmt: skip
         self._response = response
         if response.status != 200:
             error = await self._upstream_error(response)
-            self._meter_failure("upstream_error", error.status_code)
-            raise error
+            if isinstance(error, InvalidRequest):
+                raise error
+            retry_after = _retry_after(response)
+            # A 401/403 (its credential) or a 3xx will not change on a second try there.
+            raise _Retryable(error, "upstream_error", retry_after,
+                             retry_same=response.status >= 429)  # fmt: skip
         return response
+
+    def _unreachable(self, what: str) -> UpstreamUnreachable:
+        return UpstreamUnreachable(
+            f"The upstream for '{self.model.id}' {what}; retry later.",
+            code="upstream_unreachable",
+        )
+
+    async def _attempt(self, upstream: Upstream) -> tuple[aiohttp.ClientResponse, bytes]:
+        """A whole non-streaming answer, parsed (``_answer``) and, from an Anthropic
+        deployment, translated."""
+        response = await self._post(upstream)
+        try:
+            raw = await response.read()
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            raise _Retryable(self._unreachable("broke off its answer"),
+                             "upstream_unreachable") from None  # fmt: skip
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            data = None
+        if isinstance(data, dict) and upstream.spec.kind == "anthropic":
+            data = anthropic.completion(data, self.model.id)
+            if data is not None:
+                raw = orjson.dumps(data)
+        if not isinstance(data, dict):
+            log.warning("upstream %s answered %s with a 200 that is not a chat completion: "
+                        "%.200r", upstream.spec.name, self.request_id, raw)  # fmt: skip
+            raise _Retryable(
+                self._unreachable("answered with something that is not a chat completion"),
+                "upstream_invalid",
+            )
+        self._answer = data
+        return response, raw
+
+    async def _attempt_stream(
+        self, upstream: Upstream
+    ) -> tuple[aiohttp.ClientResponse | None, bytes]:
+        """Post and read up to the first events within the deployment's first-byte timeout. If
+        the first keep-alive is due sooner, the attempt is committed instead: the stream starts
+        (headers and a ping go out) and keeps waiting, and is no longer retried."""
+        task = self._first_task = asyncio.ensure_future(self._first_events(upstream))
+        keepalive = self.state.catalog.stream_keepalive_seconds
+        wait = min(upstream.first_byte_timeout, keepalive)
+        done, _ = await asyncio.wait({task}, timeout=wait)
+        if not done:
+            if upstream.first_byte_timeout <= keepalive:
+                log.warning("upstream %s sent nothing within its first-byte timeout (%g s) for %s",
+                            upstream.spec.name, upstream.first_byte_timeout,
+                            self.request_id)  # fmt: skip
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, DubheError, _Retryable):
+                    await task
+                raise _Retryable(self._unreachable("sent nothing within its first-byte timeout"),
+                                 "upstream_unreachable")  # fmt: skip
+            self._committed = (task, upstream.first_byte_timeout - wait)
+            return None, _PING
+        response, first = task.result()
+        return response, first
+
+    async def _first_events(self, upstream: Upstream) -> tuple[aiohttp.ClientResponse, bytes]:
+        response = await self._post(upstream)
+        relay = self._new_relay(upstream)
+        translator = self._translator
+        try:
+            async for data in response.content.iter_any():
+                if translator is not None:
+                    data = translator.feed(data)
+                ready = relay.feed(data)
+                # Any valid event commits the request to this deployment, even if a fault or
+                # the upstream's own error follows in the same read (then the stream ends with
+                # the error frame after it): how TCP happened to cut the reads never decides
+                # whether a started answer is thrown away.
+                if ready or relay.saw_done:
+                    return response, ready
+                if relay.ended:
+                    break
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            raise _Retryable(self._unreachable("broke off the stream before its first event"),
+                             "upstream_unreachable") from None  # fmt: skip
+        why = relay.fault or relay.upstream_error_event.decode("utf-8", "replace") or "no events"
+        log.warning("upstream %s failed the stream of %s before its first event: %s",
+                    upstream.spec.name, self.request_id, why)  # fmt: skip
+        raise _Retryable(
+            UpstreamError(
+                f"The upstream for '{self.model.id}' failed before its first event; retry with "
+                "exponential backoff.",
+                code="upstream_error",
+            ),
+            "upstream_error",
+        )
+
+    def _new_relay(self, upstream: Upstream) -> StreamRelay:
+        anthropic_kind = upstream.spec.kind == "anthropic"
+        self._translator = (
+            anthropic.StreamTranslator(
+                self.model.id, self.request_id, self.state.catalog.max_upstream_event_bytes
+            )
+            if anthropic_kind
+            else None
+        )
+        self._relay = StreamRelay(
+            public_model=self.model.id,
+            upstream_model=self.model.id if anthropic_kind else upstream.upstream_model(self.model.id),
+            strip_usage_nulls=not self.request.include_usage,
+            max_event_bytes=self.state.catalog.max_upstream_event_bytes,
+        )
+        return self._relay
 
     async def _upstream_error(self, response: aiohttp.ClientResponse) -> DubheError:
         """Dubhe's own words for the upstream's failure; its message only where it tells the
@@ -270,28 +529,8 @@ class ChatCompletion:
         """The whole answer, settled (spooled) before it is returned. A consumer that leaves
         meanwhile does not cancel it: the upstream finishes the bounded request (its output
         limit is held) and the answer is charged on its usage, exactly as if it had stayed."""
-        response = await self._open()
-        try:
-            raw = await response.read()
-        except (TimeoutError, aiohttp.ClientError, OSError):
-            self._meter_failure("upstream_unreachable", 502)
-            raise UpstreamUnreachable(
-                f"The upstream for '{self.model.id}' broke off its answer; retry later.",
-                code="upstream_unreachable",
-            ) from None
-        try:
-            data = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            data = None
-        if not isinstance(data, dict):
-            log.warning("upstream %s answered %s with a 200 that is not a JSON object: %.200r",
-                        self.upstream.spec.name, self.request_id, raw)  # fmt: skip
-            self._meter_failure("upstream_invalid", 502)
-            raise UpstreamUnreachable(
-                f"The upstream for '{self.model.id}' answered with something that is not a chat "
-                "completion; retry later.",
-                code="upstream_unreachable",
-            )
+        _, raw = await self._call()
+        data = self._answer
         changed = data.get("model") != self.model.id
         if changed:
             data["model"] = self.model.id
@@ -330,31 +569,52 @@ class ChatCompletion:
     # -- streaming ---------------------------------------------------------------------------
 
     async def open_stream(self) -> AsyncGenerator[bytes, None]:
-        """Call the upstream (its refusal raises here, before anything is sent); then the events."""
-        response = await self._open()
-        self._relay = StreamRelay(
-            public_model=self.model.id,
-            upstream_model=self.upstream.upstream_model(self.model.id),
-            strip_usage_nulls=not self.request.include_usage,
-            max_event_bytes=self.state.catalog.max_upstream_event_bytes,
-        )
-        return self._events(response, self._relay)
+        """Find a deployment that starts the stream (a refusal or failure of every one raises
+        here, before anything is sent); then the events."""
+        response, first = await self._call()
+        return self._events(response, first)
 
     async def _events(
-        self, response: aiohttp.ClientResponse, relay: StreamRelay
+        self, response: aiohttp.ClientResponse | None, first: bytes
     ) -> AsyncGenerator[bytes, None]:
         """Whole SSE events as they arrive, minus the usage chunk and ``[DONE]`` (held back until
         the request is settled; then ``stream_end`` is set and the iterator ends)."""
-        try:
-            async for data in response.content.iter_any():
-                ready = relay.feed(data)
-                if ready:
-                    yield ready
-                if relay.ended:
-                    break  # whatever an upstream sends after [DONE] is not relayed
-            interrupted = not relay.ended
-        except (TimeoutError, aiohttp.ClientError, OSError):
-            interrupted = True
+        if first:
+            yield first
+        if response is None:
+            # Committed at the first keep-alive: the deployment still owes its first events,
+            # within what is left of its first-byte timeout; no other is tried now.
+            assert self._committed is not None
+            task, remaining = self._committed
+            try:
+                response, ready = await asyncio.wait_for(task, remaining)
+            except (TimeoutError, _Retryable, DubheError):
+                self.upstream.breaker.failed(time.monotonic())
+                self._meter_failure("upstream_unreachable", 502)
+                raise self._unreachable("sent nothing within its first-byte timeout") from None
+            self.upstream.breaker.succeeded()
+            if ready:
+                yield ready
+        relay = self._relay
+        translator = self._translator
+        assert relay is not None and response is not None
+        interrupted = False
+        if not relay.ended:
+            try:
+                async for data in response.content.iter_any():
+                    if translator is not None:
+                        data = translator.feed(data)
+                    ready = relay.feed(data)
+                    if ready:
+                        yield ready
+                    if relay.ended:
+                        break  # whatever an upstream sends after [DONE] is not relayed
+                interrupted = not relay.ended
+            except (TimeoutError, aiohttp.ClientError, OSError):
+                interrupted = True
+        if interrupted or relay.fault is not None:
+            # Bytes already reached the client: never retried, but the breaker learns of it.
+            self.upstream.breaker.failed(time.monotonic())
         if relay.fault is not None:
             log.warning("upstream %s broke the stream of %s: %s",
                         self.upstream.spec.name, self.request_id, relay.fault)  # fmt: skip
@@ -422,6 +682,8 @@ class ChatCompletion:
         return self._settle(event)
 
     def close(self) -> None:
+        if self._first_task is not None and not self._first_task.done():
+            self._first_task.cancel()
         if self._response is not None:
             # Closing (not releasing) drops the connection, so the upstream stops generating.
             self._response.close()
@@ -445,7 +707,7 @@ class ChatCompletion:
         counted at admission only if the context check needed it, else now (rarely)."""
         if self._estimate is None:
             self._estimate = await admission.estimate_prompt(
-                self.body, self.model, body_bytes=len(self._payload)
+                self.body, self.model, body_bytes=self._body_bytes
             )
         return self._estimate
 
@@ -627,3 +889,54 @@ _MIN_STREAM_BYTES_PER_TOKEN = 24
 def _implausibly_dense(report: UsageReport, relayed_size: int) -> bool:
     visible = report.completion_tokens - report.hidden_reasoning_tokens
     return visible * _MIN_STREAM_BYTES_PER_TOKEN > relayed_size
+
+
+def _payload_key(upstream: Upstream, public_id: str) -> tuple[str, str, tuple[str, ...]]:
+    """Deployments with the same key are sent the same bytes."""
+    spec = upstream.spec
+    kind = "anthropic" if spec.kind == "anthropic" else "openai"
+    return kind, upstream.upstream_model(public_id), spec.output_limit_fields
+
+
+def _capable(
+    deployments: tuple[Upstream, ...], body: dict[str, Any], request: ChatRequest, model: ModelSpec
+) -> tuple[Upstream, ...]:
+    """The deployments that take what the request holds (images, tools, ``n`` > 1); the public
+    model's own checks already passed. None of them: 422 naming what none takes."""
+    tools = bool(body.get("tools") or body.get("functions"))
+    if not (request.images or tools or request.n > 1):
+        return deployments
+    capable = tuple(
+        deployment for deployment in deployments
+        if not (request.images and deployment.spec.vision is False)
+        and not (tools and deployment.spec.function_calling is False)
+        and not (request.n > 1 and not deployment.spec.multiple_choices)
+    )  # fmt: skip
+    if capable:
+        return capable
+    if request.images and all(d.spec.vision is False for d in deployments):
+        what, param = "images", "messages"
+    elif tools and all(d.spec.function_calling is False for d in deployments):
+        what, param = "tools", "tools" if body.get("tools") else "functions"
+    elif request.n > 1:
+        what, param = "more than one choice (n > 1)", "n"
+    else:
+        what, param = "this combination of images, tools and n", "messages"
+    raise UnprocessableRequest(
+        f"No upstream of the model '{model.id}' can take {what} at the moment; send the request "
+        "without it.",
+        code="unsupported_by_upstream",
+        param=param,
+    )
+
+
+def _retry_after(response: aiohttp.ClientResponse) -> float | None:
+    """The upstream's ``retry-after`` in seconds (a number; an HTTP date is not used)."""
+    value = response.headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds > 0 else None

@@ -1,9 +1,10 @@
 """Upstream model servers, one module per kind of upstream API.
 
-``openai_compatible`` speaks the OpenAI chat-completions wire format (vLLM, Ollama, llama.cpp's
-server, OpenAI, DeepSeek, DashScope and Dubhe's own simulator).
+``pool`` holds the deployments. An OpenAI-compatible upstream (vLLM, Ollama, llama.cpp's server,
+OpenAI, DeepSeek, DashScope and Dubhe's own simulator) speaks the wire format Dubhe relays, so its
+answers pass through as they are; ``anthropic`` translates Anthropic's Messages API to and from it.
 """
 
-from dubhe.providers.openai_compatible import Upstream, UpstreamPool
+from dubhe.providers.pool import Upstream, UpstreamPool
 
 __all__ = ["Upstream", "UpstreamPool"]

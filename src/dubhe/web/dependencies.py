@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from dubhe.catalog import Catalog
 from dubhe.keys.cache import KeyCache, KeyIdentity
+from dubhe.providers import UpstreamPool
 from dubhe.ratelimit import UnauthenticatedLimiter
 from dubhe.settings import Settings
 
@@ -26,6 +27,9 @@ class WebState:
     unauthenticated: UnauthenticatedLimiter
     # Read-only transactions that do not take SQLite's write lock (polls, live feeds).
     read_sessionmaker: async_sessionmaker[AsyncSession] | None = None
+    # The worker's deployments, for the admin's view of their health (None in tests that build
+    # the web app alone).
+    upstreams: UpstreamPool | None = None
 
 
 def get_state(request: Request) -> WebState:

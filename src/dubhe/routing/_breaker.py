@@ -1,0 +1,103 @@
+"""A circuit breaker per deployment.
+
+Closed: requests go through. It opens after ``failures`` consecutive failures, or when at least
+half of the last ``_WINDOW`` outcomes failed (with ``_MIN_SAMPLES`` seen), so a deployment that
+fails every other request is also taken out. Open: no request is sent for ``cooldown`` seconds.
+Then half-open: one trial request goes through (another only after a further cool-down, should
+the trial never report); its success closes the breaker, its failure opens it again.
+
+An upstream's ``retry-after`` (a 429 or 503) pauses the deployment for that long whatever the
+breaker's state, so no request of this worker is sent there before the upstream asked. An open
+breaker does not stop a request that has no other deployment to go to; a pause does.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections import deque
+
+log = logging.getLogger(__name__)
+
+_WINDOW = 20
+_MIN_SAMPLES = 10
+# Never honour a retry-after longer than this (an upstream cannot take itself out for a day).
+_MAX_RETRY_AFTER_SECONDS = 300.0
+
+
+class BreakerState(enum.StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+class Breaker:
+    __slots__ = ("_cooldown", "_failures_to_open", "_outcomes", "consecutive_failures", "name",
+                 "opened_at", "paused_until", "retry_at", "state")  # fmt: skip
+
+    def __init__(self, name: str, *, failures: int, cooldown: float) -> None:
+        self.name = name
+        self._failures_to_open = failures
+        self._cooldown = cooldown
+        self._outcomes: deque[bool] = deque(maxlen=_WINDOW)
+        self.state = BreakerState.CLOSED
+        self.consecutive_failures = 0
+        self.opened_at = 0.0
+        # No request before this monotonic time (a cool-down, or the upstream's retry-after)...
+        self.retry_at = 0.0
+        # ...and, whatever else, none before the upstream's own retry-after.
+        self.paused_until = 0.0
+
+    def usable(self, now: float, *, alone: bool = False) -> bool:
+        """Whether a request may be sent now (without taking a half-open trial). A deployment
+        that is the only one a request can use is tried even with its breaker open (a breaker
+        is for routing around a failure; with nowhere else to go it would only turn errors into
+        refusals), unless the upstream itself asked for a pause."""
+        if alone:
+            return now >= self.paused_until
+        return now >= self.retry_at
+
+    def take(self, now: float) -> None:
+        """A request is being sent: an open breaker past its cool-down lets this one through as
+        its trial, and holds back the others for another cool-down."""
+        if self.state is not BreakerState.CLOSED:
+            self.state = BreakerState.HALF_OPEN
+            self.retry_at = now + self._cooldown
+
+    def succeeded(self) -> None:
+        self._outcomes.append(True)
+        self.consecutive_failures = 0
+        if self.state is not BreakerState.CLOSED:
+            log.warning("upstream %s recovered: its circuit breaker is closed", self.name)
+            self.state = BreakerState.CLOSED
+            self.retry_at = 0.0
+
+    def failed(self, now: float, retry_after: float | None = None) -> None:
+        self._outcomes.append(False)
+        self.consecutive_failures += 1
+        if retry_after is not None and retry_after > 0:
+            self.paused_until = max(
+                self.paused_until, now + min(retry_after, _MAX_RETRY_AFTER_SECONDS)
+            )
+            self.retry_at = max(self.retry_at, self.paused_until)
+        failing = len(self._outcomes) >= _MIN_SAMPLES and (
+            self._outcomes.count(False) * 2 >= len(self._outcomes)
+        )
+        if (
+            self.state is BreakerState.HALF_OPEN
+            or self.consecutive_failures >= self._failures_to_open
+            or failing
+        ):
+            if self.state is not BreakerState.OPEN:
+                log.warning(
+                    "upstream %s is failing (%d in a row): its circuit breaker is open for %g s",
+                    self.name, self.consecutive_failures, self._cooldown,
+                )  # fmt: skip
+            self.state = BreakerState.OPEN
+            self.opened_at = now
+            self.retry_at = max(self.retry_at, now + self._cooldown)
+            self._outcomes.clear()
+
+    def retry_in(self, now: float) -> float:
+        """Seconds before a request may be sent here again (0: now)."""
+        return max(0.0, self.retry_at - now)

@@ -1,0 +1,102 @@
+"""Anthropic translation in memory: what a byte split or a broken event does to a stream, and
+what the hold pays for on an Anthropic deployment."""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+
+from dubhe.catalog import UpstreamSpec, load_catalog
+from dubhe.gateway import admission
+from dubhe.gateway.validation import validate_chat_request
+from dubhe.providers import anthropic
+from tests.upstreams.realistic import iter_events
+
+STREAM = b"".join(
+    b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+    for kind, data in [
+        ("message_start", {"type": "message_start", "message": {"usage": {"input_tokens": 9,
+                                                                          "output_tokens": 1}}}),
+        ("content_block_start", {"type": "content_block_start", "index": 0,
+                                 "content_block": {"type": "text", "text": ""}}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                 "delta": {"type": "text_delta", "text": "Paris é"}}),
+        ("content_block_start", {"type": "content_block_start", "index": 1,
+                                 "content_block": {"type": "tool_use", "id": "t1", "name": "f"}}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 1,
+                                 "delta": {"type": "input_json_delta", "partial_json": "{\"a\":"}}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 1,
+                                 "delta": {"type": "input_json_delta", "partial_json": "1}"}}),
+        ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "tool_use"},
+                           "usage": {"output_tokens": 7}}),
+        ("message_stop", {"type": "message_stop"}),
+    ]
+)  # fmt: skip
+
+
+def translate(pieces: list[bytes]) -> bytes:
+    translator = anthropic.StreamTranslator("dubhe-agent", "req_1", 1 << 20)
+    return b"".join(translator.feed(piece) for piece in pieces)
+
+
+def test_a_stream_split_anywhere_translates_the_same() -> None:
+    whole = translate([STREAM])
+    for cut in range(1, len(STREAM), 7):
+        assert translate([STREAM[:cut], STREAM[cut:]]) == whole
+    events = list(iter_events(whole))
+    assert events[-1] == b"[DONE]"
+    usage = orjson.loads(events[-2])["usage"]
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (9, 7)
+    finish = orjson.loads(events[-3])["choices"][0]
+    assert finish["finish_reason"] == "tool_calls"
+
+
+def test_a_broken_event_becomes_an_error_event_and_ends_the_stream() -> None:
+    out = translate([b"event: message_start\ndata: {not json\n\n", STREAM])
+    [event] = list(iter_events(out))
+    assert orjson.loads(event)["error"]["type"] == "upstream_error"
+
+
+def test_unbelievable_usage_is_dropped_so_dubhe_counts() -> None:
+    assert anthropic.usage_object({"input_tokens": -1, "output_tokens": 3}) is None
+    assert anthropic.usage_object({"input_tokens": "9", "output_tokens": 3}) is None
+    assert anthropic.usage_object({"input_tokens": True, "output_tokens": 3}) is None
+
+
+def test_turns_are_merged_to_alternate() -> None:
+    body = {"messages": [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": "a"},
+        {"role": "user", "content": [{"type": "text", "text": "b"}]},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}},
+            {"id": "c2", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "one"},
+        {"role": "tool", "tool_call_id": "c2", "content": "two"},
+    ], "presence_penalty": 1, "seed": 3, "parallel_tool_calls": False, "tools": [
+        {"type": "function", "function": {"name": "f"}}]}  # fmt: skip
+    out = anthropic.request_body(body, "claude", 64)
+    assert [turn["role"] for turn in out["messages"]] == ["user", "assistant", "user"]
+    assert len(out["messages"][0]["content"]) == 2
+    assert [b["tool_use_id"] for b in out["messages"][2]["content"]] == ["c1", "c2"]
+    assert out["system"] == [{"type": "text", "text": "Be brief."}]
+    assert "presence_penalty" not in out and "seed" not in out
+    assert out["tool_choice"] == {"type": "auto", "disable_parallel_tool_use": True}
+    assert out["tools"][0]["input_schema"] == {"type": "object", "properties": {}}
+
+
+def test_the_hold_covers_anthropic_s_tool_prompt() -> None:
+    catalog = load_catalog(None)
+    model = catalog.models["dubhe-agent"]
+    body = {"model": "dubhe-agent", "max_tokens": 10,
+            "messages": [{"role": "user", "content": "Hi"}],
+            "tools": [{"type": "function", "function": {"name": "f"}}]}  # fmt: skip
+    request = validate_chat_request(body, model)
+    openai = UpstreamSpec("o", "openai", "http://o/v1", ("dubhe-agent",))
+    claude = UpstreamSpec("c", "anthropic", "http://c/v1", ("dubhe-agent",))
+    plain = asyncio.run(admission.size(dict(body), request, model, openai, body_bytes=200))
+    translated = asyncio.run(admission.size(dict(body), request, model, claude, body_bytes=200))
+    assert b'"max_tokens":10' in translated.payload
+    assert translated.prompt_bound >= anthropic.TOOL_USE_SYSTEM_TOKENS
+    assert translated.prompt_bound > plain.prompt_bound
