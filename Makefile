@@ -50,7 +50,7 @@ $(SYSTEM_TOOLS) &:
 	fi
 
 test: lint .venv/.local-model tests/node/node_modules/.installed $(SYSTEM_TOOLS)
-	$(VENV)/python -m pytest -n 4 --dist loadfile
+	$(VENV)/python -m pytest -n 4 --dist loadfile --durations=25
 
 lint: setup
 	$(VENV)/ruff check src tests bench
