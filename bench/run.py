@@ -23,6 +23,10 @@ Phases (bench/README.md explains each figure):
      ratio targets that do not move with the machine
   9. start and memory: cold start (spawn to first 200) and idle RSS of the gateway as ratios
      to the bare proxy's, and the CLI's start time (`dubhe --help`, `dubhe users show`)
+ 10. routing: CPU per request at c=64 for a model with three deployments, one refusing
+     connections (its breaker opens), against the plain one-deployment model, rotating rounds
+ 11. the limiter with Redis: the 1-worker c=64 run again with DUBHE_REDIS_URL set (the
+     machine's Redis, a prefix of the run's own), against the same run without it
 
 Targets are printed next to the numbers; nothing here asserts on timing. The exit status is
 non-zero only when the harness itself could not run.
@@ -77,6 +81,10 @@ KIB = 1024  # VmRSS in /proc/<pid>/status is in kB
 FAST_MODEL = "dubhe-fast"  # unpaced sim: latency, throughput, TTFT
 PACED_MODEL = "dubhe-code"  # sim at 50 tokens/s: CPU per relayed chunk
 SLOW_MODEL = "dubhe-qwen"  # sim at 10 tokens/s: streams that stay open for the memory probe
+# Three deployments: two on the fast sim, one on a port nothing listens on (phase 10).
+ROUTED_MODEL = "dubhe-agent"
+# Phase 11: the machine's Redis (the README's scale-out setting); skipped when it does not answer.
+BENCH_REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 PACED_TOKENS_PER_S = 50
 SLOW_TOKENS_PER_S = 10
 
@@ -482,6 +490,7 @@ class Rig:
         self.work_dir = work_dir
         self.data_dir = work_dir / "data"
         self.database_url = database_url
+        self.redis_url: str | None = None  # phase 11 sets it for the gateways it starts
         self.procs = Processes(work_dir)
         self.sims: dict[str, Sim] = {}
         self.gateway: Gateway | None = None
@@ -542,11 +551,15 @@ class Rig:
             env["PYTHONPATH"] = str(self.core.src)
         elif self.database_url:
             env["DUBHE_DATABASE_URL"] = self.database_url
+        if side == "gateway" and self.redis_url:
+            env["DUBHE_REDIS_URL"] = self.redis_url
+            env["DUBHE_REDIS_PREFIX"] = f"bench-{os.getpid()}:"
         return env
 
     def write_catalog(self) -> None:
         fast, paced, slow = (self.sims[n].port for n in ("fast", "paced", "slow"))
-        others = ["dubhe-vision", "dubhe-reasoning", "dubhe-agent"]
+        others = ["dubhe-vision", "dubhe-reasoning"]
+        dead = free_port()  # nothing listens there: every request to it is refused at connect
         (self.work_dir / "dubhe.toml").write_text(f"""
 # Plan limits raised far beyond the load: the benchmark measures relaying, not rejections.
 [plans.ultimate]
@@ -573,6 +586,25 @@ name = "sim-slow"
 kind = "openai"
 base_url = "http://127.0.0.1:{slow}/v1"
 models = ["{SLOW_MODEL}"]
+
+# Phase 10: one public model, three deployments of equal weight, one of them down.
+[[upstreams]]
+name = "routed-a"
+kind = "openai"
+base_url = "http://127.0.0.1:{fast}/v1"
+models = ["{ROUTED_MODEL}"]
+
+[[upstreams]]
+name = "routed-b"
+kind = "openai"
+base_url = "http://127.0.0.1:{fast}/v1"
+models = ["{ROUTED_MODEL}"]
+
+[[upstreams]]
+name = "routed-down"
+kind = "openai"
+base_url = "http://127.0.0.1:{dead}/v1"
+models = ["{ROUTED_MODEL}"]
 """)
 
     # processes ------------------------------------------------------------------------------
@@ -614,7 +646,9 @@ models = ["{SLOW_MODEL}"]
 
     def start_gateway(self, workers: int, side: str = "gateway") -> Gateway:
         port = free_port()
-        name = f"{side}-{workers}w"
+        name = f"{side}-{workers}w" + ("-redis" if side == "gateway" and self.redis_url else "")
+        if name in self.gateway_logs:  # a restart (phase 11): a log of its own
+            name += f"-{sum(log.startswith(name) for log in self.gateway_logs) + 1}"
         argv = [*self._cli(side), "serve", "--host", "127.0.0.1", "--port", str(port),
                 "--workers", str(workers)]  # fmt: skip
         proc = self.procs.start(name, argv, self.env(side))
@@ -733,10 +767,10 @@ models = ["{SLOW_MODEL}"]
 
 
 def wrk(rig: Rig, where: str, *, threads: int, connections: int, seconds: int,
-        target: tuple[str, dict[str, str]] | None = None) -> dict:
+        target: tuple[str, dict[str, str]] | None = None, model: str = FAST_MODEL) -> dict:
     """wrk against a target name, or against (url, headers) given as target."""
     url, headers = target or rig.target(where)
-    body = json.dumps(streams.chat_body(FAST_MODEL, 16, stream=False))
+    body = json.dumps(streams.chat_body(model, 16, stream=False))
     auth = "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in headers.items())
     script = rig.work_dir / f"wrk-{where}.lua"
     script.write_text(WRK_SCRIPT.format(body=body, auth=auth))
@@ -904,7 +938,7 @@ def phase_throughput_rounds(rig: Rig, plan: Plan) -> dict:
     return {names[where]: summary for where, summary in medians.items()}
 
 
-def phase_throughput(rig: Rig, plan: Plan, where: str) -> dict:
+def phase_throughput(rig: Rig, plan: Plan, where: str, model: str = FAST_MODEL) -> dict:
     """64 connections for plan.throughput_s, with the CPU each process tree used meanwhile:
     CPU per request = CPU seconds / completed requests. where: direct, gateway, core or bare
     (the tree of the server under test is reported as "gateway" whichever it is)."""
@@ -916,12 +950,58 @@ def phase_throughput(rig: Rig, plan: Plan, where: str) -> dict:
         tally = (stack.enter_context(rig.through_gateway(sim, where))
                  if where in ("gateway", "core") else Tally())  # fmt: skip
         cpu = stack.enter_context(cpu_delta(**roots))
-        result = wrk(rig, where, threads=2, connections=64, seconds=plan.throughput_s)
+        result = wrk(rig, where, threads=2, connections=64, seconds=plan.throughput_s,
+                     model=model)
         tally.client_completed = result["requests"]
     for name, seconds in cpu.items():
         result[f"{name}_cpu_s"] = seconds
         result[f"{name}_cpu_us_per_request"] = seconds / max(result["requests"], 1) * 1e6
     return result
+
+
+def phase_routing(rig: Rig, plan: Plan) -> dict:
+    """Phase 10: what routing costs a request that does not fail. The plain model has one
+    deployment; the routed one three, one refusing connections: its first requests fail over
+    (and count), then its breaker keeps it out but for a half-open trial now and then. Both
+    through the same 1-worker gateway, rotating rounds, median reported."""
+    models = {"plain": FAST_MODEL, "routed": ROUTED_MODEL}
+    with rig.through_gateway(rig.sims["fast"]) as tally:  # its requests are billed too
+        warm = wrk(rig, "gateway", threads=1, connections=4, seconds=1, model=ROUTED_MODEL)
+        tally.client_completed = warm["requests"]
+    medians = _rotating_rounds(
+        list(models), plan.throughput_rounds,
+        lambda name: phase_throughput(rig, plan, "gateway", models[name]))
+    plain, routed = (medians[name]["gateway_cpu_us_per_request"] for name in models)
+    return {**medians, "warm_up": warm, "cpu_ratio": routed / plain if plain else None}
+
+
+def phase_redis(rig: Rig, plan: Plan) -> dict:
+    """Phase 11: the 1-worker c=64 run with the limiter on Redis (DUBHE_REDIS_URL), in rounds
+    alternating with the same run without it, each on a fresh gateway."""
+    runs: dict[str, list[dict]] = {"local": [], "redis": []}
+    for i in range(plan.throughput_rounds):
+        for limiter in (("local", "redis") if i % 2 == 0 else ("redis", "local")):
+            rig.redis_url = BENCH_REDIS_URL if limiter == "redis" else None
+            rig.start_gateway(workers=1)
+            try:
+                warm_up(rig, ["gateway"])
+                runs[limiter].append(phase_throughput(rig, plan, "gateway"))
+            finally:
+                rig.stop_gateway()
+    rig.redis_url = None
+    medians = {name: _median_run(limiter_runs) for name, limiter_runs in runs.items()}
+    local, redis = (medians[n]["gateway_cpu_us_per_request"] for n in ("local", "redis"))
+    return {**medians, "cpu_us_added": redis - local}
+
+
+def redis_answers(url: str) -> bool:
+    host, _, port = url.removeprefix("redis://").split("/")[0].partition(":")
+    try:
+        with socket.create_connection((host, int(port or 6379)), timeout=1) as conn:
+            conn.sendall(b"PING\r\n")
+            return conn.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
 
 
 def phase_ttft(rig: Rig, plan: Plan) -> dict:
@@ -1235,6 +1315,10 @@ def _load_runs(results: dict) -> dict[str, dict]:
     for where in ("gateway", "bare"):
         if where in results.get("start", {}):
             runs[f"wrk c=4 warm-up after start, {where}"] = results["start"][where]
+    for phase in ("routing", "redis"):
+        for name, run in results.get(phase, {}).items():
+            if isinstance(run, dict):
+                runs[f"wrk c=64 {phase} {name}"] = run
     return runs
 
 
@@ -1305,6 +1389,19 @@ def table(results: dict) -> str:
         f"{mem['idle_rss_mb']:.0f} -> {mem['peak_rss_mb']:.0f} MB",
         f"{mem['mb_per_1000_streams']:.1f} MB",
         verdict("mb_per_1000_streams", mem["mb_per_1000_streams"]))  # fmt: skip
+
+    routing = results.get("routing")
+    if routing:
+        add("CPU per request: 1 deployment / 3, one down", "",
+            f"{_us(routing['plain']['gateway_cpu_us_per_request'])} / "
+            f"{_us(routing['routed']['gateway_cpu_us_per_request'])}",
+            f"{routing['cpu_ratio']:.2f}x", f"non-2xx {routing['routed']['non_2xx']}")
+    redis = results.get("redis")
+    if redis:
+        add("CPU per request: limiter local / Redis", "",
+            f"{_us(redis['local']['gateway_cpu_us_per_request'])} / "
+            f"{_us(redis['redis']['gateway_cpu_us_per_request'])}",
+            f"{redis['cpu_us_added']:+.0f} us")
 
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = [
@@ -1616,6 +1713,8 @@ def run(plan: Plan, database_url: str | None, quick: bool, core_ref: str, no_cor
             _log(f"phase 5: memory with {plan.memory_streams} open streams")
             results["memory"] = phase_memory(rig, plan)
             results["memory_bare"] = phase_memory(rig, plan, "bare")
+            _log("phase 10: routing, a model with three deployments, one down")
+            results["routing"] = phase_routing(rig, plan)
             rig.stop_bare()  # the physical limit is measured; the rest is the gateway's alone
             rig.stop_gateway()
             _log("phase 2 again: throughput with 2 workers")
@@ -1623,6 +1722,11 @@ def run(plan: Plan, database_url: str | None, quick: bool, core_ref: str, no_cor
             warm_up(rig, ["direct", "gateway"])
             throughput["gateway_2w"] = phase_throughput(rig, plan, "gateway")
             rig.stop_gateway()
+            if redis_answers(BENCH_REDIS_URL):
+                _log(f"phase 11: the limiter on Redis ({BENCH_REDIS_URL}), 1 worker")
+                results["redis"] = phase_redis(rig, plan)
+            else:
+                _log(f"phase 11 skipped: no Redis answers at {BENCH_REDIS_URL}")
             _log(f"start and memory: {plan.start_runs} cold starts each, and the CLI")
             results["start"] = phase_start(rig, plan)
             # Above half the sim's rate, wrk and the sim take cores the gateway would need.
