@@ -42,6 +42,7 @@ from dubhe.ratelimit import (
     UnauthenticatedLimiter,
     redis_client,
 )
+from dubhe.routing import share_breakers
 from dubhe.server import Cors, declared_too_large, limited_receive, request_too_large
 from dubhe.settings import Settings, load_settings
 from dubhe.web import WebState, create_web_app
@@ -95,6 +96,7 @@ class DubheApp:
                 prefix=self.settings.redis_prefix,
                 fail_open=self.settings.redis_failure_policy == "open",
             )
+            share_breakers(self.budget, {d.spec.name: d.breaker for d in upstreams.all})
             self.budget.start()
         else:
             self.budget = LocalBudget()

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -20,6 +21,7 @@ from dubhe.ratelimit import (
     format_duration,
     redis_client,
 )
+from dubhe.routing import Breaker, BreakerState, share_breakers
 from tests.scale.conftest import RedisServer, start_redis
 
 
@@ -179,3 +181,45 @@ async def test_the_flusher_never_forgets_a_subject_awaiting_redis(
         await limiter.admit("k1", limits)
     ticket.finish(0)
     await budget.stop()
+
+
+async def _until(condition: Callable[[], bool], seconds: float = 3.0) -> bool:
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+async def test_a_breaker_opened_on_one_worker_opens_on_the_others(
+    redis_server: RedisServer,
+) -> None:
+    budgets = [RedisBudget(redis_client(redis_server.url), prefix="br1:") for _ in range(2)]
+    breakers = [Breaker("gpu-a", failures=3, cooldown=30) for _ in budgets]
+    for budget, breaker in zip(budgets, breakers, strict=True):
+        share_breakers(budget, {"gpu-a": breaker, "gpu-b": Breaker("gpu-b", failures=3,
+                                                                    cooldown=30)})
+        budget.start()
+    first, second = breakers
+    try:
+        await asyncio.sleep(0.2)  # both listen
+        now = time.monotonic()
+        for _ in range(3):
+            first.failed(now)
+        assert first.state is BreakerState.OPEN
+        assert await _until(lambda: second.state is BreakerState.OPEN)
+        assert not second.usable(time.monotonic())
+        assert 25 < second.retry_in(time.monotonic()) <= 30
+        # The first worker's trial succeeds: every worker closes.
+        first.take(now + 31)
+        first.succeeded()
+        assert await _until(lambda: second.state is BreakerState.CLOSED)
+        assert second.usable(time.monotonic())
+        # An upstream's retry-after seen by the second pauses the deployment on the first.
+        second.failed(time.monotonic(), retry_after=20)
+        assert await _until(lambda: not first.usable(time.monotonic(), alone=True))
+        assert first.state is BreakerState.CLOSED  # a pause, not a failure of its own
+    finally:
+        for budget in budgets:
+            await budget.stop()

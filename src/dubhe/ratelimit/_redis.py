@@ -174,8 +174,33 @@ class RedisBudget:
         self.round_trips = 0
         self.recalls = 0
         self._recall_channel = f"{prefix}rl:recall"
+        # Other channels this worker listens on (``subscribe``), by their full names.
+        self._handlers: dict[str, Callable[[str], None]] = {}
+        self._publishing: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
+
+    @property
+    def worker(self) -> str:
+        return self._worker
+
+    # -- pub/sub for others (the routing's shared breakers) ------------------------------------
+
+    def subscribe(self, channel: str, handler: Callable[[str], None]) -> None:
+        """Call ``handler`` with each message on ``channel`` (before ``start``)."""
+        self._handlers[f"{self._prefix}{channel}"] = handler
+
+    def publish_soon(self, channel: str, payload: str) -> None:
+        """Publish without waiting: a lost message costs only what each worker learns alone."""
+        task = asyncio.get_running_loop().create_task(self._publish(channel, payload))
+        self._publishing.add(task)
+        task.add_done_callback(self._publishing.discard)
+
+    async def _publish(self, channel: str, payload: str) -> None:
+        try:
+            await self._client.publish(f"{self._prefix}{channel}", payload)
+        except (RedisError, OSError) as error:
+            self._failed(error)
 
     # -- the shared budget, or what replaces it while Redis is down ----------------------------
 
@@ -415,14 +440,21 @@ class RedisBudget:
             state.refreshed_at = time.monotonic()
 
     async def _answer_recalls(self) -> None:
-        """Hand back a subject's idle slots as soon as another worker recalls them."""
+        """Hand back a subject's idle slots as soon as another worker recalls them (and pass
+        other channels' messages to their handlers)."""
         while True:
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(self._recall_channel)
+                await pubsub.subscribe(self._recall_channel, *self._handlers)
                 while True:
                     message = await pubsub.get_message(timeout=0.5)
                     if message is None:
+                        continue
+                    channel = message["channel"].decode()
+                    if channel != self._recall_channel:
+                        handler = self._handlers.get(channel)
+                        if handler is not None:
+                            handler(message["data"].decode(errors="replace"))
                         continue
                     subject = message["data"].decode()
                     state = self._subjects.get(subject)

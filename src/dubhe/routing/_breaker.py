@@ -9,6 +9,10 @@ the trial never report); its success closes the breaker, its failure opens it ag
 An upstream's ``retry-after`` (a 429 or 503) pauses the deployment for that long whatever the
 breaker's state, so no request of this worker is sent there before the upstream asked. An open
 breaker does not stop a request that has no other deployment to go to; a pause does.
+
+With Redis configured, each transition (opened, closed, paused) is told to every other worker
+(``share_breakers`` in ``_shared.py``), which applies it with ``apply``: a deployment found dead
+by one worker is routed around by all of them.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import enum
 import logging
 from collections import deque
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +38,7 @@ class BreakerState(enum.StrEnum):
 
 class Breaker:
     __slots__ = ("_cooldown", "_failures_to_open", "_outcomes", "consecutive_failures", "name",
-                 "opened_at", "paused_until", "retry_at", "state")  # fmt: skip
+                 "on_change", "opened_at", "paused_until", "retry_at", "state")  # fmt: skip
 
     def __init__(self, name: str, *, failures: int, cooldown: float) -> None:
         self.name = name
@@ -47,6 +52,9 @@ class Breaker:
         self.retry_at = 0.0
         # ...and, whatever else, none before the upstream's own retry-after.
         self.paused_until = 0.0
+        # Told of each transition this worker saw: (name, "open" | "closed" | "paused", seconds
+        # before a request may be sent again).
+        self.on_change: Callable[[str, str, float], None] | None = None
 
     def usable(self, now: float, *, alone: bool = False) -> bool:
         """Whether a request may be sent now (without taking a half-open trial). A deployment
@@ -71,6 +79,8 @@ class Breaker:
             log.warning("upstream %s recovered: its circuit breaker is closed", self.name)
             self.state = BreakerState.CLOSED
             self.retry_at = 0.0
+            if self.on_change is not None:
+                self.on_change(self.name, "closed", 0.0)
 
     def failed(self, now: float, retry_after: float | None = None) -> None:
         self._outcomes.append(False)
@@ -80,6 +90,8 @@ class Breaker:
                 self.paused_until, now + min(retry_after, _MAX_RETRY_AFTER_SECONDS)
             )
             self.retry_at = max(self.retry_at, self.paused_until)
+            if self.on_change is not None:
+                self.on_change(self.name, "paused", self.paused_until - now)
         failing = len(self._outcomes) >= _MIN_SAMPLES and (
             self._outcomes.count(False) * 2 >= len(self._outcomes)
         )
@@ -93,10 +105,35 @@ class Breaker:
                     "upstream %s is failing (%d in a row): its circuit breaker is open for %g s",
                     self.name, self.consecutive_failures, self._cooldown,
                 )  # fmt: skip
+            opened = self.state is not BreakerState.OPEN
             self.state = BreakerState.OPEN
             self.opened_at = now
             self.retry_at = max(self.retry_at, now + self._cooldown)
             self._outcomes.clear()
+            if opened and self.on_change is not None:
+                self.on_change(self.name, "open", self.retry_at - now)
+
+    def apply(self, change: str, seconds: float, now: float) -> None:
+        """What another worker saw: its breaker opened (no request here for ``seconds``
+        either, then this worker's own half-open trial), closed, or the upstream asked for a
+        pause. Applied silently: it is not told again."""
+        seconds = min(max(seconds, 0.0), _MAX_RETRY_AFTER_SECONDS)
+        if change == "open":
+            if self.state is not BreakerState.OPEN:
+                log.warning("upstream %s is failing on another worker: its circuit breaker is "
+                            "open here too for %g s", self.name, seconds)
+            self.state = BreakerState.OPEN
+            self.opened_at = now
+            self.retry_at = max(self.retry_at, now + seconds)
+            self._outcomes.clear()
+        elif change == "closed" and self.state is not BreakerState.CLOSED:
+            self.state = BreakerState.CLOSED
+            self.consecutive_failures = 0
+            self._outcomes.clear()
+            self.retry_at = self.paused_until
+        elif change == "paused":
+            self.paused_until = max(self.paused_until, now + seconds)
+            self.retry_at = max(self.retry_at, self.paused_until)
 
     def retry_in(self, now: float) -> float:
         """Seconds before a request may be sent here again (0: now)."""
