@@ -150,6 +150,10 @@ async def test_an_account_for_k_requests_serves_exactly_k_across_workers(pair: P
     assert (len(served), clamped) == (K, []), "credit stayed in other workers' leases"
     for response in served:
         assert response.json()["usage"]["total_tokens"] == REQUEST_USAGE
+        # The header reports the account (available plus what every lease holds unused), not
+        # the one worker's lease: nothing the account had is spent beyond the 12 requests.
+        shown = int(response.headers["x-dubhe-tokens-remaining"])
+        assert K * (REQUEST_TOKENS - REQUEST_USAGE) <= shown <= K * REQUEST_TOKENS - REQUEST_USAGE
     for response in refused:
         assert response.json()["error"]["code"] == "insufficient_quota"
     account = await _reconciled(pair.engine, user_id)
