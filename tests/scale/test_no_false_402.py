@@ -18,6 +18,8 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from dubhe.billing.pricing import cost_uusd, format_usd
+from dubhe.catalog import load_catalog
 from dubhe.database import create_engine
 from tests.billing.conftest import hold_prompt, prompt_tokens
 from tests.conftest import Server, Sim, assert_clean_log, fresh_database, start_server
@@ -47,6 +49,15 @@ requests_per_minute = 100000
 tokens_per_minute = 100000000
 concurrent_requests = 1000
 
+[plans.metered]
+name = "Metered"
+price_usd = "0"
+models = ["dubhe-fast"]
+included_tokens = 0
+requests_per_minute = 100000
+tokens_per_minute = 100000000
+concurrent_requests = 1000
+
 [[upstreams]]
 name = "fast"
 kind = "openai"
@@ -61,11 +72,13 @@ class Pair:
     b: Server
     engine: AsyncEngine
 
-    async def new_account(self) -> tuple[str, int]:
-        email = f"exact-{secrets.token_hex(4)}@example.com"
+    async def new_account(self, plan: str = "exact", *key_args: str) -> tuple[str, int]:
+        email = f"{plan}-{secrets.token_hex(4)}@example.com"
         self.a.cli("users", "create", email, "--password", "correct-horse-battery",
-                   "--plan", "exact")
-        key = self.a.cli("keys", "create", email).stdout.strip()
+                   "--plan", plan)
+        if plan == "metered":
+            self.a.cli("balance", "add", email, "100")
+        key = self.a.cli("keys", "create", email, *key_args).stdout.strip()
         async with self.engine.connect() as connection:
             row = await connection.execute(text("SELECT id FROM users WHERE email = :e"),
                                            {"e": email})
@@ -132,16 +145,22 @@ async def _reconciled(engine: AsyncEngine, user_id: int) -> dict[str, int]:
     return account
 
 
-async def test_an_account_for_k_requests_serves_exactly_k_across_workers(pair: Pair) -> None:
-    key, user_id = await pair.new_account()
+async def _race(pair: Pair, key: str) -> list[httpx.Response]:
+    """4K requests at once, alternating between the two instances."""
     count = 4 * K
     limits = httpx.Limits(max_connections=count + 10, max_keepalive_connections=0)
     async with httpx.AsyncClient(limits=limits, timeout=60) as client:
-        responses = await asyncio.gather(*(
+        return await asyncio.gather(*(
             client.post(server.base_url + "/chat/completions", json=BODY,
                         headers={"authorization": f"Bearer {key}"})
             for server in [pair.a, pair.b] * (count // 2)
         ))
+
+
+async def test_an_account_for_k_requests_serves_exactly_k_across_workers(pair: Pair) -> None:
+    key, user_id = await pair.new_account()
+    count = 4 * K
+    responses = await _race(pair, key)
     served = [r for r in responses if r.status_code == 200]
     refused = [r for r in responses if r.status_code == 402]
     assert len(served) + len(refused) == count, sorted({r.status_code for r in responses})
@@ -160,3 +179,26 @@ async def test_an_account_for_k_requests_serves_exactly_k_across_workers(pair: P
     # All that is left is what the prompt bounds held beyond the simulator's count.
     assert account["tokens_available"] == K * (REQUEST_TOKENS - REQUEST_USAGE)
     assert account["tokens_reserved"] == 0
+
+
+async def test_a_key_capped_at_k_requests_serves_exactly_k_across_workers(pair: Pair) -> None:
+    """The same for a key's monthly spend cap (``billing/caps.py``): the account can pay for
+    many more, the cap for exactly K, and the cap's headroom is recalled like credit."""
+    model = load_catalog(None).models["dubhe-fast"]
+    each = cost_uusd(model, HOLD_PROMPT, MAX_TOKENS)
+    key, user_id = await pair.new_account("metered", "--spend-cap-usd", format_usd(K * each))
+    responses = await _race(pair, key)
+    served = [r for r in responses if r.status_code == 200]
+    refused = [r for r in responses if r.status_code == 402]
+    assert len(served) + len(refused) == 4 * K, sorted({r.status_code for r in responses})
+    clamped = [r.headers["x-dubhe-max-tokens-clamped"] for r in served
+               if "x-dubhe-max-tokens-clamped" in r.headers]
+    assert (len(served), clamped) == (K, []), "headroom stayed in other workers' cap leases"
+    for response in refused:
+        assert "spend cap" in response.json()["error"]["message"]
+    await _reconciled(pair.engine, user_id)
+    async with pair.engine.connect() as connection:
+        spent = (await connection.execute(text(
+            "SELECT coalesce(sum(cost_uusd), 0) FROM usage_records WHERE user_id = :u"),
+            {"u": user_id})).scalar_one()
+    assert spent == K * cost_uusd(model, prompt_tokens(PROMPT), MAX_TOKENS) <= K * each

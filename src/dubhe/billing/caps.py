@@ -23,9 +23,10 @@ figure the keys list shows. The cap holds the way an account's credit does (``me
 
 5. **Recall** (PostgreSQL), as for accounts (``meter.py``): a refill that finds the headroom
    short of a request while another worker's cap lease of the key holds some unused takes
-   nothing and notifies ``dubhe_recall`` with the key's account; every worker gives back the
-   free headroom of its cap leases of that account's keys (``give_back``), and the short worker
-   tries again over ~300 ms before a last refill clamps or refuses.
+   nothing and notifies ``dubhe_recall`` with ``"<user id> <key id>"``; every worker gives back
+   the free headroom of its cap leases of that key (``give_back``; the account's leases are
+   left alone), and the short worker tries again over ~300 ms before a last refill clamps or
+   refuses.
 
 An uncapped key costs nothing of this: the meter checks for a cap once per request, in memory.
 What is given up, as for accounts: on SQLite (no NOTIFY) a request may be refused while another
@@ -163,7 +164,7 @@ class CapBook:
                 outcome = "alone"
                 if (repository.can_recall
                         and await repository.others_hold_headroom(key_id, month, self._owner())):
-                    await repository.recall_leases(user_id)
+                    await repository.recall_leases(user_id, key_id)
                     take = 0
                     outcome = "recalled"
             lease_id = current.id if current is not None else 0
@@ -186,17 +187,17 @@ class CapBook:
         current.free += take
         return current, outcome
 
-    def holds_free(self, user_id: int) -> bool:
-        """Whether this worker's cap leases of the account's keys hold free headroom."""
-        return any(cap.user_id == user_id and cap.id and cap.free > 0 for cap in self.all())
+    def holds_free(self, key_id: int) -> bool:
+        """Whether this worker's cap leases of the key hold free headroom."""
+        return any(cap.key_id == key_id and cap.id and cap.free > 0 for cap in self.all())
 
-    async def give_back(self, user_id: int) -> None:
-        """Return the free headroom of this worker's cap leases of the account's keys (another
-        worker recalled it), in one short transaction; what requests in flight hold stays. The
-        account's row is locked first, as every refill and settlement of its keys does."""
+    async def give_back(self, user_id: int, key_id: int) -> None:
+        """Return the free headroom of this worker's cap leases of the key (another worker
+        recalled it), in one short transaction; what requests in flight hold stays. The key's
+        account row is locked first, as every refill and settlement of its usage does."""
         taken = []
         for cap in self.all():
-            if cap.user_id == user_id and cap.id and cap.free > 0:
+            if cap.key_id == key_id and cap.id and cap.free > 0:
                 taken.append((cap, cap.free))
                 cap.free = 0  # out of memory first: nothing is held against it from here on
                 cap.recalls += 1

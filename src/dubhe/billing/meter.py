@@ -182,7 +182,8 @@ class Meter:
         # Accounts recalled lately (``_SCARCE_SECONDS``), and those whose leases this worker is
         # giving back right now.
         self._scarce: dict[int, float] = {}
-        self._giving_back: set[int] = set()
+        self._scarce_keys: dict[int, float] = {}
+        self._giving_back: set[tuple[int, int | None]] = set()
         self._background: set[asyncio.Future[None]] = set()
         self.caps = CapBook(sessionmaker, lambda: self._owner, catalog.reservation_ttl_seconds)
 
@@ -413,18 +414,21 @@ class Meter:
         ``_refill_or_recall`` does the account's credit."""
         for pause in _RECALL_PAUSES:
             cap, outcome = await self.caps.refill(user_id, key_id, cap_uusd, need_uusd,
-                                                  recall=True, scarce=self._is_scarce(user_id))
+                                                  recall=True, scarce=self._key_scarce(key_id))
             if outcome == "alone" or (outcome == "took" and cap.free >= need_uusd):
                 return cap
             if outcome == "recalled":
-                self._scarce[user_id] = time.monotonic() + _SCARCE_SECONDS
+                self._scarce_keys[key_id] = time.monotonic() + _SCARCE_SECONDS
             await asyncio.sleep(pause)
         cap, _ = await self.caps.refill(user_id, key_id, cap_uusd, need_uusd,
-                                        scarce=self._is_scarce(user_id))
+                                        scarce=self._key_scarce(key_id))
         return cap
 
     def _is_scarce(self, user_id: int) -> bool:
         return self._scarce.get(user_id, 0.0) > time.monotonic()
+
+    def _key_scarce(self, key_id: int) -> bool:
+        return self._scarce_keys.get(key_id, 0.0) > time.monotonic()
 
     async def _refill(self, user_id: int, need_tokens: int, need_uusd: int, *,
                       fits: _Fits | None = None) -> tuple[LiveLease | None, RefillOutcome]:
@@ -538,36 +542,44 @@ class Meter:
             self._retire(lease)
 
     def recalled(self, payload: str) -> None:
-        """Another worker is short of this account's credit (payload: the user id): give back
-        what this worker's leases of it hold free, in the background."""
+        """Another worker is short of an account's credit (payload ``"<user id>"``) or of a
+        capped key's headroom (``"<user id> <key id>"``): give back what this worker's leases
+        of it hold free, in the background."""
         try:
-            user_id = int(payload)
+            ids = tuple(int(part) for part in payload.split())
         except ValueError:
+            ids = ()
+        if len(ids) not in (1, 2):
             log.warning("ignored a recall notification %r", payload[:100])
             return
-        self._scarce[user_id] = time.monotonic() + _SCARCE_SECONDS
-        if user_id in self._giving_back:
-            return  # the one running gives back what is free when it starts; the next recall
-        if not (self.caps.holds_free(user_id) or any(
-                lease.user_id == user_id and lease.id and (lease.tokens_free or lease.uusd_free)
-                for lease in (*self._leases.values(), *self._retiring))):
-            return
-        self._giving_back.add(user_id)
-        task = asyncio.ensure_future(self._give_back(user_id))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        subject = (ids[0], ids[1] if len(ids) == 2 else None)
+        user_id, key_id = subject
+        until = time.monotonic() + _SCARCE_SECONDS
+        if key_id is None:
+            self._scarce[user_id] = until
+            holds = any(lease.user_id == user_id and lease.id
+                        and (lease.tokens_free or lease.uusd_free)
+                        for lease in (*self._leases.values(), *self._retiring))
+        else:
+            self._scarce_keys[key_id] = until
+            holds = self.caps.holds_free(key_id)
+        # One give-back per subject at a time: the one running takes what is free when it
+        # starts; credit freed later goes back at the short worker's next recall.
+        if holds and subject not in self._giving_back:
+            self._giving_back.add(subject)
+            task = asyncio.ensure_future(self._give_back(user_id, key_id))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
-    async def _give_back(self, user_id: int) -> None:
-        """Return to the account the free part of this worker's leases of it, in one short
-        transaction; what requests in flight hold stays in the lease. The lease stays open:
-        this worker's next request for the account refills it as usual. The free headroom of
-        its cap leases of the account's keys goes back too (``CapBook.give_back``)."""
+    async def _give_back(self, user_id: int, key_id: int | None) -> None:
+        """Return to the account the free part of this worker's leases of it (or, for a key,
+        the free headroom of its cap leases: ``CapBook.give_back``), in one short transaction;
+        what requests in flight hold stays in the lease. The lease stays open: this worker's
+        next request for the account refills it as usual."""
         try:
-            await self.caps.give_back(user_id)
-        except Exception:
-            log.warning("giving back the cap headroom of account %d's keys failed; it returns "
-                        "when the leases close", user_id, exc_info=True)
-        try:
+            if key_id is not None:
+                await self.caps.give_back(user_id, key_id)
+                return
             taken = []
             for lease in (self._leases.get(user_id), *self._retiring):
                 if (lease is not None and lease.user_id == user_id and lease.id
@@ -594,11 +606,11 @@ class Meter:
                 await posting.write(repository, now)
         except Exception:
             # What was taken out of memory stays reserved in the lease (never spent twice) and
-            # returns to the account when the lease closes.
-            log.warning("giving back the credit of account %d's leases failed; it returns when "
-                        "they close", user_id, exc_info=True)
+            # returns when the lease closes.
+            log.warning("giving back the free credit of account %d's leases (key %s) failed; "
+                        "it returns when they close", user_id, key_id, exc_info=True)
         finally:
-            self._giving_back.discard(user_id)
+            self._giving_back.discard((user_id, key_id))
 
     def _owes(self, user_id: int, debt_uusd: int) -> None:
         """Refuse the account from memory for a while: it owes ``debt_uusd``."""
@@ -876,8 +888,9 @@ class Meter:
                 self._retire(lease)
         for user_id in [user for user, (_, until) in self._debtors.items() if until <= moment]:
             del self._debtors[user_id]
-        for user_id in [user for user, until in self._scarce.items() if until <= moment]:
-            del self._scarce[user_id]
+        for scarce in (self._scarce, self._scarce_keys):
+            for subject in [subject for subject, until in scarce.items() if until <= moment]:
+                del scarce[subject]
         drained = [lease for lease in self._retiring if lease.in_flight == 0]
         if not drained:
             return

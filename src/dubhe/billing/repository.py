@@ -176,10 +176,12 @@ class BillingRepository:
         leases return by themselves (``lease_idle_seconds``)."""
         return self._dialect == "postgresql"
 
-    async def recall_leases(self, user_id: int) -> None:
-        """Ask every worker to give back the unused part of its lease for this account, when
-        this transaction commits (``dubhe.pubsub``). PostgreSQL only (``can_recall``)."""
-        await self.session.execute(select(func.pg_notify(RECALL, str(user_id))))
+    async def recall_leases(self, user_id: int, key_id: int | None = None) -> None:
+        """Ask every worker to give back the unused part of its lease of this account's credit
+        (payload ``"<user id>"``), or of this key's cap headroom (``"<user id> <key id>"``),
+        when this transaction commits (``dubhe.pubsub``). PostgreSQL only (``can_recall``)."""
+        payload = str(user_id) if key_id is None else f"{user_id} {key_id}"
+        await self.session.execute(select(func.pg_notify(RECALL, payload)))
 
     async def others_hold_credit(self, user_id: int, owner: str) -> bool:
         """Whether another worker holds a lease of this account with credit it has not used

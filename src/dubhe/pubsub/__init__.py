@@ -11,7 +11,8 @@ Channels, all notified on commit and to every instance sharing the database:
   an older epoch at once.
 - ``dubhe_recall`` (payload: the user id), sent by a worker whose refill found the account short
   while other workers' leases hold its credit (``billing/meter.py``): each worker gives back the
-  unused part of its lease for that account.
+  unused part of its lease for that account. Payload ``"<user id> <key id>"``: the same for a
+  capped key's headroom (``billing/caps.py``).
 
 Each worker listens on one connection of its own (``ChangeListener``) and hands each
 notification to the handlers subscribed to its channel. The polls stay (keys and epochs every
