@@ -27,12 +27,15 @@ class LiveLease:
     epoch: int
     tokens_free: int
     uusd_free: int
-    # The account's available counters when this worker last looked (for response headers).
+    # The account's available counters when this worker last looked (for a refusal's message).
     account_tokens: int
     account_uusd: int
     grants: int = 1
     # How often another worker's recall took this lease's free credit back (ledger refs).
     recalls: int = 0
+    # [tokens, µUSD]: the account's unspent credit (available plus reserved) as this worker last
+    # read it, less what it has settled since: the balance headers (``Meter._balance``).
+    unspent: list[int] | None = None
     in_flight: int = 0
     last_used: float = 0.0
     # After a refill found the account empty: deny from memory until then, not from the database.

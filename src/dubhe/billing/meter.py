@@ -174,9 +174,6 @@ class Meter:
         self._flush_now = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._counting: set[asyncio.Future[None]] = set()
-        # The account's unspent credit (available plus reserved) when this worker last read it,
-        # less what this worker has settled since: the balance headers (``_balance``).
-        self._unspent: dict[int, list[int]] = {}
         # What this worker has settled and not yet written, per account: [tokens, uusd].
         self._unflushed: dict[int, list[int]] = {}
         # Accounts recalled lately (``_SCARCE_SECONDS``), and those whose leases this worker is
@@ -252,10 +249,9 @@ class Meter:
         what every worker's leases hold unused, requests in flight included) as of this
         worker's last read (at most about a second ago), less what this worker has settled
         since. No query per request."""
-        unspent = self._unspent.get(lease.user_id)
-        if unspent is None:
+        if lease.unspent is None:
             return Balance(lease.tokens_remaining, lease.uusd_remaining)
-        return Balance(max(0, unspent[0]), max(0, unspent[1]))
+        return Balance(max(0, lease.unspent[0]), max(0, lease.unspent[1]))
 
     async def _reserve_capped(self, user_id: int, request_id: str, key_id: int, cap_uusd: int,
                               spec: ModelSpec, prompt_tokens: int, max_tokens: int,
@@ -379,10 +375,12 @@ class Meter:
         unflushed = self._unflushed.setdefault(user_id, [0, 0])
         unflushed[0] += used.tokens_used
         unflushed[1] += used.uusd_used
-        unspent = self._unspent.get(user_id)
-        if unspent is not None:
-            unspent[0] -= used.tokens_used
-            unspent[1] -= used.uusd_used
+        # The lease's view of the account, and the live lease's if a newer one took its place.
+        live = self._leases.get(user_id)
+        for lease in (hold.lease, live) if live is not hold.lease else (hold.lease,):
+            if lease is not None and lease.unspent is not None:
+                lease.unspent[0] -= used.tokens_used
+                lease.unspent[1] -= used.uusd_used
         return SettleResult(used.cost_uusd, self._balance(hold.lease))
 
     @staticmethod
@@ -518,14 +516,18 @@ class Meter:
         return current, outcome
 
     def _saw(self, user_id: int, unspent_tokens: int, unspent_uusd: int) -> None:
-        """Note the account's unspent credit as just read from the database, which does not
-        count yet what this worker has settled and not written."""
-        if self._flush_lock.locked() and user_id in self._unspent:
+        """Note on the account's live lease its unspent credit as just read from the database,
+        which does not count yet what this worker has settled and not written. A retired lease
+        keeps its last view: a request admitted on an old plan reports the old plan's credit."""
+        lease = self._leases.get(user_id)
+        if lease is None:
+            return
+        if self._flush_lock.locked() and lease.unspent is not None:
             # A flush may have committed and not yet struck its records off ``_unflushed``:
             # they would count twice. Keep the last view; the next read updates it.
             return
         unflushed = self._unflushed.get(user_id, (0, 0))
-        self._unspent[user_id] = [unspent_tokens - unflushed[0], unspent_uusd - unflushed[1]]
+        lease.unspent = [unspent_tokens - unflushed[0], unspent_uusd - unflushed[1]]
 
     # -- pushed changes (``dubhe.pubsub``) ------------------------------------------------------
 
@@ -902,7 +904,6 @@ class Meter:
             lock = self._account_locks.get(lease.user_id)
             if lease.user_id not in self._leases and lock is not None and not lock.locked():
                 del self._account_locks[lease.user_id]  # idle accounts cost no memory
-                self._unspent.pop(lease.user_id, None)
 
     async def _close_idle_caps(self) -> None:
         """Close the cap leases no request holds any more, once their settlements are written
