@@ -34,7 +34,7 @@ from dubhe.gateway.ws import ChatSocketEndpoint, SocketLimits, deny
 from dubhe.keys.cache import KeyCache
 from dubhe.migrations import head_revision
 from dubhe.providers import UpstreamPool
-from dubhe.pubsub import ChangeListener
+from dubhe.pubsub import CHANGES, EPOCHS, RECALL, ChangeListener
 from dubhe.ratelimit import (
     LocalBudget,
     PlanLimiter,
@@ -86,10 +86,6 @@ class DubheApp:
         meter.start()
         await keys.load()
         keys.start()
-        database_url = self.settings.resolved_database_url
-        if ChangeListener.supported(database_url):
-            self.listener = ChangeListener(database_url, keys.changed)
-            self.listener.start()
         if self.settings.redis_url is not None:
             self.budget = RedisBudget(
                 redis_client(self.settings.redis_url.get_secret_value()),
@@ -118,6 +114,10 @@ class DubheApp:
         self._maintenance = MaintenanceBoard(self.read_sessionmaker, self._maintenance_changed)
         await self._maintenance.refresh()
         self._maintenance.start()
+        database_url = self.settings.resolved_database_url
+        if ChangeListener.supported(database_url):
+            self.listener = self._listener(database_url, keys, meter, self._maintenance)
+            self.listener.start()
         self.chat_socket = ChatSocketEndpoint(
             self._state, SocketLimits.from_settings(self.settings), self.settings.cors_origins
         )
@@ -136,6 +136,26 @@ class DubheApp:
                                            upstreams=upstreams))
         # The help chat's automatic answer calls /v1 in process, through this very application.
         self.web.state.dubhe_asgi = self
+
+    @staticmethod
+    def _listener(database_url: str, keys: KeyCache, meter: Meter,
+                  maintenance: MaintenanceBoard) -> ChangeListener:
+        """One LISTEN connection per worker for every pushed change (``dubhe.pubsub``)."""
+        listener = ChangeListener(database_url)
+
+        def changed(table: str) -> None:
+            if table == "model_maintenance":
+                maintenance.wake()
+            else:  # api_keys, users
+                keys.changed()
+
+        listener.subscribe(CHANGES, changed)
+        listener.subscribe(EPOCHS, meter.epoch_moved)
+        listener.subscribe(RECALL, meter.recalled)
+        # What changed while this worker was not listening: the polls would see it, later.
+        listener.on_connect(keys.changed)
+        listener.on_connect(maintenance.wake)
+        return listener
 
     def _maintenance_changed(self, models: frozenset[str]) -> None:
         assert self._state is not None

@@ -131,8 +131,10 @@ async def test_a_dead_workers_share_of_the_cap_returns_and_is_never_doubled(
 ) -> None:
     """A worker that dies holding part of the cap pins it until its lease's deadline passes;
     then any worker's sweep frees it. Before that, the others can only use the rest."""
+    # Long enough for the living worker to use the rest first, recall included: it recalls the
+    # dead worker's free share (on PostgreSQL) and waits ~300 ms for an answer that never comes.
     (caps.tmp / "short.toml").write_text(
-        IN_PROCESS_PLANS.replace("reservation_ttl_seconds = 30", "reservation_ttl_seconds = 1"))
+        IN_PROCESS_PLANS.replace("reservation_ttl_seconds = 30", "reservation_ttl_seconds = 3"))
     short = CapLedger(caps.engine, caps.sessionmaker, load_catalog(caps.tmp / "short.toml"),
                       caps.tmp)
     spec = short.catalog.models["dubhe-fast"]
@@ -162,7 +164,7 @@ async def test_a_dead_workers_share_of_the_cap_returns_and_is_never_doubled(
         for request_id in admitted:
             alive.settle(used(user, capped, request_id, 0), wait=True)  # only the prompt
         await alive.flush()
-        await asyncio.sleep(1.2)  # the dead lease's deadline passes
+        await asyncio.sleep(3.2)  # the dead lease's deadline passes
         await alive.caps.sweep()
         assert await short.open_cap_leases(capped) <= 1  # only the living worker's
         await asyncio.sleep(1.1)  # past the living worker's refusal from memory

@@ -2,7 +2,9 @@
 
 Each worker polls the table (a few rows) twice a second and hands the set of models in
 maintenance to the gateway, which checks it with one set lookup per request: no query on the
-hot path, and a switch made on any worker or instance is seen everywhere within a second.
+hot path, and a switch made on any worker or instance is seen everywhere within a second. On
+PostgreSQL a trigger (migration 0011) notifies every worker of a switch (``dubhe.pubsub``),
+which reads the table at once (``wake``); the poll stays as the fallback.
 """
 
 from __future__ import annotations
@@ -61,6 +63,11 @@ class MaintenanceBoard:
         self._poll_seconds = poll_seconds
         self.models: frozenset[str] = frozenset()
         self._task: asyncio.Task[None] | None = None
+        self._woken = asyncio.Event()
+
+    def wake(self, _payload: str = "") -> None:
+        """A switch changed somewhere: read the table now rather than at the next poll."""
+        self._woken.set()
 
     async def refresh(self) -> None:
         async with self._sessionmaker() as session:
@@ -82,7 +89,11 @@ class MaintenanceBoard:
 
     async def _poll_forever(self) -> None:
         while True:
-            await asyncio.sleep(self._poll_seconds)
+            try:
+                await asyncio.wait_for(self._woken.wait(), self._poll_seconds)
+            except TimeoutError:
+                pass
+            self._woken.clear()
             try:
                 await self.refresh()
             except Exception:  # a database hiccup keeps the last known switches

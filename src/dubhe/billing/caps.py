@@ -21,9 +21,17 @@ figure the keys list shows. The cap holds the way an account's credit does (``me
    stopped renewing it is closed by any worker's sweep (its usage, replayed from the dead
    worker's spool, still adds to ``uusd_used``, so it still counts).
 
+5. **Recall** (PostgreSQL), as for accounts (``meter.py``): a refill that finds the headroom
+   short of a request while another worker's cap lease of the key holds some unused takes
+   nothing and notifies ``dubhe_recall`` with ``"<user id> <key id>"``; every worker gives back
+   the free headroom of its cap leases of that key (``give_back``; the account's leases are
+   left alone), and the short worker tries again over ~300 ms before a last refill clamps or
+   refuses.
+
 An uncapped key costs nothing of this: the meter checks for a cap once per request, in memory.
-What is given up, as for accounts: a request may be refused while another worker's cap lease
-still holds the key's last headroom, until that lease goes idle (``lease_idle_seconds``). What
+What is given up, as for accounts: on SQLite (no NOTIFY) a request may be refused while another
+worker's cap lease still holds the key's last headroom, until that lease goes idle
+(``lease_idle_seconds``). What
 the cap cannot stop is usage beyond a request's hold (an upstream that ignored the output limit
 it was sent): it is charged in full and recorded, and the key is refused from then on.
 """
@@ -39,7 +47,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from dubhe.billing import service
-from dubhe.billing.lease import CapLease
+from dubhe.billing.lease import CapLease, RefillOutcome
 from dubhe.billing.pricing import format_usd
 from dubhe.billing.repository import BillingRepository
 from dubhe.models.base import utcnow
@@ -125,10 +133,15 @@ class CapBook:
             return None
         return cap
 
-    async def refill(self, user_id: int, key_id: int, cap_uusd: int,
-                     need_uusd: int) -> CapLease:
+    async def refill(self, user_id: int, key_id: int, cap_uusd: int, need_uusd: int, *,
+                     recall: bool = False, scarce: bool = False) -> tuple[CapLease, RefillOutcome]:
         """Take more of the key's headroom this month into this worker's lease (one
-        transaction). The lease returned may hold less than ``need_uusd``: all that was left."""
+        transaction). The lease returned may hold less than ``need_uusd``: all that was left.
+
+        With ``recall``: when the headroom left cannot cover ``need_uusd`` while another
+        worker's cap lease of the key holds some unused, take nothing and recall it (the
+        account's ``dubhe_recall``, on commit): ``"recalled"``; the caller tries again. With
+        ``scarce`` (a recall of the account lately), take only what the lease lacks."""
         now = utcnow()
         month = month_start(now)
         current = self._leases.get(key_id)
@@ -141,7 +154,19 @@ class CapBook:
             stored = await repository.key_cap(key_id)
             cap = stored if stored is not None else cap_uusd
             headroom = max(0, cap - await repository.cap_committed(key_id, month))
-            take = min(headroom, max(need_uusd, headroom // _LEASE_SHARE))
+            free = current.free if current is not None else 0
+            if scarce:
+                take = min(headroom, max(0, need_uusd - free))
+            else:
+                take = min(headroom, max(need_uusd, headroom // _LEASE_SHARE))
+            outcome: RefillOutcome = "took"
+            if recall and free + take < need_uusd:
+                outcome = "alone"
+                if (repository.can_recall
+                        and await repository.others_hold_headroom(key_id, month, self._owner())):
+                    await repository.recall_leases(user_id, key_id)
+                    take = 0
+                    outcome = "recalled"
             lease_id = current.id if current is not None else 0
             if lease_id and take and not await repository.grow_cap_lease(lease_id, take):
                 lease_id = 0  # closed under us (its deadline passed): start a new one
@@ -153,13 +178,38 @@ class CapBook:
         if current is None or current.id != lease_id:
             if current is not None:
                 self.retire(current)
-            current = CapLease(id=lease_id, key_id=key_id, cap_uusd=cap, month_start=month,
+            current = CapLease(id=lease_id, key_id=key_id, user_id=user_id, cap_uusd=cap,
+                               month_start=month,
                                month_end=next_month(month).timestamp(), free=0,
                                last_used=time.monotonic())
             self._leases[key_id] = current
         current.cap_uusd = cap
         current.free += take
-        return current
+        return current, outcome
+
+    def holds_free(self, key_id: int) -> bool:
+        """Whether this worker's cap leases of the key hold free headroom."""
+        return any(cap.key_id == key_id and cap.id and cap.free > 0 for cap in self.all())
+
+    async def give_back(self, user_id: int, key_id: int) -> None:
+        """Return the free headroom of this worker's cap leases of the key (another worker
+        recalled it), in one short transaction; what requests in flight hold stays. The key's
+        account row is locked first, as every refill and settlement of its usage does."""
+        taken = []
+        for cap in self.all():
+            if cap.key_id == key_id and cap.id and cap.free > 0:
+                taken.append((cap, cap.free))
+                cap.free = 0  # out of memory first: nothing is held against it from here on
+                cap.recalls += 1
+        if not taken:
+            return
+        async with self._sessionmaker() as session, session.begin():
+            repository = BillingRepository.from_session(session)
+            await repository.lock_accounts([user_id])
+            for cap, free in sorted(taken, key=lambda item: item[0].id):
+                # False: closed already, or the guard refused; either way the headroom counts
+                # what the lease used once it closes, never more.
+                await repository.shrink_cap_lease(cap.id, free)
 
     def retire(self, cap: CapLease) -> None:
         """No new holds; closed once its requests have settled and been flushed."""

@@ -27,10 +27,15 @@ class LiveLease:
     epoch: int
     tokens_free: int
     uusd_free: int
-    # The account's available counters when this worker last looked (for response headers).
+    # The account's available counters when this worker last looked (for a refusal's message).
     account_tokens: int
     account_uusd: int
     grants: int = 1
+    # How often another worker's recall took this lease's free credit back (ledger refs).
+    recalls: int = 0
+    # [tokens, µUSD]: the account's unspent credit (available plus reserved) as this worker last
+    # read it, less what it has settled since: the balance headers (``Meter._balance``).
+    unspent: list[int] | None = None
     in_flight: int = 0
     last_used: float = 0.0
     # After a refill found the account empty: deny from memory until then, not from the database.
@@ -46,6 +51,11 @@ class LiveLease:
         return self.uusd_free + self.account_uusd
 
 
+# What a refill did (``Meter._refill``, ``CapBook.refill``): took credit (or needed none),
+# took none and recalled what other workers' leases hold free, or took all there was while no
+# other worker holds any.
+RefillOutcome = Literal["took", "recalled", "alone"]
+
 # Why a capped key's request was not admitted from memory (``admit_capped``).
 NotAdmitted = Literal["refill", "account", "cap"]
 
@@ -58,6 +68,7 @@ class CapLease:
 
     id: int
     key_id: int
+    user_id: int  # the key's owner: a recall names the account
     cap_uusd: int
     month_start: datetime
     month_end: float  # epoch seconds: the lease serves no request from then on
@@ -67,6 +78,8 @@ class CapLease:
     # After a refill found the cap's headroom short: refuse or clamp from memory until then.
     exhausted_until: float = 0.0
     retired: bool = False
+    # How often a recall took its free headroom back.
+    recalls: int = 0
 
 
 @dataclass(slots=True)

@@ -24,11 +24,27 @@ returns the unused part of leases whose deadline passed (``reservation_ttl_secon
 Usage beyond a request's hold (an upstream that ignored its output limit) is charged in full:
 from the lease's free credit in memory, then, at flush time and under the account lock, from the
 account's available credit; only what the account cannot pay becomes debt (``service.
-settle_usage``). A debt bumps the account's epoch. Each worker reads the epochs of the accounts
-it holds leases for once a second (one query) and retires a lease of an older epoch: no new
-admissions, in-flight requests settle, then its unused credit returns (repaying the debt first).
-So a debt, or a plan change, stops admission on every worker within about a second, and an
-account in debt is refused (402) until a credit repays it.
+settle_usage``). A debt bumps the account's epoch. On PostgreSQL a trigger pushes every epoch
+change to every worker (``epoch_moved``, through ``dubhe.pubsub``); each worker also reads the
+epochs of the accounts it holds leases for once a second (one query, the fallback) and retires a
+lease of an older epoch: no new admissions, in-flight requests settle, then its unused credit
+returns (repaying the debt first). So a debt, or a plan change, stops admission on every worker
+at once (within about a second at worst), and an account in debt is refused (402) until a
+credit repays it.
+
+**Recall** (PostgreSQL). A refill that finds the account short of a request while other workers'
+leases hold some of its credit takes nothing and notifies ``dubhe_recall`` (the account id, on
+commit). Every worker gives back the free part of its leases of that account in one short
+transaction (``_give_back``: the lease shrinks, never below what it used plus what requests in
+flight hold), and the short worker tries again over ~300 ms (``_refill_or_recall``), admitting as
+soon as the account covers the request; only a last refill may clamp or refuse (402). After a
+recall, refills of the account take only what their request lacks for a while, so the last
+credit is not scattered again. The recall runs under the account's lock: one per account and
+worker at a time, and the requests behind a refusal are refused from memory for a second.
+
+The balance headers report the account (``_balance``): available plus what every lease holds
+unused, as last read (each refill, and the once-a-second epoch query) less what this worker has
+settled since; no query per request.
 
 A settlement the database cannot take must not block the others: records are validated before
 any SQL (``spool.record_problem``), and a batch the database still refuses is split until the
@@ -36,10 +52,11 @@ refused record is found; that record is set aside in the dead-letter file with a
 (``Meter.dead_letters`` counts them), and the rest are written. Only a database that cannot be
 reached keeps a batch waiting.
 
-What is given up: with several workers, a request may be refused while another worker's lease
-still holds the account's last credit, until that lease returns (idle timeout or epoch change);
-a request admitted on another worker in the second before it learns of a debt runs against that
-worker's lease. Nothing is ever overspent.
+What is given up: on SQLite (one machine, no NOTIFY) there is no recall, so with several workers
+a request may be refused while another worker's lease still holds the account's last credit,
+until that lease goes idle; on PostgreSQL, a request refused after the ~300 ms recall while a
+worker was too slow to answer it. A request admitted on another worker before it learns of a
+debt runs against that worker's lease. Nothing is ever overspent.
 """
 
 from __future__ import annotations
@@ -48,6 +65,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -63,6 +81,7 @@ from dubhe.billing.lease import (
     Hold,
     LiveLease,
     NotAdmitted,
+    RefillOutcome,
     admit,
     admit_capped,
     settle,
@@ -84,8 +103,17 @@ _FLUSH_RECORDS = 500
 _LEASE_SHARE = 4
 # After a refill finds the account empty, or in debt, refuse from memory for this long.
 _EXHAUSTED_SECONDS = 1.0
-# How often each worker reads the epochs of the accounts it holds leases for.
+# How often each worker reads the epochs of the accounts it holds leases for (the fallback:
+# PostgreSQL pushes every epoch change at once, ``dubhe.pubsub``).
 _EPOCH_REFRESH_SECONDS = 1.0
+# A refill that finds the account short while other workers' leases hold its credit takes
+# nothing, recalls that credit (``dubhe_recall``) and tries again after each of these pauses
+# (~300 ms in all); then a last refill takes whatever is there (a clamp) or refuses.
+_RECALL_PAUSES = (0.02, 0.04, 0.08, 0.16)
+# For this long after a recall of an account is sent or heard, refills take only what their
+# request needs, not a share of what is left: the last credit stays in the account, where the
+# next worker short of it finds it, instead of in one worker's lease.
+_SCARCE_SECONDS = 2.0
 # What makes the database refuse one batch of records but not another: the records themselves
 # (a constraint, a value out of range, an account that cannot cover a guarded update, a user
 # that no longer exists). Anything else (the database unreachable or locked) is retried whole.
@@ -146,6 +174,14 @@ class Meter:
         self._flush_now = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._counting: set[asyncio.Future[None]] = set()
+        # What this worker has settled and not yet written, per account: [tokens, uusd].
+        self._unflushed: dict[int, list[int]] = {}
+        # Accounts recalled lately (``_SCARCE_SECONDS``), and those whose leases this worker is
+        # giving back right now.
+        self._scarce: dict[int, float] = {}
+        self._scarce_keys: dict[int, float] = {}
+        self._giving_back: set[tuple[int, int | None]] = set()
+        self._background: set[asyncio.Future[None]] = set()
         self.caps = CapBook(sessionmaker, lambda: self._owner, catalog.reservation_ttl_seconds)
 
     # -- the hot path ---------------------------------------------------------------------------
@@ -168,8 +204,9 @@ class Meter:
             if answer is not None:
                 return answer
             completion = max_tokens * n
-            lease = await self._refill(user_id, prompt_tokens + completion,
-                                       cost_uusd(spec, prompt_tokens, completion))
+            lease = await self._refill_or_recall(
+                user_id, prompt_tokens + completion, cost_uusd(spec, prompt_tokens, completion),
+                _fits(spec, prompt_tokens, max_tokens, n))
             if lease is None:
                 return self._owing(user_id)
             # The lease now holds all the account could give, if that was less than asked for.
@@ -205,7 +242,16 @@ class Meter:
 
     def _hold(self, request_id: str, lease: LiveLease, hold: Hold, admission: Admission) -> Reserved:
         self._holds[request_id] = hold
-        return Reserved(admission, Balance(lease.tokens_remaining, lease.uusd_remaining))
+        return Reserved(admission, self._balance(lease))
+
+    def _balance(self, lease: LiveLease) -> Balance:
+        """The account's position for the response headers: its unspent credit (available plus
+        what every worker's leases hold unused, requests in flight included) as of this
+        worker's last read (at most about a second ago), less what this worker has settled
+        since. No query per request."""
+        if lease.unspent is None:
+            return Balance(lease.tokens_remaining, lease.uusd_remaining)
+        return Balance(max(0, lease.unspent[0]), max(0, lease.unspent[1]))
 
     async def _reserve_capped(self, user_id: int, request_id: str, key_id: int, cap_uusd: int,
                               spec: ModelSpec, prompt_tokens: int, max_tokens: int,
@@ -227,7 +273,9 @@ class Meter:
             if (lease is None or self._period_over(lease)
                     or (lease.exhausted_until <= moment
                         and not _covers(lease, spec, prompt_tokens, max_tokens, n))):
-                lease = await self._refill(user_id, prompt_tokens + completion, need_uusd)
+                lease = await self._refill_or_recall(
+                    user_id, prompt_tokens + completion, need_uusd,
+                    _fits(spec, prompt_tokens, max_tokens, n))
                 if lease is None:
                     return self._owing(user_id)
             # What the request may cost beyond the included tokens the account's lease holds.
@@ -237,7 +285,7 @@ class Meter:
             cap_need = sized.balance_uusd if sized is not None else need_uusd
             cap = self.caps.live(key_id)
             if cap is None or (cap.free < cap_need and cap.exhausted_until <= moment):
-                cap = await self.caps.refill(user_id, key_id, cap_uusd, cap_need)
+                cap = await self._cap_refill_or_recall(user_id, key_id, cap_uusd, cap_need)
             # Both leases now hold all they could give, if that was less than asked for.
             cap_binds = cap.free < lease.uusd_free
             admitted = admit_capped(lease, cap, spec, prompt_tokens=prompt_tokens,
@@ -323,8 +371,17 @@ class Meter:
         self._pending.append(record)
         if len(self._pending) >= _FLUSH_RECORDS:
             self._flush_now.set()
-        lease = hold.lease
-        return SettleResult(used.cost_uusd, Balance(lease.tokens_remaining, lease.uusd_remaining))
+        user_id = hold.lease.user_id
+        unflushed = self._unflushed.setdefault(user_id, [0, 0])
+        unflushed[0] += used.tokens_used
+        unflushed[1] += used.uusd_used
+        # The lease's view of the account, and the live lease's if a newer one took its place.
+        live = self._leases.get(user_id)
+        for lease in (hold.lease, live) if live is not hold.lease else (hold.lease,):
+            if lease is not None and lease.unspent is not None:
+                lease.unspent[0] -= used.tokens_used
+                lease.unspent[1] -= used.uusd_used
+        return SettleResult(used.cost_uusd, self._balance(hold.lease))
 
     @staticmethod
     def _period_over(lease: LiveLease) -> bool:
@@ -332,9 +389,54 @@ class Meter:
 
     # -- leases -----------------------------------------------------------------------------------
 
-    async def _refill(self, user_id: int, need_tokens: int, need_uusd: int) -> LiveLease | None:
+    async def _refill_or_recall(self, user_id: int, need_tokens: int, need_uusd: int,
+                                fits: _Fits) -> LiveLease | None:
+        """``_refill``; while the account cannot cover the request but other workers' leases
+        hold some of its credit, recall that credit and try again, within ~300 ms. Runs under
+        the account's lock: one recall per account and worker at a time, and the requests that
+        queue behind a refusal are refused from memory (``exhausted_until``)."""
+        for pause in _RECALL_PAUSES:
+            lease, outcome = await self._refill(user_id, need_tokens, need_uusd, fits=fits)
+            if (lease is None or outcome == "alone"
+                    or (outcome == "took" and fits(lease.tokens_free, lease.uusd_free))):
+                return lease
+            # Recalled; or this worker heard a recall while the refill ran, and gave back the
+            # free credit the refill counted on: it is in the account again, take it there.
+            await asyncio.sleep(pause)
+        lease, _ = await self._refill(user_id, need_tokens, need_uusd)
+        return lease
+
+    async def _cap_refill_or_recall(self, user_id: int, key_id: int, cap_uusd: int,
+                                    need_uusd: int) -> CapLease:
+        """``CapBook.refill``, recalling the key's headroom from other workers as
+        ``_refill_or_recall`` does the account's credit."""
+        for pause in _RECALL_PAUSES:
+            cap, outcome = await self.caps.refill(user_id, key_id, cap_uusd, need_uusd,
+                                                  recall=True, scarce=self._key_scarce(key_id))
+            if outcome == "alone" or (outcome == "took" and cap.free >= need_uusd):
+                return cap
+            if outcome == "recalled":
+                self._scarce_keys[key_id] = time.monotonic() + _SCARCE_SECONDS
+            await asyncio.sleep(pause)
+        cap, _ = await self.caps.refill(user_id, key_id, cap_uusd, need_uusd,
+                                        scarce=self._key_scarce(key_id))
+        return cap
+
+    def _is_scarce(self, user_id: int) -> bool:
+        return self._scarce.get(user_id, 0.0) > time.monotonic()
+
+    def _key_scarce(self, key_id: int) -> bool:
+        return self._scarce_keys.get(key_id, 0.0) > time.monotonic()
+
+    async def _refill(self, user_id: int, need_tokens: int, need_uusd: int, *,
+                      fits: _Fits | None = None) -> tuple[LiveLease | None, RefillOutcome]:
         """Take more of the account's credit into this worker's lease (one transaction); None
-        when the account is in debt (then it is refused from memory for a second)."""
+        when the account is in debt (then it is refused from memory for a second).
+
+        With ``fits``: when what the lease would then hold does not fit the request and
+        another worker's lease holds some of the account's credit, take nothing and recall it
+        (notified on commit): ``"recalled"``, and the caller tries again. When no other worker
+        holds any, the lease takes all there is: ``"alone"``."""
         now = utcnow()
         ttl = self._catalog.reservation_ttl_seconds
         current = self._leases.get(user_id)
@@ -354,10 +456,32 @@ class Meter:
             if state.debt_uusd > 0:
                 await posting.write(repository, now)  # a renewal may have happened
                 self._owes(user_id, state.debt_uusd)
-                return None
-            take_tokens = min(state.tokens_available,
-                              max(need_tokens, state.tokens_available // _LEASE_SHARE))
-            take_uusd = min(state.balance_uusd, max(need_uusd, state.balance_uusd // _LEASE_SHARE))
+                return None, "took"
+            if self._is_scarce(user_id):
+                # Only what the lease lacks: no fragment stays behind in it.
+                take_tokens = min(state.tokens_available,
+                                  max(0, need_tokens - (current.tokens_free if current else 0)))
+                take_uusd = min(state.balance_uusd,
+                                max(0, need_uusd - (current.uusd_free if current else 0)))
+            else:
+                take_tokens = min(state.tokens_available,
+                                  max(need_tokens, state.tokens_available // _LEASE_SHARE))
+                take_uusd = min(state.balance_uusd,
+                                max(need_uusd, state.balance_uusd // _LEASE_SHARE))
+            outcome: RefillOutcome = "took"
+            if fits is not None:
+                free_tokens = current.tokens_free if current is not None else 0
+                free_uusd = current.uusd_free if current is not None else 0
+                if not fits(free_tokens + take_tokens, free_uusd + take_uusd):
+                    outcome = "alone"
+                    if (repository.can_recall
+                            and await repository.others_hold_credit(user_id, self._owner)):
+                        # Leave what is there in the account: the recalled credit joins it,
+                        # and whichever worker refills next finds it whole.
+                        await repository.recall_leases(user_id)
+                        self._scarce[user_id] = time.monotonic() + _SCARCE_SECONDS
+                        take_tokens = take_uusd = 0
+                        outcome = "recalled"
             lease_id = current.id if current is not None else 0
             grants = current.grants + 1 if current is not None else 1
             if take_tokens or take_uusd:
@@ -387,7 +511,108 @@ class Meter:
         current.account_tokens = state.tokens_available
         current.account_uusd = state.balance_uusd
         current.period_end = state.period_end
-        return current
+        self._saw(user_id, state.tokens_available + state.tokens_reserved,
+                  state.balance_uusd + state.balance_reserved_uusd)
+        return current, outcome
+
+    def _saw(self, user_id: int, unspent_tokens: int, unspent_uusd: int) -> None:
+        """Note on the account's live lease its unspent credit as just read from the database,
+        which does not count yet what this worker has settled and not written. A retired lease
+        keeps its last view: a request admitted on an old plan reports the old plan's credit."""
+        lease = self._leases.get(user_id)
+        if lease is None:
+            return
+        if self._flush_lock.locked() and lease.unspent is not None:
+            # A flush may have committed and not yet struck its records off ``_unflushed``:
+            # they would count twice. Keep the last view; the next read updates it.
+            return
+        unflushed = self._unflushed.get(user_id, (0, 0))
+        lease.unspent = [unspent_tokens - unflushed[0], unspent_uusd - unflushed[1]]
+
+    # -- pushed changes (``dubhe.pubsub``) ------------------------------------------------------
+
+    def epoch_moved(self, payload: str) -> None:
+        """An account's epoch moved (payload ``"<user id> <epoch>"``): retire a lease of an
+        older one now, not at the next poll."""
+        try:
+            user_id, epoch = (int(part) for part in payload.split())
+        except ValueError:
+            log.warning("ignored an epoch notification %r", payload[:100])
+            return
+        lease = self._leases.get(user_id)
+        if lease is not None and lease.epoch < epoch:
+            self._retire(lease)
+
+    def recalled(self, payload: str) -> None:
+        """Another worker is short of an account's credit (payload ``"<user id>"``) or of a
+        capped key's headroom (``"<user id> <key id>"``): give back what this worker's leases
+        of it hold free, in the background."""
+        try:
+            ids = tuple(int(part) for part in payload.split())
+        except ValueError:
+            ids = ()
+        if len(ids) not in (1, 2):
+            log.warning("ignored a recall notification %r", payload[:100])
+            return
+        subject = (ids[0], ids[1] if len(ids) == 2 else None)
+        user_id, key_id = subject
+        until = time.monotonic() + _SCARCE_SECONDS
+        if key_id is None:
+            self._scarce[user_id] = until
+            holds = any(lease.user_id == user_id and lease.id
+                        and (lease.tokens_free or lease.uusd_free)
+                        for lease in (*self._leases.values(), *self._retiring))
+        else:
+            self._scarce_keys[key_id] = until
+            holds = self.caps.holds_free(key_id)
+        # One give-back per subject at a time: the one running takes what is free when it
+        # starts; credit freed later goes back at the short worker's next recall.
+        if holds and subject not in self._giving_back:
+            self._giving_back.add(subject)
+            task = asyncio.ensure_future(self._give_back(user_id, key_id))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _give_back(self, user_id: int, key_id: int | None) -> None:
+        """Return to the account the free part of this worker's leases of it (or, for a key,
+        the free headroom of its cap leases: ``CapBook.give_back``), in one short transaction;
+        what requests in flight hold stays in the lease. The lease stays open: this worker's
+        next request for the account refills it as usual."""
+        try:
+            if key_id is not None:
+                await self.caps.give_back(user_id, key_id)
+                return
+            taken = []
+            for lease in (self._leases.get(user_id), *self._retiring):
+                if (lease is not None and lease.user_id == user_id and lease.id
+                        and (lease.tokens_free or lease.uusd_free)):
+                    # Out of memory first: no request can be admitted against it from here on.
+                    taken.append((lease, lease.tokens_free, lease.uusd_free))
+                    lease.tokens_free = lease.uusd_free = 0
+                    lease.recalls += 1
+            if not taken:
+                return
+            now = utcnow()
+            async with self._sessionmaker() as session, session.begin():
+                repository = BillingRepository.from_session(session)
+                posting = service.Posting()
+                state = (await service.current_accounts(repository, posting, [user_id],
+                                                        self._catalog, now))[user_id]
+                for lease, tokens, uusd in taken:
+                    period_start = await repository.shrink_lease(lease.id, tokens, uusd)
+                    if period_start is not None:  # None: closed, its credit returned already
+                        service.return_leased(
+                            posting, state, ref=f"{lease.id}:recall:{lease.recalls}",
+                            tokens=tokens, uusd=uusd, period_start=period_start, now=now,
+                            description="unused lease credit recalled by another worker")
+                await posting.write(repository, now)
+        except Exception:
+            # What was taken out of memory stays reserved in the lease (never spent twice) and
+            # returns when the lease closes.
+            log.warning("giving back the free credit of account %d's leases (key %s) failed; "
+                        "it returns when they close", user_id, key_id, exc_info=True)
+        finally:
+            self._giving_back.discard((user_id, key_id))
 
     def _owes(self, user_id: int, debt_uusd: int) -> None:
         """Refuse the account from memory for a while: it owes ``debt_uusd``."""
@@ -433,8 +658,9 @@ class Meter:
             # Bounded transactions: each chunk's Python work runs on the event loop, so a
             # backlog is written in slices that never stall requests for long.
             for start in range(0, len(records), _FLUSH_RECORDS):
+                chunk = records[start : start + _FLUSH_RECORDS]
                 try:
-                    applied |= await self._write(records[start : start + _FLUSH_RECORDS])
+                    applied |= await self._write(chunk)
                 except BaseException:
                     # The database is out of reach. Keep what is left: retried at the next flush
                     # (writes are idempotent by request id), and replayed from the spool after
@@ -442,10 +668,22 @@ class Meter:
                     self._pending = records[start:] + self._pending
                     self._unflushed_files = files
                     raise
+                self._written(chunk)
             self._unflushed_files = []
             for path in files:
                 path.unlink(missing_ok=True)
             self._learn(applied)
+
+    def _written(self, records: list[dict[str, Any]]) -> None:
+        """These settlements are in the database now (or set aside): the account reads count
+        them from here on."""
+        for record in records:
+            unflushed = self._unflushed.get(record["user_id"])
+            if unflushed is not None:
+                unflushed[0] -= record["tokens_used"]
+                unflushed[1] -= record["uusd_used"]
+                if unflushed[0] <= 0 and unflushed[1] <= 0:
+                    del self._unflushed[record["user_id"]]
 
     def _learn(self, applied: _Applied) -> None:
         for lease in list(self._leases.values()):
@@ -580,7 +818,7 @@ class Meter:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.caps.stop()
-        await asyncio.gather(*self._counting, return_exceptions=True)
+        await asyncio.gather(*self._counting, *self._background, return_exceptions=True)
         try:
             await self.flush()
             for lease in [*self._leases.values(), *self._retiring]:
@@ -625,17 +863,21 @@ class Meter:
             await BillingRepository.from_session(session).extend_leases(ids, until)
 
     async def _refresh_epochs(self) -> None:
-        """Retire every lease whose account has moved to a newer epoch (a debt, a plan change):
-        one query for all the accounts this worker holds leases for."""
+        """Retire every lease whose account has moved to a newer epoch (a debt, a plan change),
+        and note each account's unspent credit for the headers: one query for all the accounts
+        this worker holds leases for. The fallback of ``epoch_moved``."""
         leases = list(self._leases.values())
         if not leases:
             return
         async with self._read_sessionmaker() as session:
-            epochs = await BillingRepository.from_session(session).account_epochs(
+            positions = await BillingRepository.from_session(session).account_positions(
                 lease.user_id for lease in leases)
         for lease in leases:
-            if epochs.get(lease.user_id, lease.epoch + 1) > lease.epoch:
+            position = positions.get(lease.user_id)
+            if position is None or position.epoch > lease.epoch:
                 self._retire(lease)
+            if position is not None:
+                self._saw(lease.user_id, position.unspent_tokens, position.unspent_uusd)
 
     async def _close_idle(self) -> None:
         idle_after = self._catalog.lease_idle_seconds
@@ -648,6 +890,9 @@ class Meter:
                 self._retire(lease)
         for user_id in [user for user, (_, until) in self._debtors.items() if until <= moment]:
             del self._debtors[user_id]
+        for scarce in (self._scarce, self._scarce_keys):
+            for subject in [subject for subject, until in scarce.items() if until <= moment]:
+                del scarce[subject]
         drained = [lease for lease in self._retiring if lease.in_flight == 0]
         if not drained:
             return
@@ -696,6 +941,19 @@ class _Applied:
 
     def __or__(self, other: _Applied) -> _Applied:
         return _Applied(self.closed_leases | other.closed_leases, {**self.debts, **other.debts})
+
+
+# Whether a lease holding (tokens, µUSD) free would admit a request without a clamp.
+_Fits = Callable[[int, int], bool]
+
+
+
+def _fits(spec: ModelSpec, prompt_tokens: int, max_tokens: int, n: int) -> _Fits:
+    def fits(tokens: int, uusd: int) -> bool:
+        sized = size_admission(spec, prompt_tokens=prompt_tokens, max_tokens=max_tokens, n=n,
+                               tokens_available=tokens, balance_uusd=uusd)
+        return sized is not None and not sized.clamped
+    return fits
 
 
 def _covers(lease: LiveLease, spec: ModelSpec, prompt_tokens: int, max_tokens: int,

@@ -22,6 +22,7 @@ from dubhe.models import (
     UsageRecord,
     User,
 )
+from dubhe.pubsub import RECALL
 
 # Every counter an account has; each equals the sum of its column over the account's ledger.
 # Core inserts go to the tables themselves (typed as Table: the ORM declares them as FromClause).
@@ -55,11 +56,20 @@ class AccountState:
     epoch: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class AccountPosition:
+    """What every worker reads of the accounts it holds leases for, once a second."""
+
+    epoch: int
+    unspent_tokens: int  # available plus reserved: not yet spent
+    unspent_uusd: int
+
+
 class BillingRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
-        dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
-        self._insert = pg_insert if dialect == "postgresql" else sqlite_insert
+        self._dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
+        self._insert = pg_insert if self._dialect == "postgresql" else sqlite_insert
 
     @classmethod
     def from_session(cls, session: AsyncSession) -> BillingRepository:
@@ -144,18 +154,43 @@ class BillingRepository:
                 .values(epoch=Account.epoch + 1, updated_at=now)
             )
 
-    async def account_epochs(self, user_ids: Iterable[int]) -> dict[int, int]:
-        """The current epoch of each account (one query, however many)."""
+    async def account_positions(self, user_ids: Iterable[int]) -> dict[int, AccountPosition]:
+        """The current epoch and unspent credit of each account (one query, however many)."""
         ids = sorted(set(user_ids))
-        epochs: dict[int, int] = {}
+        positions: dict[int, AccountPosition] = {}
         # In slices: both databases cap the parameters of one statement (about 32,000).
         for start in range(0, len(ids), 10_000):
             rows = await self.session.execute(
-                select(Account.user_id, Account.epoch)
+                select(Account.user_id, Account.epoch,
+                       Account.tokens_available + Account.tokens_reserved,
+                       Account.balance_uusd + Account.balance_reserved_uusd)
                 .where(Account.user_id.in_(ids[start : start + 10_000]))
             )
-            epochs.update({user_id: epoch for user_id, epoch in rows.all()})
-        return epochs
+            positions.update({user_id: AccountPosition(epoch, int(tokens), int(uusd))
+                              for user_id, epoch, tokens, uusd in rows.all()})
+        return positions
+
+    @property
+    def can_recall(self) -> bool:
+        """PostgreSQL notifies every worker; SQLite (one machine) has no NOTIFY: there, idle
+        leases return by themselves (``lease_idle_seconds``)."""
+        return self._dialect == "postgresql"
+
+    async def recall_leases(self, user_id: int, key_id: int | None = None) -> None:
+        """Ask every worker to give back the unused part of its lease of this account's credit
+        (payload ``"<user id>"``), or of this key's cap headroom (``"<user id> <key id>"``),
+        when this transaction commits (``dubhe.pubsub``). PostgreSQL only (``can_recall``)."""
+        payload = str(user_id) if key_id is None else f"{user_id} {key_id}"
+        await self.session.execute(select(func.pg_notify(RECALL, payload)))
+
+    async def others_hold_credit(self, user_id: int, owner: str) -> bool:
+        """Whether another worker holds a lease of this account with credit it has not used
+        (some of it may be held by requests in flight: the database cannot tell)."""
+        statement = select(Lease.id).where(
+            Lease.status == "open", Lease.user_id == user_id, Lease.owner != owner,
+            (Lease.tokens > Lease.tokens_used) | (Lease.uusd > Lease.uusd_used),
+        ).limit(1)
+        return (await self.session.execute(statement)).first() is not None
 
     async def set_user_plan(self, user_id: int, plan_code: str, now: datetime) -> None:
         # updated_at tells every worker's key cache that this user's plan changed.
@@ -222,6 +257,20 @@ class BillingRepository:
             .where(Lease.id == lease_id)
             .values(tokens_used=Lease.tokens_used + tokens, uusd_used=Lease.uusd_used + uusd)
         )
+
+    async def shrink_lease(self, lease_id: int, tokens: int, uusd: int) -> datetime | None:
+        """Take credit back out of an open lease (what its worker holds free, never what it
+        used); returns the lease's period start, or None when it is closed already (its unused
+        credit returned with it)."""
+        statement = (
+            update(Lease)
+            .where(Lease.id == lease_id, Lease.status == "open",
+                   Lease.tokens - tokens >= Lease.tokens_used,
+                   Lease.uusd - uusd >= Lease.uusd_used)
+            .values(tokens=Lease.tokens - tokens, uusd=Lease.uusd - uusd)
+            .returning(Lease.period_start)
+        )
+        return (await self.session.execute(statement)).scalars().first()
 
     async def close_lease(self, lease_id: int, now: datetime) -> Lease | None:
         """Close an open lease; returns it (with what it used) only to the one caller that did."""
@@ -317,6 +366,26 @@ class BillingRepository:
                     update(KeyCapLease).where(KeyCapLease.id == lease_id)
                     .values(uusd_used=KeyCapLease.uusd_used + uusd)
                 )
+
+    async def shrink_cap_lease(self, lease_id: int, uusd: int) -> bool:
+        """Take free headroom back out of an open cap lease (never below what it used)."""
+        result = await self.session.execute(
+            update(KeyCapLease)
+            .where(KeyCapLease.id == lease_id, KeyCapLease.status == "open",
+                   KeyCapLease.uusd - uusd >= KeyCapLease.uusd_used)
+            .values(uusd=KeyCapLease.uusd - uusd)
+        )
+        return result.rowcount == 1  # type: ignore[attr-defined, no-any-return]
+
+    async def others_hold_headroom(self, key_id: int, month_start: datetime, owner: str) -> bool:
+        """Whether another worker holds a cap lease of this key this month with headroom it has
+        not used (requests in flight may hold it: the database cannot tell)."""
+        statement = select(KeyCapLease.id).where(
+            KeyCapLease.status == "open", KeyCapLease.api_key_id == key_id,
+            KeyCapLease.month_start == month_start, KeyCapLease.owner != owner,
+            KeyCapLease.uusd > KeyCapLease.uusd_used,
+        ).limit(1)
+        return (await self.session.execute(statement)).first() is not None
 
     async def close_cap_lease(self, lease_id: int, now: datetime) -> None:
         await self.session.execute(

@@ -216,11 +216,20 @@ def release_lease(posting: Posting, state: AccountState, *, lease_id: int, token
                   uusd: int, period_start: datetime, now: datetime) -> None:
     """Return what a closed lease did not use. Included tokens leased in a period that has since
     ended are not returned: they expired with it."""
+    return_leased(posting, state, ref=str(lease_id), tokens=tokens, uusd=uusd,
+                  period_start=period_start, now=now, description="unused lease returned")
+
+
+def return_leased(posting: Posting, state: AccountState, *, ref: str, tokens: int, uusd: int,
+                  period_start: datetime, now: datetime, description: str) -> None:
+    """Move credit a lease no longer holds from reserved back to available: all it did not use
+    when it closes (``release_lease``), or the part its worker held free when another worker
+    recalled it (``ref`` ``"<lease id>:recall:<n>"``, the lease staying open)."""
     same_period = period_start == state.period_start
-    posting.post(state, "release", str(lease_id), now, "unused lease returned",
+    posting.post(state, "release", ref, now, description,
                  tokens_reserved=-tokens, tokens_available=tokens if same_period else 0,
                  balance_reserved_uusd=-uusd, balance_uusd=uusd)
-    collect_debt(posting, state, ref=f"release:{lease_id}", now=now)
+    collect_debt(posting, state, ref=f"release:{ref}", now=now)
 
 
 @dataclass(frozen=True, slots=True)
