@@ -332,7 +332,9 @@ class StreamTranslator:
         self._id = f"chatcmpl-{request_id}"
         self._created = int(time.time())
         self._max_event_bytes = max_event_bytes
-        self._pending = b""
+        self._pending: list[bytes] = []  # the reads of an event not yet ended
+        self._pending_size = 0
+        self._tail = b""  # the last bytes received, for a blank line split across reads
         self._tool_index: dict[int, int] = {}  # content block index -> tool call index
         self._input: dict[str, Any] = {}  # message_start's usage
         self._output: dict[str, Any] = {}  # message_delta's usage
@@ -341,11 +343,24 @@ class StreamTranslator:
     def feed(self, data: bytes) -> bytes:
         if self._finished:
             return b""
-        buffer = (self._pending + data).replace(b"\r\n", b"\n")
+        tail, self._tail = self._tail, (self._tail + data[-3:])[-3:]
+        if not _may_end_event(tail, data):
+            # Kept, not joined: an upstream trickling one giant event in small reads must not
+            # make every read copy and rescan all it sent before (quadratic, a stalled worker).
+            self._pending.append(data)
+            self._pending_size += len(data)
+            if self._pending_size > self._max_event_bytes:
+                self._pending.clear()
+                return self._fail(f"an event exceeded {self._max_event_bytes} bytes")
+            return b""
+        self._pending.append(data)
+        buffer = b"".join(self._pending).replace(b"\r\n", b"\n")
         events = buffer.split(b"\n\n")
-        self._pending = events.pop()
-        if len(self._pending) > self._max_event_bytes:
-            self._pending = b""
+        rest = events.pop()
+        self._pending = [rest] if rest else []
+        self._pending_size = len(rest)
+        if len(rest) > self._max_event_bytes:
+            self._pending.clear()
             return self._fail(f"an event exceeded {self._max_event_bytes} bytes")
         out: list[bytes] = []
         for event in events:
@@ -448,6 +463,13 @@ class StreamTranslator:
         return self._event(
             {"error": {"message": f"The upstream's stream broke: {why}.", "type": "upstream_error"}}
         )
+
+
+def _may_end_event(tail: bytes, data: bytes) -> bool:
+    """Whether this read, after the bytes ``tail`` received just before it, may end an event (a
+    blank line, with ``\\n`` or ``\\r\\n`` line ends, possibly split across reads)."""
+    joint = tail + data[:3]
+    return b"\n\n" in data or b"\n\r\n" in data or b"\n\n" in joint or b"\n\r\n" in joint
 
 
 def _int(value: Any) -> int:
