@@ -394,8 +394,8 @@ class ChatCompletion:
         )
 
     async def _attempt(self, upstream: Upstream) -> tuple[aiohttp.ClientResponse, bytes]:
-        """A whole non-streaming answer, parsed (``_answer``) and, from an Anthropic
-        deployment, translated."""
+        """A whole non-streaming answer, parsed (``_answer``), from an Anthropic deployment
+        translated, and re-encoded with the public model's id."""
         response = await self._post(upstream)
         try:
             raw = await response.read()
@@ -408,8 +408,14 @@ class ChatCompletion:
             data = None
         if isinstance(data, dict) and upstream.spec.kind == "anthropic":
             data = anthropic.completion(data, self.model.id)
-            if data is not None:
+        if isinstance(data, dict):
+            data["model"] = self.model.id
+            try:
                 raw = orjson.dumps(data)
+            except orjson.JSONEncodeError:
+                # Nested deeper than orjson writes (it reads 1024 levels, writes 254): an answer
+                # Dubhe cannot relay is no answer, like one that is not JSON.
+                data = None
         if not isinstance(data, dict):
             log.warning("upstream %s answered %s with a 200 that is not a chat completion: "
                         "%.200r", upstream.spec.name, self.request_id, raw)  # fmt: skip
@@ -530,10 +536,8 @@ class ChatCompletion:
         meanwhile does not cancel it: the upstream finishes the bounded request (its output
         limit is held) and the answer is charged on its usage, exactly as if it had stayed."""
         _, raw = await self._call()
-        data = self._answer
-        changed = data.get("model") != self.model.id
-        if changed:
-            data["model"] = self.model.id
+        data = self._answer  # its model already renamed to the public id, and re-encoded
+        changed = False
         outcome, status = ("client_cancelled", 499) if self.consumer_gone else ("ok", 200)
         event = self._event(outcome, status)
         report = parse_usage(data.get("usage"))

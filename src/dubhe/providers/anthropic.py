@@ -286,13 +286,17 @@ def completion(data: dict[str, Any], public_model: str) -> dict[str, Any] | None
         elif kind == "thinking" and isinstance(block.get("thinking"), str):
             reasoning.append(block["thinking"])
         elif kind == "tool_use":
+            try:
+                arguments = orjson.dumps(block.get("input", {})).decode()
+            except orjson.JSONEncodeError:
+                return None  # nested deeper than orjson writes: not an answer Dubhe can relay
             calls.append(
                 {
                     "id": str(block.get("id", "")),
                     "type": "function",
                     "function": {
                         "name": str(block.get("name", "")),
-                        "arguments": orjson.dumps(block.get("input", {})).decode(),
+                        "arguments": arguments,
                     },
                 }
             )

@@ -1,0 +1,49 @@
+"""An upstream whose non-streaming 200 carries, beside a valid answer, a field nested deeper than
+a JSON encoder re-encodes (orjson parses 1024 levels but writes at most 254), as an OpenAI
+server (``/v1/chat/completions``) and as Anthropic (``/v1/messages``):
+`python -m tests.attack.deep_upstream PORT`."""
+
+from __future__ import annotations
+
+import sys
+
+import orjson
+from aiohttp import web
+
+DEPTH = 400
+DEEP = b"[" * DEPTH + b"]" * DEPTH
+
+
+async def chat(request: web.Request) -> web.Response:
+    await request.read()
+    answer = orjson.dumps({
+        "id": "c", "object": "chat.completion", "created": 1, "model": "upstream-model",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Paris."},
+                     "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
+        "extra": None,
+    })  # fmt: skip
+    return web.Response(body=answer.replace(b"null", DEEP), content_type="application/json")
+
+
+async def messages(request: web.Request) -> web.Response:
+    await request.read()
+    answer = orjson.dumps({
+        "id": "msg_1", "type": "message", "role": "assistant", "model": "claude",
+        "content": [{"type": "text", "text": "Paris."},
+                    {"type": "tool_use", "id": "t1", "name": "f", "input": {"a": None}}],
+        "stop_reason": "tool_use", "usage": {"input_tokens": 5, "output_tokens": 2},
+    })  # fmt: skip
+    return web.Response(body=answer.replace(b"null", DEEP), content_type="application/json")
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.Response(text="ok")
+
+
+if __name__ == "__main__":
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/v1/messages", messages)
+    app.router.add_get("/health", health)
+    web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None)

@@ -1,0 +1,100 @@
+"""A 200 whose JSON nests deeper than orjson writes (it reads 1024 levels, writes 254): Dubhe
+re-encodes every non-streaming answer (the public model name, its own usage, an Anthropic
+answer translated), and the encoder's error escaped as a 500 with a traceback in the log while
+the hold was released unused. It must be an upstream that answered something Dubhe cannot
+relay: 502, the next deployment tried, nothing charged for the refused answer, no traceback."""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.conftest import (
+    ROOT,
+    Server,
+    assert_clean_log,
+    free_port,
+    start_process,
+    start_server,
+    wait_until_up,
+)
+from tests.upstreams.realistic import Realistic
+
+
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory: pytest.TempPathFactory, realistic: Realistic) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("deep")
+    port = free_port()
+    upstream = start_process([sys.executable, "-m", "tests.attack.deep_upstream", str(port)],
+                             tmp / "upstream.log")
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/health", upstream.process, upstream.log)
+        config = f"""
+[[upstreams]]
+name = "deep-openai"
+kind = "openai"
+base_url = "http://127.0.0.1:{port}/v1"
+models = ["dubhe-fast"]
+
+[[upstreams]]
+name = "deep-anthropic"
+kind = "anthropic"
+base_url = "http://127.0.0.1:{port}/v1"
+models = ["dubhe-agent"]
+
+[[upstreams]]
+name = "realistic"
+kind = "openai"
+base_url = "{realistic.base_url}"
+models = ["dubhe-agent"]
+priority = 2
+"""
+        server = start_server(tmp, f"sqlite+aiosqlite:///{tmp / 'dubhe.db'}", config,
+                              PYTHONPATH=str(ROOT))
+        yield server
+        server.running.stop()
+        assert_clean_log(server)
+    finally:
+        upstream.stop()
+
+
+def usage_rows(server: Server, model: str) -> list[tuple[str, str, int]]:
+    """The model's usage records, once the first is written (usage rows are spooled)."""
+    for _ in range(100):
+        rows = _usage_rows(server, model)
+        if rows:
+            return rows
+        time.sleep(0.1)
+    return []
+
+
+def _usage_rows(server: Server, model: str) -> list[tuple[str, str, int]]:
+    with sqlite3.connect(server.data_dir / "dubhe.db") as db:
+        return db.execute("SELECT upstream, outcome, completion_tokens FROM usage_records "
+                          "WHERE model = ? ORDER BY id", (model,)).fetchall()  # fmt: skip
+
+
+def ask(server: Server, model: str) -> httpx.Response:
+    return httpx.post(f"{server.base_url}/chat/completions", timeout=60,
+                      headers={"Authorization": f"Bearer {server.key('ultimate')}"},
+                      json={"model": model, "messages": [{"role": "user", "content": "hi"}]})
+
+
+def test_an_answer_too_deep_to_reencode_is_a_502(deep: Server) -> None:
+    response = ask(deep, "dubhe-fast")
+    assert response.status_code == 502, response.text
+    assert "Traceback" not in response.text
+    # Metered once, as the failure it is: the refused answer is not the client's to pay.
+    assert usage_rows(deep, "dubhe-fast") == [("deep-openai", "upstream_invalid", 0)]
+
+
+def test_an_anthropic_answer_too_deep_to_translate_fails_over(deep: Server) -> None:
+    response = ask(deep, "dubhe-agent")
+    assert response.status_code == 200, response.text
+    [(upstream, outcome, completion_tokens)] = usage_rows(deep, "dubhe-agent")
+    assert (upstream, outcome) == ("realistic", "ok") and completion_tokens > 0
