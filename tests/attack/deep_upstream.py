@@ -1,5 +1,5 @@
 """An upstream whose non-streaming 200 carries, beside a valid answer, a field nested deeper than
-a JSON encoder re-encodes (orjson parses 1024 levels but writes at most 254), as an OpenAI
+a JSON encoder re-encodes (a stream: in its usage chunk) (orjson parses 1024 levels but writes at most 254), as an OpenAI
 server (``/v1/chat/completions``) and as Anthropic (``/v1/messages``):
 `python -m tests.attack.deep_upstream PORT`."""
 
@@ -14,8 +14,24 @@ DEPTH = 400
 DEEP = b"[" * DEPTH + b"]" * DEPTH
 
 
-async def chat(request: web.Request) -> web.Response:
-    await request.read()
+CHUNK = (b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m",'
+         b'"choices":[{"index":0,"delta":{"content":"Paris is the capital."},'
+         b'"finish_reason":null}]}\n\n')
+# The usage chunk, with the deep field beside the counts.
+USAGE = (b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m",'
+         b'"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":5,"total_tokens":10,'
+         b'"extra":' + DEEP + b"}}\n\n")
+
+
+async def chat(request: web.Request) -> web.StreamResponse:
+    body = orjson.loads(await request.read())
+    if body.get("stream"):
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(CHUNK)
+        await response.write(USAGE + b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
     answer = orjson.dumps({
         "id": "c", "object": "chat.completion", "created": 1, "model": "upstream-model",
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "Paris."},

@@ -39,7 +39,7 @@ def deep(tmp_path_factory: pytest.TempPathFactory, realistic: Realistic) -> Iter
 name = "deep-openai"
 kind = "openai"
 base_url = "http://127.0.0.1:{port}/v1"
-models = ["dubhe-fast"]
+models = ["dubhe-fast", "dubhe-code"]
 
 [[upstreams]]
 name = "deep-anthropic"
@@ -98,3 +98,22 @@ def test_an_anthropic_answer_too_deep_to_translate_fails_over(deep: Server) -> N
     assert response.status_code == 200, response.text
     [(upstream, outcome, completion_tokens)] = usage_rows(deep, "dubhe-agent")
     assert (upstream, outcome) == ("realistic", "ok") and completion_tokens > 0
+
+
+def test_a_usage_chunk_too_deep_to_reencode_ends_the_stream_billed_as_delivered(
+    deep: Server,
+) -> None:
+    """The usage chunk is re-encoded with its cost at the stream's end, after settlement: that
+    broke the stream (no [DONE], a traceback). It is a broken stream now, charged on Dubhe's
+    count of what was relayed."""
+    with httpx.stream("POST", f"{deep.base_url}/chat/completions", timeout=60,
+                      headers={"Authorization": f"Bearer {deep.key('ultimate')}"},
+                      json={"model": "dubhe-code", "stream": True,
+                            "stream_options": {"include_usage": True},
+                            "messages": [{"role": "user", "content": "hi"}]}) as response:
+        assert response.status_code == 200
+        text = response.read().decode()
+    assert "Paris is the capital." in text
+    assert '"error"' in text.rstrip().splitlines()[-1], text  # ends with the error event
+    [(upstream, outcome, completion_tokens)] = usage_rows(deep, "dubhe-code")
+    assert (upstream, outcome) == ("deep-openai", "upstream_invalid") and completion_tokens > 0

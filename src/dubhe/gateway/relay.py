@@ -187,6 +187,14 @@ class StreamRelay:
                     self.fault = StreamFault("an event is not a JSON object")
                     break
                 if isinstance(parsed.get("usage"), dict):
+                    try:
+                        # Re-encoded when the stream ends (with its cost): an event nested
+                        # deeper than orjson writes (it reads 1024 levels, writes 254) would
+                        # break the stream after it was settled.
+                        orjson.dumps(parsed)
+                    except orjson.JSONEncodeError:
+                        self.fault = StreamFault("an event nests deeper than Dubhe re-encodes")
+                        break
                     self.usage = parse_usage(parsed["usage"])
                     if parsed.get("choices"):
                         # A provider that puts usage on a content chunk: relay the content now.
