@@ -295,7 +295,8 @@ class ChatCompletion:
     async def _call(self) -> tuple[aiohttp.ClientResponse | None, bytes]:
         """Attempts until a deployment answers: a non-streaming answer whole, a stream up to its
         first events (or its first keep-alive, see ``_first_events``). A failure that leaves the
-        client nothing (connect errors, timeouts, 429, 5xx, a broken or empty answer) is retried
+        client nothing (connect errors, timeouts, 429, 5xx, a broken or empty answer, a stream's own
+        error event before any other) is retried
         on another deployment where one is usable, after a jittered backoff; the answer that
         returns is the only one metered. Raises ``DubheError`` when none answered."""
         router = self.state.router
@@ -460,6 +461,8 @@ class ChatCompletion:
                 if translator is not None:
                     data = translator.feed(data)
                 ready = relay.feed(data)
+                if relay.error_before_events:
+                    break  # its own error before anything else: the client has nothing yet
                 # Any valid event commits the request to this deployment, even if a fault or
                 # the upstream's own error follows in the same read (then the stream ends with
                 # the error frame after it): how TCP happened to cut the reads never decides

@@ -343,6 +343,7 @@ class StreamTranslator:
         self._input: dict[str, Any] = {}  # message_start's usage
         self._output: dict[str, Any] = {}  # message_delta's usage
         self._finished = False
+        self._role_pending = False  # message_start came; its role chunk is not sent yet
 
     def feed(self, data: bytes) -> bytes:
         if self._finished:
@@ -392,7 +393,11 @@ class StreamTranslator:
             message = parsed.get("message")
             usage = message.get("usage") if isinstance(message, dict) else None
             self._input = usage if isinstance(usage, dict) else {}
-            return self._chunk({"role": "assistant", "content": ""})
+            # The role chunk goes out with the first chunk after it: an upstream that fails
+            # right after message_start (Anthropic's overloaded error) has then sent the client
+            # nothing, and the request fails over like a 529 would.
+            self._role_pending = True
+            return b""
         if kind == "content_block_start":
             block = parsed.get("content_block")
             if isinstance(block, dict) and block.get("type") == "tool_use":
@@ -430,13 +435,14 @@ class StreamTranslator:
             return self._chunk({}, _STOP_REASONS.get(str(reason), "stop"))
         if kind == "message_stop":
             self._finished = True
+            role = self._role_chunk()
             usage = usage_object({**self._input, **self._output})
             tail = b""
             if usage is not None:
                 tail = self._event({"id": self._id, "object": "chat.completion.chunk",
                                     "created": self._created, "model": self._model,
                                     "choices": [], "usage": usage})  # fmt: skip
-            return tail + b"data: [DONE]\n\n"
+            return role + tail + b"data: [DONE]\n\n"
         if kind == "error":
             error = parsed.get("error")
             message = error.get("message") if isinstance(error, dict) else None
@@ -447,8 +453,14 @@ class StreamTranslator:
             return b""
         return b""  # new event types are ignored, as the API's versioning policy asks
 
+    def _role_chunk(self) -> bytes:
+        if not self._role_pending:
+            return b""
+        self._role_pending = False
+        return self._chunk({"role": "assistant", "content": ""})
+
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
-        return self._event(
+        return self._role_chunk() + self._event(
             {
                 "id": self._id,
                 "object": "chat.completion.chunk",
