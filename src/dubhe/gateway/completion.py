@@ -295,10 +295,9 @@ class ChatCompletion:
     async def _call(self) -> tuple[aiohttp.ClientResponse | None, bytes]:
         """Attempts until a deployment answers: a non-streaming answer whole, a stream up to its
         first events (or its first keep-alive, see ``_first_events``). A failure that leaves the
-        client nothing (connect errors, timeouts, 429, 5xx, a broken or empty answer, a stream's own
-        error event before any other) is retried
-        on another deployment where one is usable, after a jittered backoff; the answer that
-        returns is the only one metered. Raises ``DubheError`` when none answered."""
+        client nothing (connect errors, timeouts, 429, 5xx, a broken or empty answer, a stream's
+        own error event before any other) is retried on another deployment where one is usable,
+        after a jittered backoff; the answer that returns is the only one metered. Raises ``DubheError`` when none answered."""
         router = self.state.router
         catalog = self.state.catalog
         failed: set[Upstream] = set()
