@@ -6,6 +6,7 @@ event) on ``/v1/messages``, and as an OpenAI server whose first event is its err
 
 from __future__ import annotations
 
+import asyncio
 import sys
 
 import orjson
@@ -28,10 +29,24 @@ async def _stream(request: web.Request, events: bytes) -> web.StreamResponse:
     return response
 
 
+async def _pings_forever(request: web.Request, start: dict[str, object]) -> web.StreamResponse:
+    REQUESTS["count"] += 1
+    response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await response.prepare(request)
+    delta = {"type": "content_block_delta", "index": 0,
+             "delta": {"type": "text_delta", "text": "The answer is"}}  # fmt: skip
+    await response.write(sse("message_start", start) + sse("content_block_delta", delta))
+    while True:  # until the client leaves (a write then fails)
+        await asyncio.sleep(0.2)
+        await response.write(sse("ping", {"type": "ping"}))
+
+
 async def messages(request: web.Request) -> web.StreamResponse:
     start = {"type": "message_start", "message": {
         "id": "msg_1", "type": "message", "role": "assistant", "content": [], "model": "claude",
         "stop_reason": None, "usage": {"input_tokens": 9, "output_tokens": 1}}}  # fmt: skip
+    if b"pings forever" in await request.read():
+        return await _pings_forever(request, start)
     error = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
     return await _stream(request, sse("message_start", start) + sse("ping", {"type": "ping"})
                          + sse("error", error))  # fmt: skip

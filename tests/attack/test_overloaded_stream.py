@@ -39,11 +39,15 @@ def overloaded(tmp_path_factory: pytest.TempPathFactory,
     try:
         wait_until_up(f"http://127.0.0.1:{port}/stats", upstream.process, upstream.log)
         config = f"""
+[defaults]
+stream_keepalive_seconds = 1
+
 [[upstreams]]
 name = "overloaded-anthropic"
 kind = "anthropic"
 base_url = "http://127.0.0.1:{port}/v1"
 models = ["dubhe-agent"]
+idle_timeout_seconds = 1
 
 [[upstreams]]
 name = "overloaded-openai"
@@ -98,3 +102,35 @@ def test_an_error_event_before_any_content_fails_over(
     assert text
     assert httpx.get(f"{upstream}/stats").json()["count"] > before  # it was tried first
     assert usage_rows(server, model) == [("realistic", "ok")]  # billed once, where it answered
+
+
+def test_pings_after_the_first_content_do_not_keep_a_stream_open_forever(
+    overloaded: tuple[Server, str],
+) -> None:
+    """Anthropic's ``ping`` events carry nothing for the client: an upstream that sends only
+    them kept the connection busy, so the idle timeout never came and the stream (and its
+    hold) stayed open for as long as the client waited. The pings are not the answer: past the
+    idle timeout the stream ends with the error event, charged for what was delivered."""
+    server, _ = overloaded
+    body = {"model": "dubhe-agent", "stream": True, "max_tokens": 8,
+            "messages": [{"role": "user", "content": "Hello, pings forever"}]}  # fmt: skip
+    content = b""
+    give_up = time.monotonic() + 60  # not a timing assertion: only so a failure does not hang
+    with httpx.stream("POST", server.base_url + "/chat/completions", json=body, timeout=60,
+                      headers={"authorization": f"Bearer {server.key('ultimate')}"}) as response:
+        assert response.status_code == 200
+        for piece in response.iter_bytes():
+            content += piece
+            if time.monotonic() > give_up:
+                pytest.fail(f"the stream was still open after 60 s: {content!r}")
+    events = list(iter_events(content))
+    assert orjson.loads(events[-1])["error"]["code"] == "upstream_error", content
+    assert b"The answer is" in content
+    rows: list[tuple[str, str]] = []
+    for _ in range(100):  # usage rows are spooled: until the stream's own is written
+        rows = [row for row in usage_rows(server, "dubhe-agent")
+                if row[0] == "overloaded-anthropic"]  # fmt: skip
+        if rows:
+            break
+        time.sleep(0.1)
+    assert rows == [("overloaded-anthropic", "stream_interrupted")]  # charged as delivered

@@ -606,10 +606,21 @@ class ChatCompletion:
         assert relay is not None and response is not None
         interrupted = False
         if not relay.ended:
+            # Anthropic's pings keep the connection busy while carrying nothing for the client:
+            # the idle timeout counts from the last read that translated to something.
+            idle = self.upstream.timeout.sock_read
+            last_progress = time.monotonic()
             try:
                 async for data in response.content.iter_any():
                     if translator is not None:
                         data = translator.feed(data)
+                        if data:
+                            last_progress = time.monotonic()
+                        elif idle is not None and time.monotonic() - last_progress > idle:
+                            log.warning("upstream %s sent only pings for %g s in the stream of "
+                                        "%s", self.upstream.spec.name, idle,
+                                        self.request_id)  # fmt: skip
+                            break  # interrupted: not relay.ended
                     ready = relay.feed(data)
                     if ready:
                         yield ready
