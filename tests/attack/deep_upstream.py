@@ -1,7 +1,8 @@
 """An upstream whose non-streaming 200 carries, beside a valid answer, a field nested deeper than
 a JSON encoder re-encodes (a stream: in its usage chunk) (orjson parses 1024 levels but writes at most 254), as an OpenAI
 server (``/v1/chat/completions``) and as Anthropic (``/v1/messages``):
-`python -m tests.attack.deep_upstream PORT`."""
+A prompt containing "error body" gets instead a 200 whose body is an error envelope naming the
+upstream's secrets (``/v1/chat/completions``): `python -m tests.attack.deep_upstream PORT`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import sys
 
 import orjson
 from aiohttp import web
+
+from tests.upstreams.realistic import SECRET_MESSAGE
 
 DEPTH = 400
 DEEP = b"[" * DEPTH + b"]" * DEPTH
@@ -24,7 +27,11 @@ USAGE = (b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
-    body = orjson.loads(await request.read())
+    raw = await request.read()
+    body = orjson.loads(raw)
+    if b"error body" in raw:
+        error = {"error": {"message": SECRET_MESSAGE, "type": "server_error"}}
+        return web.Response(body=orjson.dumps(error), content_type="application/json")
     if body.get("stream"):
         response = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await response.prepare(request)

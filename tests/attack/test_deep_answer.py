@@ -23,7 +23,7 @@ from tests.conftest import (
     start_server,
     wait_until_up,
 )
-from tests.upstreams.realistic import Realistic
+from tests.upstreams.realistic import SECRET_HOST, SECRET_IP, SECRET_KEY_PREFIX, Realistic
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def deep(tmp_path_factory: pytest.TempPathFactory, realistic: Realistic) -> Iter
 name = "deep-openai"
 kind = "openai"
 base_url = "http://127.0.0.1:{port}/v1"
-models = ["dubhe-fast", "dubhe-code"]
+models = ["dubhe-fast", "dubhe-code", "dubhe-reasoning"]
 
 [[upstreams]]
 name = "deep-anthropic"
@@ -79,10 +79,10 @@ def _usage_rows(server: Server, model: str) -> list[tuple[str, str, int]]:
                           "WHERE model = ? ORDER BY id", (model,)).fetchall()  # fmt: skip
 
 
-def ask(server: Server, model: str) -> httpx.Response:
+def ask(server: Server, model: str, prompt: str = "hi") -> httpx.Response:
     return httpx.post(f"{server.base_url}/chat/completions", timeout=60,
                       headers={"Authorization": f"Bearer {server.key('ultimate')}"},
-                      json={"model": model, "messages": [{"role": "user", "content": "hi"}]})
+                      json={"model": model, "messages": [{"role": "user", "content": prompt}]})
 
 
 def test_an_answer_too_deep_to_reencode_is_a_502(deep: Server) -> None:
@@ -117,3 +117,14 @@ def test_a_usage_chunk_too_deep_to_reencode_ends_the_stream_billed_as_delivered(
     assert '"error"' in text.rstrip().splitlines()[-1], text  # ends with the error event
     [(upstream, outcome, completion_tokens)] = usage_rows(deep, "dubhe-code")
     assert (upstream, outcome) == ("deep-openai", "upstream_invalid") and completion_tokens > 0
+
+
+def test_a_200_with_an_error_body_is_no_answer(deep: Server) -> None:
+    """A JSON object was enough to be relayed as the answer: an error envelope with a 200 went
+    to the client verbatim (the upstream's secrets unredacted) and was charged its prompt. A
+    non-streaming answer must be a chat completion (``choices`` a list); else it is a 502."""
+    response = ask(deep, "dubhe-reasoning", "an error body please")
+    assert response.status_code == 502, response.text
+    for secret in (SECRET_KEY_PREFIX, SECRET_HOST, SECRET_IP):
+        assert secret not in response.text, response.text
+    assert usage_rows(deep, "dubhe-reasoning") == [("deep-openai", "upstream_invalid", 0)]

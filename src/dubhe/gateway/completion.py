@@ -408,6 +408,10 @@ class ChatCompletion:
             data = None
         if isinstance(data, dict) and upstream.spec.kind == "anthropic":
             data = anthropic.completion(data, self.model.id)
+        if isinstance(data, dict) and not isinstance(data.get("choices"), list):
+            # A JSON object is not yet an answer: an error envelope sent with a 200 would reach
+            # the client verbatim (the upstream's own words, unredacted) and be charged.
+            data = None
         if isinstance(data, dict):
             data["model"] = self.model.id
             try:
