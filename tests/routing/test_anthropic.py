@@ -231,3 +231,15 @@ def test_errors(client: OpenAI, server: Server) -> None:
     assert b"[DONE]" not in events
     assert orjson.loads(events[-1])["error"]["code"] == "upstream_error"
     assert orjson.loads(events[1])["choices"][0]["delta"]["content"] == "The"
+
+
+@pytest.mark.parametrize("functions", [5, True, [5], [{"name": 5}]])
+def test_malformed_legacy_functions_are_a_400_not_a_500(server: Server, functions: object) -> None:
+    """``functions`` (the legacy tools) was not validated: a number made the Anthropic
+    translation iterate it (TypeError, a 500 and a traceback before anything was held)."""
+    body = {"model": "dubhe-agent", "max_tokens": 20, "functions": functions,
+            "messages": [{"role": "user", "content": "Hi"}]}  # fmt: skip
+    response = httpx.post(server.base_url + "/chat/completions", json=body, timeout=30,
+                          headers={"authorization": f"Bearer {server.key('ultimate')}"})  # fmt: skip
+    assert response.status_code in (400, 422), response.text
+    assert response.json()["error"]["param"].startswith("functions")

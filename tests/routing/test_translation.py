@@ -4,6 +4,12 @@ what the hold pays for on an Anthropic deployment."""
 from __future__ import annotations
 
 import asyncio
+import random
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+from typing import Any
 
 import orjson
 
@@ -50,6 +56,54 @@ def test_a_stream_split_anywhere_translates_the_same() -> None:
     assert (usage["prompt_tokens"], usage["completion_tokens"]) == (9, 7)
     finish = orjson.loads(events[-3])["choices"][0]
     assert finish["finish_reason"] == "tool_calls"
+
+
+def test_a_stream_in_tiny_reads_or_crlf_translates_the_same() -> None:
+    crlf = STREAM.replace(b"\n", b"\r\n")
+    whole = translate([STREAM])
+    assert translate([crlf]) == whole
+    rng = random.Random(11)
+    for source in (STREAM, crlf):
+        assert translate([bytes([byte]) for byte in source]) == whole
+        for _ in range(50):
+            pieces, at = [], 0
+            while at < len(source):
+                size = rng.choice((1, 2, 3, 5, 64))
+                pieces.append(source[at : at + size])
+                at += size
+            assert translate(pieces) == whole
+
+
+@contextmanager
+def bytes_scanned() -> Iterator[list[int]]:
+    """The bytes that bytes methods called meanwhile ran over (the object each is bound to)."""
+    total = [0]
+
+    def profile(frame: FrameType, event: str, arg: Any) -> None:
+        if event == "c_call" and isinstance(getattr(arg, "__self__", None), bytes):
+            total[0] += len(arg.__self__)
+
+    sys.setprofile(profile)
+    try:
+        yield total
+    finally:
+        sys.setprofile(None)
+
+
+def test_a_giant_event_in_small_reads_costs_linear_work() -> None:
+    """A hostile upstream trickling one event of megabytes in small reads: each read must not
+    copy and rescan everything kept before it (that was quadratic: ~20 s of a stalled worker for
+    8 MiB in 4 KiB reads)."""
+    translator = anthropic.StreamTranslator("dubhe-agent", "req_1", 1 << 22)
+    head = (b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+            b'"delta":{"type":"text_delta","text":"')  # fmt: skip
+    reads = [STREAM.split(b"event: content_block_start")[0], head]
+    reads += [b"x" * 1024] * 2048 + [b'"}}\n\n']
+    fed = sum(len(read) for read in reads)
+    with bytes_scanned() as scanned:
+        out = b"".join(translator.feed(read) for read in reads)
+    assert out.count(b"x" * 1024) == 2048  # the giant event was translated whole
+    assert scanned[0] < 8 * fed
 
 
 def test_a_broken_event_becomes_an_error_event_and_ends_the_stream() -> None:

@@ -295,9 +295,9 @@ class ChatCompletion:
     async def _call(self) -> tuple[aiohttp.ClientResponse | None, bytes]:
         """Attempts until a deployment answers: a non-streaming answer whole, a stream up to its
         first events (or its first keep-alive, see ``_first_events``). A failure that leaves the
-        client nothing (connect errors, timeouts, 429, 5xx, a broken or empty answer) is retried
-        on another deployment where one is usable, after a jittered backoff; the answer that
-        returns is the only one metered. Raises ``DubheError`` when none answered."""
+        client nothing (connect errors, timeouts, 429, 5xx, a broken or empty answer, a stream's
+        own error event before any other) is retried on another deployment where one is usable,
+        after a jittered backoff; the answer that returns is the only one metered. Raises ``DubheError`` when none answered."""
         router = self.state.router
         catalog = self.state.catalog
         failed: set[Upstream] = set()
@@ -394,8 +394,8 @@ class ChatCompletion:
         )
 
     async def _attempt(self, upstream: Upstream) -> tuple[aiohttp.ClientResponse, bytes]:
-        """A whole non-streaming answer, parsed (``_answer``) and, from an Anthropic
-        deployment, translated."""
+        """A whole non-streaming answer, parsed (``_answer``), from an Anthropic deployment
+        translated, and re-encoded with the public model's id."""
         response = await self._post(upstream)
         try:
             raw = await response.read()
@@ -408,8 +408,18 @@ class ChatCompletion:
             data = None
         if isinstance(data, dict) and upstream.spec.kind == "anthropic":
             data = anthropic.completion(data, self.model.id)
-            if data is not None:
+        if isinstance(data, dict) and not isinstance(data.get("choices"), list):
+            # A JSON object is not yet an answer: an error envelope sent with a 200 would reach
+            # the client verbatim (the upstream's own words, unredacted) and be charged.
+            data = None
+        if isinstance(data, dict):
+            data["model"] = self.model.id
+            try:
                 raw = orjson.dumps(data)
+            except orjson.JSONEncodeError:
+                # Nested deeper than orjson writes (it reads 1024 levels, writes 254): an answer
+                # Dubhe cannot relay is no answer, like one that is not JSON.
+                data = None
         if not isinstance(data, dict):
             log.warning("upstream %s answered %s with a 200 that is not a chat completion: "
                         "%.200r", upstream.spec.name, self.request_id, raw)  # fmt: skip
@@ -454,6 +464,8 @@ class ChatCompletion:
                 if translator is not None:
                     data = translator.feed(data)
                 ready = relay.feed(data)
+                if relay.error_before_events:
+                    break  # its own error before anything else: the client has nothing yet
                 # Any valid event commits the request to this deployment, even if a fault or
                 # the upstream's own error follows in the same read (then the stream ends with
                 # the error frame after it): how TCP happened to cut the reads never decides
@@ -530,10 +542,8 @@ class ChatCompletion:
         meanwhile does not cancel it: the upstream finishes the bounded request (its output
         limit is held) and the answer is charged on its usage, exactly as if it had stayed."""
         _, raw = await self._call()
-        data = self._answer
-        changed = data.get("model") != self.model.id
-        if changed:
-            data["model"] = self.model.id
+        data = self._answer  # its model already renamed to the public id, and re-encoded
+        changed = False
         outcome, status = ("client_cancelled", 499) if self.consumer_gone else ("ok", 200)
         event = self._event(outcome, status)
         report = parse_usage(data.get("usage"))
@@ -600,10 +610,21 @@ class ChatCompletion:
         assert relay is not None and response is not None
         interrupted = False
         if not relay.ended:
+            # Anthropic's pings keep the connection busy while carrying nothing for the client:
+            # the idle timeout counts from the last read that translated to something.
+            idle = self.upstream.timeout.sock_read
+            last_progress = time.monotonic()
             try:
                 async for data in response.content.iter_any():
                     if translator is not None:
                         data = translator.feed(data)
+                        if data:
+                            last_progress = time.monotonic()
+                        elif idle is not None and time.monotonic() - last_progress > idle:
+                            log.warning("upstream %s sent only pings for %g s in the stream of "
+                                        "%s", self.upstream.spec.name, idle,
+                                        self.request_id)  # fmt: skip
+                            break  # interrupted: not relay.ended
                     ready = relay.feed(data)
                     if ready:
                         yield ready

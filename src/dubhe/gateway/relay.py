@@ -67,6 +67,9 @@ class StreamRelay:
         self.saw_done = False
         self.upstream_error = False  # the upstream sent its own error event (relayed)
         self.upstream_error_event = b""  # that event as the upstream sent it (for the log)
+        # ...and it came before any other event was relayed: the client has nothing from this
+        # upstream yet, so another deployment may still answer (see ``gateway/completion.py``).
+        self.error_before_events = False
         self.fault: StreamFault | None = None  # how the upstream broke the protocol
         self.relayed_size = 0
         self._batch: list[bytes] = []
@@ -175,6 +178,7 @@ class StreamRelay:
                 # ends with it. The original is kept for the log.
                 self.upstream_error = True
                 self.upstream_error_event = event
+                self.error_before_events = self.relayed_size == 0 and not kept
                 kept.append(_redacted_error_event(event))
                 continue
             if _USAGE_MARK in event and event.startswith(b"data:"):
@@ -187,6 +191,14 @@ class StreamRelay:
                     self.fault = StreamFault("an event is not a JSON object")
                     break
                 if isinstance(parsed.get("usage"), dict):
+                    try:
+                        # Re-encoded when the stream ends (with its cost): an event nested
+                        # deeper than orjson writes (it reads 1024 levels, writes 254) would
+                        # break the stream after it was settled.
+                        orjson.dumps(parsed)
+                    except orjson.JSONEncodeError:
+                        self.fault = StreamFault("an event nests deeper than Dubhe re-encodes")
+                        break
                     self.usage = parse_usage(parsed["usage"])
                     if parsed.get("choices"):
                         # A provider that puts usage on a content chunk: relay the content now.

@@ -289,6 +289,21 @@ def _validate_tools(body: dict[str, Any], model: ModelSpec) -> None:
                     code="missing_required_parameter",
                     param=f"{where}.function.name",
                 )
+    if functions is not None:
+        # The legacy form of tools: checked like them, or a translation to an upstream's own
+        # form (Anthropic's) trips on it.
+        if not isinstance(functions, list):
+            raise _invalid_type("functions", "an array of function objects")
+        for index, function in enumerate(functions):
+            where = f"functions[{index}]"
+            if not isinstance(function, dict):
+                raise _invalid_type(where, "an object")
+            if not isinstance(function.get("name"), str) or not function["name"]:
+                raise UnprocessableRequest(
+                    f"Missing required parameter: '{where}.name'.",
+                    code="missing_required_parameter",
+                    param=f"{where}.name",
+                )
     tool_choice = body.get("tool_choice")
     if tool_choice is not None:
         if isinstance(tool_choice, str):

@@ -286,13 +286,17 @@ def completion(data: dict[str, Any], public_model: str) -> dict[str, Any] | None
         elif kind == "thinking" and isinstance(block.get("thinking"), str):
             reasoning.append(block["thinking"])
         elif kind == "tool_use":
+            try:
+                arguments = orjson.dumps(block.get("input", {})).decode()
+            except orjson.JSONEncodeError:
+                return None  # nested deeper than orjson writes: not an answer Dubhe can relay
             calls.append(
                 {
                     "id": str(block.get("id", "")),
                     "type": "function",
                     "function": {
                         "name": str(block.get("name", "")),
-                        "arguments": orjson.dumps(block.get("input", {})).decode(),
+                        "arguments": arguments,
                     },
                 }
             )
@@ -332,20 +336,36 @@ class StreamTranslator:
         self._id = f"chatcmpl-{request_id}"
         self._created = int(time.time())
         self._max_event_bytes = max_event_bytes
-        self._pending = b""
+        self._pending: list[bytes] = []  # the reads of an event not yet ended
+        self._pending_size = 0
+        self._tail = b""  # the last bytes received, for a blank line split across reads
         self._tool_index: dict[int, int] = {}  # content block index -> tool call index
         self._input: dict[str, Any] = {}  # message_start's usage
         self._output: dict[str, Any] = {}  # message_delta's usage
         self._finished = False
+        self._role_pending = False  # message_start came; its role chunk is not sent yet
 
     def feed(self, data: bytes) -> bytes:
         if self._finished:
             return b""
-        buffer = (self._pending + data).replace(b"\r\n", b"\n")
+        tail, self._tail = self._tail, (self._tail + data[-3:])[-3:]
+        if not _may_end_event(tail, data):
+            # Kept, not joined: an upstream trickling one giant event in small reads must not
+            # make every read copy and rescan all it sent before (quadratic, a stalled worker).
+            self._pending.append(data)
+            self._pending_size += len(data)
+            if self._pending_size > self._max_event_bytes:
+                self._pending.clear()
+                return self._fail(f"an event exceeded {self._max_event_bytes} bytes")
+            return b""
+        self._pending.append(data)
+        buffer = b"".join(self._pending).replace(b"\r\n", b"\n")
         events = buffer.split(b"\n\n")
-        self._pending = events.pop()
-        if len(self._pending) > self._max_event_bytes:
-            self._pending = b""
+        rest = events.pop()
+        self._pending = [rest] if rest else []
+        self._pending_size = len(rest)
+        if len(rest) > self._max_event_bytes:
+            self._pending.clear()
             return self._fail(f"an event exceeded {self._max_event_bytes} bytes")
         out: list[bytes] = []
         for event in events:
@@ -373,7 +393,11 @@ class StreamTranslator:
             message = parsed.get("message")
             usage = message.get("usage") if isinstance(message, dict) else None
             self._input = usage if isinstance(usage, dict) else {}
-            return self._chunk({"role": "assistant", "content": ""})
+            # The role chunk goes out with the first chunk after it: an upstream that fails
+            # right after message_start (Anthropic's overloaded error) has then sent the client
+            # nothing, and the request fails over like a 529 would.
+            self._role_pending = True
+            return b""
         if kind == "content_block_start":
             block = parsed.get("content_block")
             if isinstance(block, dict) and block.get("type") == "tool_use":
@@ -411,13 +435,14 @@ class StreamTranslator:
             return self._chunk({}, _STOP_REASONS.get(str(reason), "stop"))
         if kind == "message_stop":
             self._finished = True
+            role = self._role_chunk()
             usage = usage_object({**self._input, **self._output})
             tail = b""
             if usage is not None:
                 tail = self._event({"id": self._id, "object": "chat.completion.chunk",
                                     "created": self._created, "model": self._model,
                                     "choices": [], "usage": usage})  # fmt: skip
-            return tail + b"data: [DONE]\n\n"
+            return role + tail + b"data: [DONE]\n\n"
         if kind == "error":
             error = parsed.get("error")
             message = error.get("message") if isinstance(error, dict) else None
@@ -428,8 +453,14 @@ class StreamTranslator:
             return b""
         return b""  # new event types are ignored, as the API's versioning policy asks
 
+    def _role_chunk(self) -> bytes:
+        if not self._role_pending:
+            return b""
+        self._role_pending = False
+        return self._chunk({"role": "assistant", "content": ""})
+
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
-        return self._event(
+        return self._role_chunk() + self._event(
             {
                 "id": self._id,
                 "object": "chat.completion.chunk",
@@ -448,6 +479,13 @@ class StreamTranslator:
         return self._event(
             {"error": {"message": f"The upstream's stream broke: {why}.", "type": "upstream_error"}}
         )
+
+
+def _may_end_event(tail: bytes, data: bytes) -> bool:
+    """Whether this read, after the bytes ``tail`` received just before it, may end an event (a
+    blank line, with ``\\n`` or ``\\r\\n`` line ends, possibly split across reads)."""
+    joint = tail + data[:3]
+    return b"\n\n" in data or b"\n\r\n" in data or b"\n\n" in joint or b"\n\r\n" in joint
 
 
 def _int(value: Any) -> int:

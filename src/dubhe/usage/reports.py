@@ -7,9 +7,9 @@ charged in full only if it is physically possible for this request:
 - ``prompt_tokens`` at most the prompt's bound (the number admission held for the prompt: no
   tokenizer produces more tokens than that bound allows for);
 - ``completion_tokens`` minus the reported hidden reasoning tokens at most the UTF-8 bytes of the
-  visible output the upstream sent (content, reasoning_content, tool-call names and arguments,
-  refusal) plus ``OVERHEAD_PER_CHOICE`` per choice: a byte-level tokenizer never makes more than one
-  token per byte, and the overhead covers the few special tokens (end of turn, tool-call markers)
+  visible output the upstream sent (content, as a string or as parts, reasoning_content, refusal,
+  tool-call and legacy function-call names and arguments) plus ``OVERHEAD_PER_CHOICE`` per
+  choice: a byte-level tokenizer never makes more than one token per byte, and the overhead covers the few special tokens (end of turn, tool-call markers)
   that generate no visible text;
 - hidden reasoning tokens, and all completion tokens, at most the output limit held for the
   request (what the upstream was told it may generate, over all choices). When only this last

@@ -123,7 +123,7 @@ def count_prompt(messages: list[Any]) -> int:
 
 def count_completion_events(events: bytes) -> int:
     """Count the tokens of what a stream delivered, from its raw SSE bytes: content,
-    reasoning_content, refusals and tool calls of every choice."""
+    reasoning_content, refusals, tool calls and legacy function calls of every choice."""
     return measure_completion_events(events)[0]
 
 
@@ -175,13 +175,33 @@ def generated_texts(message: Any, texts: list[str]) -> None:
         value = message.get(field)
         if isinstance(value, str):
             texts.append(value)
-    for call in _list(message.get("tool_calls")):
+        elif isinstance(value, list):
+            _part_texts(value, texts)  # content as parts (Mistral's API sends it so)
+    calls = list(_list(message.get("tool_calls")))
+    legacy = message.get("function_call")  # the answer to the legacy ``functions``
+    if isinstance(legacy, dict):
+        calls.append({"function": legacy})
+    for call in calls:
         function = call.get("function") if isinstance(call, dict) else None
         if isinstance(function, dict):
             for field in ("name", "arguments"):
                 value = function.get(field)
                 if isinstance(value, str):
                     texts.append(value)
+
+
+def _part_texts(parts: list[Any], texts: list[str], depth: int = 0) -> None:
+    """The texts of content parts: ``text``, and a thinking part's own parts."""
+    for part in parts:
+        if not isinstance(part, dict):
+            continue
+        if isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        thinking = part.get("thinking")
+        if isinstance(thinking, str):
+            texts.append(thinking)
+        elif isinstance(thinking, list) and depth < 4:
+            _part_texts(thinking, texts, depth + 1)
 
 
 def _list(value: Any) -> list[Any]:
