@@ -3,6 +3,12 @@
 # model), the Node packages of the tests and (for make test, as root) Debian's chromium, nginx and
 # docker-compose.
 
+# Some machines set PYTHONDONTWRITEBYTECODE globally: then no process keeps the bytecode it
+# compiles, and every one (each `dubhe` command, each server a test starts) compiles every module
+# it imports again, about 2 s of CPU. Python's default (a __pycache__ beside the sources) is
+# restored for everything make runs.
+unexport PYTHONDONTWRITEBYTECODE
+
 UV_VERSION := 0.13.9
 PYTHON ?= python3
 UV := .tools/bin/uv

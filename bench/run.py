@@ -542,6 +542,9 @@ class Rig:
         points PYTHONPATH and the data dir at the core's export; the catalog is shared (the
         core reads the same TOML format)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("DUBHE_")}
+        # Servers keep the bytecode they compile, as they do by default (the first start of
+        # each writes it; the starts that item 9 times read it, the gateway's and the bare's).
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
         env["DUBHE_DATA_DIR"] = str(self.data_dir)
         env["DUBHE_CONFIG"] = str(self.work_dir / "dubhe.toml")
         env["PYTHONPATH"] = str(self.work_dir / "src")
