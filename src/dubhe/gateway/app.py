@@ -22,7 +22,7 @@ from dubhe.gateway.asgi import (
 from dubhe.gateway.chat import RATE_LIMIT_SCOPE_KEY, chat_completions
 from dubhe.gateway.models_list import ModelListings
 from dubhe.keys.cache import KeyCache, KeyIdentity
-from dubhe.metrics import REQUESTS, path_label
+from dubhe.metrics import count_request
 from dubhe.metrics.requests import observe
 from dubhe.providers import UpstreamPool
 from dubhe.ratelimit import PlanLimiter, UnauthenticatedLimiter
@@ -65,7 +65,7 @@ class GatewayApp:
             if message["type"] == "http.response.start":
                 started = True
                 status = message["status"]
-                REQUESTS.labels(path_label(scope["path"]), str(status)).inc()
+                count_request(scope["path"], status)
             await send(message)
 
         try:

@@ -119,11 +119,13 @@ class KeyCache:
             raise AuthenticationFailed(
                 "The Authorization header must be 'Bearer <your API key>'.", code="invalid_api_key"
             )
-        if not is_well_formed(token):
-            raise _invalid_key()
         key_hash = hash_key(self._secret, token)
         identity = self._by_hash.get(key_hash)
         if identity is None:
+            # Only a key this worker has not seen is checked for form: a made-up one is refused
+            # before any set lookup or query (a key in the cache was well formed when issued).
+            if not is_well_formed(token):
+                raise _invalid_key()
             if key_hash in self._unknown:
                 raise _invalid_key()
             if _fingerprint(key_hash) not in self._known:

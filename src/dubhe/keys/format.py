@@ -6,7 +6,6 @@ without touching the cache or the database. Only an HMAC of the full key is ever
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import secrets
 import zlib
@@ -47,7 +46,8 @@ def is_well_formed(key: str) -> bool:
 
 
 def hash_key(secret: bytes, key: str) -> str:
-    return hmac.new(secret, key.encode(), hashlib.sha256).hexdigest()
+    # hmac.digest: OpenSSL's one-shot HMAC, a third of the cost of an hmac.new object.
+    return hmac.digest(secret, key.encode(), "sha256").hex()
 
 
 def display_prefix(key: str) -> str:

@@ -12,6 +12,7 @@ the hot path.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -33,6 +34,24 @@ def path_label(path: str) -> str:
     if path in _KNOWN_PATHS:
         return path
     return "/v1/models/{model}" if path.startswith("/v1/models/") else "other"
+
+
+# labels() builds and checks a tuple and takes a lock on every call: the hot path keeps the
+# children it has used (a bounded set: known paths times statuses, models of the catalog).
+_children: dict[tuple[object, ...], Any] = {}
+
+
+def child(metric: Any, *labels: str) -> Any:
+    """``metric.labels(*labels)``, looked up once per label set."""
+    key = (metric, *labels)
+    found = _children.get(key)
+    if found is None:
+        found = _children[key] = metric.labels(*labels)
+    return found
+
+
+def count_request(path: str, status: int) -> None:
+    child(REQUESTS, path_label(path), str(status)).inc()
 
 
 def scrape() -> bytes:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from prometheus_client import Counter, Histogram
 
-from dubhe.metrics import path_label
+from dubhe.metrics import child, path_label
 
 if TYPE_CHECKING:
     from dubhe.gateway.asgi import Scope
@@ -35,7 +35,7 @@ def observe(scope: Scope, status: int, request_id: str, started: float, *,
             log_line: bool) -> None:
     seconds = time.perf_counter() - started
     path = path_label(scope["path"])
-    LATENCY.labels(path).observe(seconds)
+    child(LATENCY, path).observe(seconds)
     facts = scope.get(FACTS_SCOPE_KEY)
     identity = completion = settled = None
     model = None
@@ -44,9 +44,10 @@ def observe(scope: Scope, status: int, request_id: str, started: float, *,
         spec = getattr(completion, "model", None)
         model = spec.id if spec is not None else None
     if settled is not None and model is not None:
-        TOKENS.labels(model, "prompt").inc(settled.prompt_tokens)
-        TOKENS.labels(model, "completion").inc(settled.completion_tokens)
-        COST.labels(model).inc(settled.cost_uusd)
+        child(TOKENS, model, "prompt").inc(settled.prompt_tokens)
+        child(TOKENS, model, "completion").inc(settled.completion_tokens)
+        if settled.cost_uusd:
+            child(COST, model).inc(settled.cost_uusd)
     if not log_line or not access_log.isEnabledFor(logging.INFO):
         return
     line: dict[str, Any] = {
