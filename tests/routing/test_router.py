@@ -72,6 +72,26 @@ def test_breaker_opens_on_a_failure_rate_without_a_streak() -> None:
     assert breaker.state is BreakerState.OPEN
 
 
+def test_one_account_s_failures_never_open_a_breaker_two_accounts_do() -> None:
+    breaker = Breaker("b", failures=3, cooldown=10)
+    # A client whose requests make the upstream fail (a 5xx, a broken answer): never opened for
+    # everyone, by a streak or by a rate.
+    for _ in range(30):
+        breaker.failed(0.0, account=7)
+    for _ in range(10):
+        breaker.succeeded()
+        breaker.failed(0.0, account=7)
+    assert breaker.state is BreakerState.CLOSED and breaker.usable(0.0)
+    breaker.failed(0.0, account=8)  # another account fails there too: it is the upstream
+    assert breaker.state is BreakerState.OPEN
+    # A failure no request could cause (connection refused) counts whoever sent it.
+    refused = Breaker("r", failures=3, cooldown=10)
+    refused.failed(0.0, account=7)
+    refused.failed(0.0, account=7)
+    refused.failed(0.0, account=None)
+    assert refused.state is BreakerState.OPEN
+
+
 def test_a_sole_deployment_is_tried_with_its_breaker_open_but_not_when_paused() -> None:
     only = deployment("only")
     router = Router()

@@ -15,6 +15,9 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 JSON_CONTENT_TYPE = (b"content-type", b"application/json")
+# Set by ``DubheHttpProtocol``: a weak reference to the request's uvicorn cycle, whose
+# ``disconnected`` turns true when the client goes away (absent under another server).
+CONNECTION_SCOPE_KEY = "dubhe.connection"
 
 
 # A random prefix per process and a counter: unique across workers and instances without a

@@ -18,7 +18,16 @@ import orjson
 from dubhe.billing.meter import Balance
 from dubhe.billing.pricing import format_usd
 from dubhe.errors import DubheError
-from dubhe.gateway.asgi import ClientGone, Receive, Scope, Send, header, read_body, send_json
+from dubhe.gateway.asgi import (
+    CONNECTION_SCOPE_KEY,
+    ClientGone,
+    Receive,
+    Scope,
+    Send,
+    header,
+    read_body,
+    send_json,
+)
 from dubhe.gateway.completion import ChatCompletion, Settled
 from dubhe.metrics.requests import FACTS_SCOPE_KEY
 
@@ -54,7 +63,7 @@ async def chat_completions(
             return
         await completion.admit(raw)
         exchange = _Exchange(completion, receive, send)
-        await exchange.run()
+        await exchange.run(scope.get(CONNECTION_SCOPE_KEY))
     finally:
         # Tokens per minute count what was used, once it is known; otherwise what was held.
         # A request refused before the upstream call used none of what it held.
@@ -96,7 +105,23 @@ class _Exchange:
             headers.extend(self.completion.ticket.headers())
         return headers
 
-    async def run(self) -> None:
+    async def run(self, connection: Any = None) -> None:
+        if connection is not None and not self.completion.streaming:
+            # A non-streaming answer is generated whole either way (README, Billing): the
+            # bounded request finishes and is charged what the upstream generated. Whether its
+            # client is still there is read off the connection when it is settled, with no
+            # task waiting in receive() meanwhile.
+            def client_gone() -> bool:
+                cycle = connection()
+                return cycle is None or bool(cycle.disconnected)
+
+            self.completion.client_gone = client_gone
+            try:
+                await self._complete()
+            finally:
+                self.finishing = True
+                self.completion.close()
+            return
         task = asyncio.current_task()
         assert task is not None
         # The body is consumed, so the next ASGI message is the disconnect: watching for it lets

@@ -31,7 +31,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -87,11 +87,14 @@ class _Retryable(Exception):  # noqa: N818 (a signal between two methods, not an
     ``error`` is what the client gets if none does."""
 
     def __init__(self, error: DubheError, outcome: str, retry_after: float | None = None, *,
-                 retry_same: bool = True) -> None:  # fmt: skip
+                 retry_same: bool = True, by_request: bool = True) -> None:  # fmt: skip
         super().__init__(outcome)
         self.error = error
         self.outcome = outcome
         self.retry_after = retry_after
+        # What the request sent could have caused it (a 5xx, a timeout, a broken answer); not a
+        # refused connection, credential or model name, which fail whatever is sent.
+        self.by_request = by_request
         # Worth a second try on the same deployment (a 5xx, a timeout); not a refused
         # credential or a redirect, which only another deployment can get past.
         self.retry_same = retry_same
@@ -151,6 +154,8 @@ class ChatCompletion:
         # The consumer left, but the answer is still taken and charged (non-streaming: see
         # complete()).
         self.consumer_gone = False
+        # Asked when the answer is settled, where the transport can tell without a watcher.
+        self.client_gone: Callable[[], bool] | None = None
         self.stream_end: StreamEnd | None = None
         self._response: aiohttp.ClientResponse | None = None
         self._relay: StreamRelay | None = None
@@ -319,7 +324,8 @@ class ChatCompletion:
                 else:
                     response, first = await self._attempt(upstream)
             except _Retryable as failure:
-                upstream.breaker.failed(time.monotonic(), failure.retry_after)
+                upstream.breaker.failed(time.monotonic(), failure.retry_after,
+                                        account=self._account(failure.by_request))
                 failed.add(upstream)
                 last = failure
                 self._relay = self._translator = None  # nothing of it reached the client
@@ -374,18 +380,26 @@ class ChatCompletion:
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             log.warning("upstream %s unreachable for %s: %s",
                         upstream.spec.name, self.request_id, type(exc).__name__)  # fmt: skip
+            connecting = isinstance(exc, (aiohttp.ClientConnectorError,
+                                          aiohttp.ConnectionTimeoutError))
             raise _Retryable(self._unreachable(f"could not be reached ({type(exc).__name__})"),
-                             "upstream_unreachable") from None  # fmt: skip
+                             "upstream_unreachable", by_request=not connecting) from None  # fmt: skip
         self._response = response
         if response.status != 200:
             error = await self._upstream_error(response)
             if isinstance(error, InvalidRequest):
                 raise error
             retry_after = _retry_after(response)
-            # A 401/403 (its credential) or a 3xx will not change on a second try there.
+            # A 401/403 (its credential), a 404 (its model name or path) or a 3xx will not
+            # change on a second try there, nor with anything a client sends.
             raise _Retryable(error, "upstream_error", retry_after,
-                             retry_same=response.status >= 429)  # fmt: skip
+                             retry_same=response.status >= 429,
+                             by_request=response.status >= 429)  # fmt: skip
         return response
+
+    def _account(self, by_request: bool) -> int | None:
+        """Whom the breaker holds to a failure (see ``routing/_breaker.py``)."""
+        return self.identity.user_id if by_request else None
 
     def _unreachable(self, what: str) -> UpstreamUnreachable:
         return UpstreamUnreachable(
@@ -519,8 +533,11 @@ class ChatCompletion:
             self.upstream.spec.name, status, self.request_id, raw.decode("utf-8", "replace"),
         )
         message = _error_message(raw)
-        if status in (400, 404, 413, 422) and message:
+        if status in (400, 413, 422) and message:
             # The upstream refused something the client sent through (an unknown extra field).
+            # Not a 404: the client's path and model are Dubhe's, so an upstream that does not
+            # know them is misconfigured (a wrong model name or base URL), and another
+            # deployment may answer.
             return InvalidRequest(
                 f"The upstream rejected the request: {redact_upstream_message(message)}",
                 code="upstream_rejected",
@@ -544,6 +561,8 @@ class ChatCompletion:
         _, raw = await self._call()
         data = self._answer  # its model already renamed to the public id, and re-encoded
         changed = False
+        if self.client_gone is not None and self.client_gone():
+            self.consumer_gone = True
         outcome, status = ("client_cancelled", 499) if self.consumer_gone else ("ok", 200)
         event = self._event(outcome, status)
         report = parse_usage(data.get("usage"))
@@ -599,7 +618,7 @@ class ChatCompletion:
             try:
                 response, ready = await asyncio.wait_for(task, remaining)
             except (TimeoutError, _Retryable, DubheError):
-                self.upstream.breaker.failed(time.monotonic())
+                self.upstream.breaker.failed(time.monotonic(), account=self.identity.user_id)
                 self._meter_failure("upstream_unreachable", 502)
                 raise self._unreachable("sent nothing within its first-byte timeout") from None
             self.upstream.breaker.succeeded()
@@ -635,7 +654,7 @@ class ChatCompletion:
                 interrupted = True
         if interrupted or relay.fault is not None:
             # Bytes already reached the client: never retried, but the breaker learns of it.
-            self.upstream.breaker.failed(time.monotonic())
+            self.upstream.breaker.failed(time.monotonic(), account=self.identity.user_id)
         if relay.fault is not None:
             log.warning("upstream %s broke the stream of %s: %s",
                         self.upstream.spec.name, self.request_id, relay.fault)  # fmt: skip

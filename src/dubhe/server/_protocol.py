@@ -24,6 +24,7 @@ the 400 uvicorn writes for a request it cannot parse.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from asyncio import TimerHandle
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from dubhe.errors import DubheError, InvalidRequest, ServiceUnavailable
-from dubhe.gateway.asgi import new_request_id
+from dubhe.gateway.asgi import CONNECTION_SCOPE_KEY, new_request_id
 from dubhe.settings import Settings, load_settings
 
 
@@ -173,6 +174,12 @@ class DubheHttpProtocol(HttpToolsProtocol):
         self._in_body = True
         self._arm(self.limits.body_timeout_seconds, self._body_timed_out)
         super().on_headers_complete()
+        if self.cycle is not None:
+            # The application runs later, in a task: it can ask whether its client left without
+            # a task of its own waiting in receive() (gateway/chat.py).
+            # A weak reference: the cycle holds the scope, which must not hold the cycle.
+            scope: dict[str, Any] = self.cycle.scope  # type: ignore[assignment]
+            scope[CONNECTION_SCOPE_KEY] = weakref.ref(self.cycle)
 
     def on_message_complete(self) -> None:
         self._in_body = False
