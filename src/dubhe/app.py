@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import logging
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from fastapi import FastAPI
@@ -35,17 +35,14 @@ from dubhe.keys.cache import KeyCache
 from dubhe.migrations import head_revision
 from dubhe.providers import UpstreamPool
 from dubhe.pubsub import CHANGES, EPOCHS, RECALL, ChangeListener
-from dubhe.ratelimit import (
-    LocalBudget,
-    PlanLimiter,
-    RedisBudget,
-    UnauthenticatedLimiter,
-    redis_client,
-)
+from dubhe.ratelimit import LocalBudget, PlanLimiter, UnauthenticatedLimiter
 from dubhe.routing import share_breakers
 from dubhe.server import Cors, declared_too_large, limited_receive, request_too_large
 from dubhe.settings import Settings, load_settings
 from dubhe.web import WebState, create_web_app
+
+if TYPE_CHECKING:
+    from dubhe.ratelimit import RedisBudget
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +66,7 @@ class DubheApp:
         self.cors = Cors(settings.cors_origins) if settings.cors_origins else None
         self.max_request_bytes = catalog.max_request_bytes
         self.budget: LocalBudget | RedisBudget = LocalBudget()  # RedisBudget when configured
+        self.redis: RedisBudget | None = None
         self.listener: ChangeListener | None = None
 
     async def startup(self) -> None:
@@ -87,7 +85,9 @@ class DubheApp:
         await keys.load()
         keys.start()
         if self.settings.redis_url is not None:
-            self.budget = RedisBudget(
+            from dubhe.ratelimit import RedisBudget, redis_client
+
+            self.budget = self.redis = RedisBudget(
                 redis_client(self.settings.redis_url.get_secret_value()),
                 prefix=self.settings.redis_prefix,
                 fail_open=self.settings.redis_failure_policy == "open",
@@ -98,8 +98,8 @@ class DubheApp:
             self.budget = LocalBudget()
         limiter = PlanLimiter(self.budget)
         limiter.on_reject.append(lambda kind: metrics.RATE_LIMIT_REJECTIONS.labels(kind).inc())
-        if isinstance(self.budget, RedisBudget):
-            self.budget.on_failure.append(metrics.REDIS_FAILURES.inc)
+        if self.redis is not None:
+            self.redis.on_failure.append(metrics.REDIS_FAILURES.inc)
         self._state = GatewayState(
             catalog=self.catalog,
             keys=keys,
@@ -169,8 +169,8 @@ class DubheApp:
             await self._state.keys.stop()
             if self.listener is not None:
                 await self.listener.stop()
-            if isinstance(self.budget, RedisBudget):
-                await self.budget.stop()
+            if self.redis is not None:
+                await self.redis.stop()
             await self._state.meter.stop()
             await self._state.upstreams.close()
         await self.engine.dispose()
@@ -190,8 +190,8 @@ class DubheApp:
                                     else f"at {sorted(versions)}, code expects {head}")
         except Exception as exc:  # any failure is "not ready", never a 500
             checks["database"] = f"unreachable ({type(exc).__name__})"
-        if isinstance(self.budget, RedisBudget):
-            checks["redis"] = "ok" if await self.budget.ping() else "unreachable"
+        if self.redis is not None:
+            checks["redis"] = "ok" if await self.redis.ping() else "unreachable"
         ready = all(value == "ok" for value in checks.values())
         body = orjson.dumps({"status": "ready" if ready else "not ready", "checks": checks})
         return (200 if ready else 503), body

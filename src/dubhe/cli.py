@@ -418,7 +418,7 @@ def _cmd_keys(args: argparse.Namespace) -> None:
     _migrate(settings)
     if args.keys_command == "create":
 
-        from dubhe.billing.schemas import parse_usd
+        from dubhe.billing.pricing import parse_usd
 
         cap = None
         if args.spend_cap_usd is not None:
@@ -498,7 +498,7 @@ def _show_user(settings: Settings, catalog: Catalog, email: str) -> dict[str, An
 
 
 def _usd(text: str, flag: str) -> int:
-    from dubhe.billing.schemas import parse_usd
+    from dubhe.billing.pricing import parse_usd
 
     try:
         return parse_usd(text, param=flag)

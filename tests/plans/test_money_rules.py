@@ -8,8 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dubhe.billing.pricing import cost_uusd, split_cost
-from dubhe.billing.schemas import parse_usd
+from dubhe.billing.pricing import cost_uusd, parse_usd, split_cost
 from dubhe.catalog import load_catalog
 from dubhe.errors import UnprocessableRequest
 from tests.plans.conftest import Store

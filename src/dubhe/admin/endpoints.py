@@ -36,9 +36,8 @@ from dubhe.admin.schemas import (
     UpstreamErrorOut,
     UpstreamOut,
 )
-from dubhe.billing.pricing import format_usd
+from dubhe.billing.pricing import format_usd, parse_usd
 from dubhe.billing.queries import current_account
-from dubhe.billing.schemas import parse_usd
 from dubhe.catalog import Catalog
 from dubhe.models import User
 from dubhe.models.base import utcnow

@@ -20,9 +20,8 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from dubhe.billing import service
-from dubhe.billing.pricing import format_usd
+from dubhe.billing.pricing import MAX_AMOUNT_UUSD, format_usd
 from dubhe.billing.repository import BillingRepository
-from dubhe.billing.schemas import MAX_AMOUNT_UUSD
 from dubhe.catalog import Catalog
 from dubhe.errors import Conflict, NotFound, UnprocessableRequest
 from dubhe.models import RedemptionCode

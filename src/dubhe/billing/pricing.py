@@ -3,16 +3,52 @@
 Money is integer micro-dollars (µUSD) and prices are µUSD per million tokens, so a cost is
 ``ceil(tokens × price / 1e6)`` computed on integers: nothing here touches a float. Included tokens
 pay for prompt tokens first, then completion tokens; whatever they do not cover is charged to the
-balance at the model's input and output prices.
+balance at the model's input and output prices. USD amounts cross the API and the CLI as exact
+decimal strings, read by ``parse_usd`` and written by ``format_usd``, never as floats.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from decimal import Decimal
 
 from dubhe.catalog import ModelSpec
+from dubhe.errors import UnprocessableRequest
 
 MILLION = 1_000_000
+
+
+UUSD_PER_USD = 1_000_000
+UUSD_PER_CENT = 10_000
+# Far above any real recharge; a typo like "10000000" must not mint ten million dollars.
+MAX_AMOUNT_UUSD = 1_000_000 * UUSD_PER_USD
+
+# ASCII digits, then at most six decimals: no sign, no exponent, no "NaN"/"inf", nothing a float
+# would round. Not ``\d``: it matches every script's digits, and Decimal reads "٥" as 5.
+_USD = re.compile(r"([0-9]{1,7})(?:\.([0-9]{1,6}))?", re.ASCII)
+
+
+def parse_usd(text: str, *, param: str = "amount_usd") -> int:
+    """A positive USD amount like "12.5" as exact integer micro-dollars (12500000)."""
+    value = text.strip()
+    if not _USD.fullmatch(value):
+        raise UnprocessableRequest(
+            f"{param} must be a positive USD amount like \"10\" or \"12.50\" (at most 6 "
+            f"decimals), not {text!r}",
+            param=param,
+            code="invalid_value",
+        )
+    amount = int(Decimal(value) * UUSD_PER_USD)  # exact: at most 6 decimals
+    if amount <= 0:
+        raise UnprocessableRequest(f"{param} must be more than zero", param=param,
+                                   code="invalid_value")
+    if amount > MAX_AMOUNT_UUSD:
+        raise UnprocessableRequest(
+            f"{param} must be at most {MAX_AMOUNT_UUSD // UUSD_PER_USD:,} USD", param=param,
+            code="invalid_value",
+        )
+    return amount
 
 
 def format_usd(uusd: int) -> str:

@@ -1,4 +1,5 @@
-"""What the billing API takes and returns, and the one way USD amounts are read.
+"""What the billing API takes and returns (USD amounts are read and written by
+``billing/pricing.py``'s ``parse_usd`` and ``format_usd``).
 
 Money crosses the API as decimal strings ("12.500000"), never JSON numbers: a float cannot hold
 every cent exactly, and inside Dubhe money is integer micro-dollars (µUSD).
@@ -6,9 +7,7 @@ every cent exactly, and inside Dubhe money is integer micro-dollars (µUSD).
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
-from decimal import Decimal
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -16,39 +15,6 @@ from pydantic import BaseModel, Field
 from dubhe.billing.pricing import format_usd
 from dubhe.billing.repository import AccountState
 from dubhe.catalog import Catalog
-from dubhe.errors import UnprocessableRequest
-
-UUSD_PER_USD = 1_000_000
-UUSD_PER_CENT = 10_000
-# Far above any real recharge; a typo like "10000000" must not mint ten million dollars.
-MAX_AMOUNT_UUSD = 1_000_000 * UUSD_PER_USD
-
-# ASCII digits, then at most six decimals: no sign, no exponent, no "NaN"/"inf", nothing a float
-# would round. Not ``\d``: it matches every script's digits, and Decimal reads "٥" as 5.
-_USD = re.compile(r"([0-9]{1,7})(?:\.([0-9]{1,6}))?", re.ASCII)
-
-
-def parse_usd(text: str, *, param: str = "amount_usd") -> int:
-    """A positive USD amount like "12.5" as exact integer micro-dollars (12500000)."""
-    value = text.strip()
-    if not _USD.fullmatch(value):
-        raise UnprocessableRequest(
-            f"{param} must be a positive USD amount like \"10\" or \"12.50\" (at most 6 "
-            f"decimals), not {text!r}",
-            param=param,
-            code="invalid_value",
-        )
-    amount = int(Decimal(value) * UUSD_PER_USD)  # exact: at most 6 decimals
-    if amount <= 0:
-        raise UnprocessableRequest(f"{param} must be more than zero", param=param,
-                                   code="invalid_value")
-    if amount > MAX_AMOUNT_UUSD:
-        raise UnprocessableRequest(
-            f"{param} must be at most {MAX_AMOUNT_UUSD // UUSD_PER_USD:,} USD", param=param,
-            code="invalid_value",
-        )
-    return amount
-
 
 # -- account ------------------------------------------------------------------------------------
 

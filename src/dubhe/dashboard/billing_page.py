@@ -8,9 +8,9 @@ from datetime import datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from dubhe.billing.pricing import UUSD_PER_CENT
 from dubhe.billing.queries import BillingQueries, StatementLine, current_account
 from dubhe.billing.repository import AccountState
-from dubhe.billing.schemas import UUSD_PER_CENT
 from dubhe.catalog import Catalog, PlanSpec
 from dubhe.settings import Settings
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dubhe.billing.schemas import UUSD_PER_CENT
+from dubhe.billing.pricing import UUSD_PER_CENT
 from dubhe.catalog import Catalog, ModelSpec, PlanSpec
 
 

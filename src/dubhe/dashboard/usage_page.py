@@ -9,6 +9,7 @@ from datetime import date, datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from dubhe.billing.pricing import UUSD_PER_CENT
 from dubhe.billing.queries import (
     BillingQueries,
     KeyUsage,
@@ -17,7 +18,6 @@ from dubhe.billing.queries import (
     totals_by_model,
     usage_summary,
 )
-from dubhe.billing.schemas import UUSD_PER_CENT
 from dubhe.catalog import Catalog
 from dubhe.dashboard.charts import Chart, daily_stacked_chart, series_colors
 from dubhe.dashboard.templating import tokens, usd

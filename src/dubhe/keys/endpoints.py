@@ -11,7 +11,7 @@ from datetime import timedelta
 from fastapi import APIRouter
 
 from dubhe.accounts.sessions import SessionWriterDep
-from dubhe.billing.schemas import parse_usd
+from dubhe.billing.pricing import parse_usd
 from dubhe.errors import UnprocessableRequest
 from dubhe.keys import service
 from dubhe.keys.schemas import CreatedKeyOut, KeyCreateIn, KeyList, KeyOut, PlaygroundKeyOut

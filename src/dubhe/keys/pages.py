@@ -10,7 +10,7 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from dubhe.accounts.sessions import SessionUser, SessionUserDep, SessionWriterDep
-from dubhe.billing.schemas import parse_usd
+from dubhe.billing.pricing import parse_usd
 from dubhe.dashboard import render
 from dubhe.errors import DubheError, UnprocessableRequest
 from dubhe.keys import service

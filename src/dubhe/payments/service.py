@@ -21,9 +21,9 @@ import orjson
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from dubhe.billing import service as billing
-from dubhe.billing.pricing import format_usd
+from dubhe.billing.pricing import UUSD_PER_CENT, format_usd, parse_usd
 from dubhe.billing.repository import BillingRepository
-from dubhe.billing.schemas import UUSD_PER_CENT, CheckoutIn, CheckoutOut, parse_usd
+from dubhe.billing.schemas import CheckoutIn, CheckoutOut
 from dubhe.catalog import Catalog
 from dubhe.errors import (
     Conflict,
