@@ -176,6 +176,9 @@ class Meter:
         self._counting: set[asyncio.Future[None]] = set()
         # What this worker has settled and not yet written, per account: [tokens, uusd].
         self._unflushed: dict[int, list[int]] = {}
+        # How many flushes have struck their records off ``_unflushed``: a read of the accounts
+        # that a flush overtook cannot tell whether it counted that flush's records (``_saw``).
+        self._flushes_written = 0
         # Accounts recalled lately (``_SCARCE_SECONDS``), and those whose leases this worker is
         # giving back right now.
         self._scarce: dict[int, float] = {}
@@ -440,6 +443,7 @@ class Meter:
         now = utcnow()
         ttl = self._catalog.reservation_ttl_seconds
         current = self._leases.get(user_id)
+        flushes = self._flushes_written
         async with self._sessionmaker() as session, session.begin():
             repository = BillingRepository.from_session(session)
             posting = service.Posting()
@@ -512,19 +516,22 @@ class Meter:
         current.account_uusd = state.balance_uusd
         current.period_end = state.period_end
         self._saw(user_id, state.tokens_available + state.tokens_reserved,
-                  state.balance_uusd + state.balance_reserved_uusd)
+                  state.balance_uusd + state.balance_reserved_uusd, flushes)
         return current, outcome
 
-    def _saw(self, user_id: int, unspent_tokens: int, unspent_uusd: int) -> None:
-        """Note on the account's live lease its unspent credit as just read from the database,
-        which does not count yet what this worker has settled and not written. A retired lease
-        keeps its last view: a request admitted on an old plan reports the old plan's credit."""
+    def _saw(self, user_id: int, unspent_tokens: int, unspent_uusd: int, flushes: int) -> None:
+        """Note on the account's live lease its unspent credit as just read from the database
+        (by a read that started when ``_flushes_written`` was ``flushes``), which does not count
+        yet what this worker has settled and not written. A retired lease keeps its last view: a
+        request admitted on an old plan reports the old plan's credit."""
         lease = self._leases.get(user_id)
         if lease is None:
             return
-        if self._flush_lock.locked() and lease.unspent is not None:
-            # A flush may have committed and not yet struck its records off ``_unflushed``:
-            # they would count twice. Keep the last view; the next read updates it.
+        if self._flush_lock.locked() or flushes != self._flushes_written:
+            # A flush may have committed and not yet struck its records off ``_unflushed``
+            # (they would count twice), or committed after the read and struck them off since
+            # (they would count not at all: the header would show credit already spent). Keep
+            # the last view (none yet: the lease's own counters); the next read updates it.
             return
         unflushed = self._unflushed.get(user_id, (0, 0))
         lease.unspent = [unspent_tokens - unflushed[0], unspent_uusd - unflushed[1]]
@@ -684,6 +691,7 @@ class Meter:
                 unflushed[1] -= record["uusd_used"]
                 if unflushed[0] <= 0 and unflushed[1] <= 0:
                     del self._unflushed[record["user_id"]]
+        self._flushes_written += 1
 
     def _learn(self, applied: _Applied) -> None:
         for lease in list(self._leases.values()):
@@ -869,6 +877,7 @@ class Meter:
         leases = list(self._leases.values())
         if not leases:
             return
+        flushes = self._flushes_written
         async with self._read_sessionmaker() as session:
             positions = await BillingRepository.from_session(session).account_positions(
                 lease.user_id for lease in leases)
@@ -877,7 +886,8 @@ class Meter:
             if position is None or position.epoch > lease.epoch:
                 self._retire(lease)
             if position is not None:
-                self._saw(lease.user_id, position.unspent_tokens, position.unspent_uusd)
+                self._saw(lease.user_id, position.unspent_tokens, position.unspent_uusd,
+                          flushes)
 
     async def _close_idle(self) -> None:
         idle_after = self._catalog.lease_idle_seconds
