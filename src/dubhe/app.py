@@ -1,19 +1,21 @@
 """The ASGI application: ``/v1`` goes to the raw-ASGI gateway, everything else to the web app
-(FastAPI: the ``/api`` JSON API, later the dashboard).
+(FastAPI: the ``/api`` JSON API, the dashboard and the admin console).
 
 One instance per worker process. Startup opens the database engine, the upstream session, the key
-cache and the meter; shutdown writes what the meter still has queued before closing them.
+cache and the meter; shutdown writes what the meter still has queued before closing them. The web
+app is built on the first request outside ``/v1`` (FastAPI and the pages are about half of a
+worker's start time and a fifth of its memory; a worker that serves only the API never loads them).
 """
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import sys
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from fastapi import FastAPI
 from sqlalchemy import text
 
 from dubhe import metrics
@@ -39,9 +41,10 @@ from dubhe.ratelimit import LocalBudget, PlanLimiter, UnauthenticatedLimiter
 from dubhe.routing import share_breakers
 from dubhe.server import Cors, declared_too_large, limited_receive, request_too_large
 from dubhe.settings import Settings, load_settings
-from dubhe.web import WebState, create_web_app
 
 if TYPE_CHECKING:
+    from fastapi import FastAPI
+
     from dubhe.ratelimit import RedisBudget
 
 log = logging.getLogger(__name__)
@@ -57,7 +60,9 @@ class DubheApp:
         self.read_sessionmaker = create_read_sessionmaker(self.read_engine)
         self.gateway: GatewayApp | None = None
         self.chat_socket: ChatSocketEndpoint | None = None
-        self.web: FastAPI | None = None
+        self.web: FastAPI | None = None  # built on first use: self.web_app()
+        self._web_building: asyncio.Future[FastAPI] | None = None
+        self._upstreams: UpstreamPool | None = None
         self._state: GatewayState | None = None
         self._maintenance: MaintenanceBoard | None = None
         self.unauthenticated = UnauthenticatedLimiter(
@@ -77,7 +82,7 @@ class DubheApp:
             # than on the event loop at the first payment.
             import stripe  # noqa: F401
         keys = KeyCache(self.read_sessionmaker, self.settings.resolved_secret)
-        upstreams = UpstreamPool(self.catalog)
+        upstreams = self._upstreams = UpstreamPool(self.catalog)
         await upstreams.start()
         meter = Meter(self.sessionmaker, self.catalog, self.settings.data_dir / "spool",
                       read_sessionmaker=self.read_sessionmaker)
@@ -127,15 +132,32 @@ class DubheApp:
         gc.collect()
         gc.freeze()
         gc.set_threshold(20_000, 20, 20)
+
+    async def web_app(self) -> FastAPI:
+        """The web app, built by the first request that needs it. The imports run in a thread,
+        so requests to /v1 keep being served meanwhile; requests outside /v1 that arrive during
+        the build wait for it."""
+        if self.web is not None:
+            return self.web
+        if self._web_building is None:
+            self._web_building = asyncio.ensure_future(asyncio.to_thread(self._build_web_app))
+        self.web = await asyncio.shield(self._web_building)
+        return self.web
+
+    def _build_web_app(self) -> FastAPI:
+        from dubhe.web import WebState, create_web_app
+
+        assert self._state is not None
         # The web app shares the worker's key cache, so /api sees a revocation or a plan
         # change at the same moment /v1 does.
-        self.web = create_web_app(WebState(settings=self.settings, catalog=self.catalog,
-                                           sessionmaker=self.sessionmaker, keys=keys,
-                                           unauthenticated=self.unauthenticated,
-                                           read_sessionmaker=self.read_sessionmaker,
-                                           upstreams=upstreams))
+        web = create_web_app(WebState(settings=self.settings, catalog=self.catalog,
+                                      sessionmaker=self.sessionmaker, keys=self._state.keys,
+                                      unauthenticated=self.unauthenticated,
+                                      read_sessionmaker=self.read_sessionmaker,
+                                      upstreams=self._upstreams))
         # The help chat's automatic answer calls /v1 in process, through this very application.
-        self.web.state.dubhe_asgi = self
+        web.state.dubhe_asgi = self
+        return web
 
     @staticmethod
     def _listener(database_url: str, keys: KeyCache, meter: Meter,
@@ -221,13 +243,13 @@ class DubheApp:
                             "headers": [(b"content-type", metrics.CONTENT_TYPE)]})
                 await send({"type": "http.response.body", "body": metrics.scrape()})
             else:
-                assert self.web is not None
                 limit = (self.settings.webhook_max_body_bytes if path == "/api/stripe/webhook"
                          else self.settings.api_max_body_bytes)
                 if declared_too_large(scope, limit):
                     await send_error(send, request_too_large(limit), new_request_id())
                     return
-                await self.web(scope, limited_receive(receive, limit), send)
+                web = self.web or await self.web_app()
+                await web(scope, limited_receive(receive, limit), send)
         elif kind == "websocket":
             if scope["path"] == "/v1/ws/chat":
                 assert self.chat_socket is not None

@@ -252,6 +252,8 @@ def _prepare_metrics_directory(settings: Settings) -> None:
 
 def _ensure_first_admin(settings: Settings, catalog: Catalog) -> None:
     """DUBHE_ADMIN_EMAIL / DUBHE_ADMIN_PASSWORD, read once here, before any worker starts."""
+    if not settings.admin_email or settings.admin_password is None:
+        return  # nothing to do: not even the accounts service and a database session to load
     from dubhe.accounts.service import ensure_first_admin
 
     async def work(session: Any) -> Any:
