@@ -15,7 +15,8 @@ revocation, for tens of seconds.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
@@ -26,7 +27,23 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+if TYPE_CHECKING:
+    from sqlalchemy.dialects.postgresql import Insert as PostgresInsert
+    from sqlalchemy.dialects.sqlite import Insert as SqliteInsert
+
 _READ_ONLY = "dubhe_read_only"
+
+
+def dialect_insert(session: AsyncSession) -> Callable[[Any], PostgresInsert | SqliteInsert]:
+    """The INSERT construct of the session's dialect (for ON CONFLICT clauses). Only that
+    dialect's module is imported: the other one costs start-up time for nothing."""
+    if session.bind is not None and session.bind.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as postgres_insert
+
+        return postgres_insert
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert
 
 
 def is_sqlite(url: str) -> bool:

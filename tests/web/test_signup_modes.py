@@ -14,7 +14,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from dubhe.accounts import service
@@ -23,7 +22,7 @@ from dubhe.database import create_engine, create_sessionmaker
 from dubhe.errors import Conflict, Forbidden
 from dubhe.migrations import upgrade
 from dubhe.models.base import utcnow
-from dubhe.settings import Settings
+from dubhe.settings import Secret, Settings
 from tests.conftest import Sim, fresh_database
 from tests.web.conftest import (
     PASSWORD,
@@ -104,7 +103,7 @@ async def transaction(url: str) -> AsyncIterator[AsyncSession]:
 
 
 def settings_for(tmp_path: Path, **fields: object) -> Settings:
-    fields.setdefault("secret_key", SecretStr("s" * 40))
+    fields.setdefault("secret_key", Secret("s" * 40))
     return Settings(data_dir=tmp_path, **fields)  # type: ignore[arg-type]
 
 
@@ -126,7 +125,7 @@ async def test_invite_mode_needs_an_invitation_for_that_address(db_url: str,
             await service.sign_up(db_session, email=new_email("gatecrasher"), password=PASSWORD,
                                   invite=token, settings=settings, catalog=CATALOG, ip="10.0.0.1",
                                   now=utcnow())
-        other_secret = settings_for(tmp_path, signup_mode="invite", secret_key=SecretStr("t" * 40))
+        other_secret = settings_for(tmp_path, signup_mode="invite", secret_key=Secret("t" * 40))
         forged = service.invite_link(other_secret, invited, utcnow()).split("invite=", 1)[1]
         with pytest.raises(Forbidden):  # signed with another deployment's secret
             await service.sign_up(db_session, email=invited, password=PASSWORD,
@@ -151,9 +150,9 @@ async def test_closed_mode_makes_no_accounts(db_url: str, tmp_path: Path) -> Non
 
 def test_the_default_mode_follows_whether_mail_is_configured(tmp_path: Path) -> None:
     assert settings_for(tmp_path).resolved_signup_mode == "open"
-    assert settings_for(tmp_path, smtp_url=SecretStr("smtp://127.0.0.1:25")
+    assert settings_for(tmp_path, smtp_url=Secret("smtp://127.0.0.1:25")
                         ).resolved_signup_mode == "email-verified"
-    assert settings_for(tmp_path, smtp_url=SecretStr("smtp://127.0.0.1:25"), signup_mode="closed"
+    assert settings_for(tmp_path, smtp_url=Secret("smtp://127.0.0.1:25"), signup_mode="closed"
                         ).resolved_signup_mode == "closed"
 
 
@@ -164,14 +163,14 @@ async def test_the_first_admin_comes_from_the_environment_once(db_url: str,
                                                    catalog=CATALOG)
         assert nothing is None  # no default credentials
         settings = settings_for(tmp_path, admin_email="Root@Example.com",
-                                admin_password=SecretStr("an admin passphrase"))
+                                admin_password=Secret("an admin passphrase"))
         admin = await service.ensure_first_admin(db_session, settings=settings, catalog=CATALOG)
         assert admin is not None and admin.is_admin and admin.email == "root@example.com"
         user = await service.check_credentials(db_session, "root@example.com", "an admin passphrase")
         assert user.id == admin.id
         # An admin exists now: changing the variables later creates nobody.
         later = settings_for(tmp_path, admin_email="second@example.com",
-                             admin_password=SecretStr("another passphrase"))
+                             admin_password=Secret("another passphrase"))
         assert await service.ensure_first_admin(db_session, settings=later, catalog=CATALOG) is None
 
 

@@ -8,10 +8,9 @@ from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import Table, and_, case, func, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from dubhe.database import dialect_insert
 from dubhe.models import (
     Account,
     ApiKey,
@@ -69,7 +68,7 @@ class BillingRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
         self._dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
-        self._insert = pg_insert if self._dialect == "postgresql" else sqlite_insert
+        self._insert = dialect_insert(session)
 
     @classmethod
     def from_session(cls, session: AsyncSession) -> BillingRepository:

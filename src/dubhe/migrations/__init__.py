@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,7 +42,7 @@ def upgrade(database_url: str) -> None:
 def upgrade_if_needed(database_url: str) -> None:
     """:func:`upgrade`, skipped when the database is already at the single head revision."""
     head = head_revision()
-    if head is None or asyncio.run(_current_revisions(database_url)) != {head}:
+    if head is None or _current_revisions(database_url) != {head}:
         upgrade(database_url)
 
 
@@ -63,7 +64,37 @@ def head_revision() -> str | None:
     return heads.pop() if len(heads) == 1 else None
 
 
-async def _current_revisions(database_url: str) -> set[str]:
+def _current_revisions(database_url: str) -> set[str]:
+    path = _sqlite_file(database_url)
+    if path is None:
+        return asyncio.run(_current_revisions_async(database_url))
+    # A file database is read with the standard library, read-only: an async engine costs
+    # ~50 ms of start to read one row. A file that is not there yet is a new database.
+    try:
+        connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return set()
+    try:
+        rows = connection.execute("SELECT version_num FROM alembic_version").fetchall()
+        return {str(row[0]) for row in rows}
+    except sqlite3.Error:
+        return set()  # no alembic_version table yet: a new database
+    finally:
+        connection.close()
+
+
+def _sqlite_file(database_url: str) -> Path | None:
+    """The file of a ``sqlite+aiosqlite:///path`` URL without query options; None otherwise."""
+    prefix = "sqlite+aiosqlite:///"
+    if not database_url.startswith(prefix) or "?" in database_url:
+        return None
+    database = database_url[len(prefix) :]
+    if not database or database == ":memory:":
+        return None
+    return Path(database)
+
+
+async def _current_revisions_async(database_url: str) -> set[str]:
     from sqlalchemy import text
     from sqlalchemy.exc import DBAPIError
     from sqlalchemy.ext.asyncio import create_async_engine

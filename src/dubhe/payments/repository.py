@@ -5,18 +5,16 @@ from __future__ import annotations
 from datetime import datetime
 
 from sqlalchemy import select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from dubhe.database import dialect_insert
 from dubhe.models import Payment, PaymentReversal
 
 
 class PaymentRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
-        dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
-        self._insert = pg_insert if dialect == "postgresql" else sqlite_insert
+        self._insert = dialect_insert(session)
 
     @classmethod
     def from_session(cls, session: AsyncSession) -> PaymentRepository:
