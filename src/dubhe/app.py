@@ -185,6 +185,9 @@ class DubheApp:
         self._state.listings.set_maintenance(models)
 
     async def shutdown(self) -> None:
+        help_feed = getattr(self.web.state, "help_feed", None) if self.web is not None else None
+        if help_feed is not None:
+            await help_feed.stop()
         if self._maintenance is not None:
             await self._maintenance.stop()
         if self._state is not None:

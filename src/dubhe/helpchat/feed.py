@@ -35,6 +35,7 @@ class HelpFeed:
         self._listeners: dict[int, set[asyncio.Event]] = {}
         self._watermark: int | None = None
         self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
 
     @contextlib.contextmanager
     def listen(self, conversation_id: int) -> Iterator[asyncio.Event]:
@@ -52,9 +53,21 @@ class HelpFeed:
             if not listeners:
                 self._listeners.pop(conversation_id, None)
 
+    async def stop(self) -> None:
+        """End the poll (at shutdown, before the engines close): between two polls, never in
+        the middle of one."""
+        task, self._task = self._task, None
+        self._listeners.clear()
+        if task is not None and not task.done():
+            self._stopping.set()
+            await task
+
     async def _poll_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self._poll_seconds)
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self._poll_seconds)
+            if self._stopping.is_set():
+                return
             if not self._listeners:
                 continue
             try:
