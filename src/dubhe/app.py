@@ -130,8 +130,10 @@ class DubheApp:
         # generations, and collect the young one less often (a request allocates many small,
         # short-lived objects; each collection pauses every request in flight). No collection
         # first: start-up leaves almost no cycles behind, and a full one costs ~60 ms of start.
+        # The collector was off while the modules were imported (see dubhe.cli): on from here.
         gc.freeze()
         gc.set_threshold(20_000, 20, 20)
+        gc.enable()
 
     async def web_app(self) -> FastAPI:
         """The web app, built by the first request that needs it. The imports run in a thread,

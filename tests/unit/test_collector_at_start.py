@@ -1,0 +1,54 @@
+"""The CLI imports with the cyclic collector off; a worker turns it back on at the end of its
+start-up, so no serving process runs without it. In a fresh interpreter, as ``dubhe serve`` runs
+a worker: the real start-up on a real SQLite database."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+DUBHE = str(Path(sys.executable).parent / "dubhe")
+
+SCRIPT = textwrap.dedent("""
+    import asyncio, gc, json
+    import dubhe.cli
+    off_while_importing = not gc.isenabled()
+    from dubhe.app import create_app
+
+    async def start_and_stop():
+        app = create_app()
+        await app.startup()
+        on_after_start = gc.isenabled()
+        await app.shutdown()
+        return on_after_start
+
+    print(json.dumps({"off_while_importing": off_while_importing,
+                      "on_after_start": asyncio.run(start_and_stop())}))
+""")
+
+
+def test_the_collector_is_off_for_the_imports_and_on_once_the_worker_started(
+        tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DUBHE_")}
+    env.update(DUBHE_DATA_DIR=str(tmp_path), DUBHE_CONFIG=str(tmp_path / "none.toml"))
+    subprocess.run([DUBHE, "migrate"], env=env, check=True, capture_output=True, timeout=120)
+    ran = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.strip().splitlines()[-1] == (
+        '{"off_while_importing": true, "on_after_start": true}')
+
+
+def test_other_commands_run_with_the_collector_on(tmp_path: Path) -> None:
+    # upstream-sim and local-model are long-running servers too; migrate stands for them all.
+    script = ("import gc, sys, dubhe.cli; dubhe.cli.main(['migrate']); "
+              "print('enabled', gc.isenabled())")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DUBHE_")}
+    env.update(DUBHE_DATA_DIR=str(tmp_path), DUBHE_CONFIG=str(tmp_path / "none.toml"))
+    ran = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.strip().splitlines()[-1] == "enabled True"
