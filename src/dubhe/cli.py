@@ -11,8 +11,9 @@ import gc
 
 # While a process imports its modules, the cyclic collector walks the growing heap of objects
 # they create, again and again, and finds next to nothing: ~90 ms of CPU of a worker's start.
-# It stays off until ``main`` knows the command; ``serve`` turns it back on once the worker has
-# started (``DubheApp.startup``, after ``gc.freeze``), every other command at once.
+# ``serve`` turns it back on once the worker has started (``DubheApp.startup``, after
+# ``gc.freeze``); the other servers (the simulator, the local model) as soon as ``main`` knows
+# the command; a one-shot command never does: it ends within seconds, cycles and all.
 gc.disable()
 
 import argparse
@@ -140,9 +141,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+_LONG_RUNNING = frozenset({"upstream-sim", "local-model"})
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    if args.command != "serve":
+    if args.command in _LONG_RUNNING:
         gc.enable()
     try:
         _COMMANDS[args.command](args)

@@ -1,5 +1,5 @@
 """The CLI imports with the cyclic collector off; a worker turns it back on at the end of its
-start-up, so no serving process runs without it. In a fresh interpreter, as ``dubhe serve`` runs
+start-up, the other servers at once, so no long-running process runs without it. In a fresh interpreter, as ``dubhe serve`` runs
 a worker: the real start-up on a real SQLite database."""
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+
+import pytest
 
 DUBHE = str(Path(sys.executable).parent / "dubhe")
 
@@ -42,13 +44,19 @@ def test_the_collector_is_off_for_the_imports_and_on_once_the_worker_started(
         '{"off_while_importing": true, "on_after_start": true}')
 
 
-def test_other_commands_run_with_the_collector_on(tmp_path: Path) -> None:
-    # upstream-sim and local-model are long-running servers too; migrate stands for them all.
-    script = ("import gc, sys, dubhe.cli; dubhe.cli.main(['migrate']); "
-              "print('enabled', gc.isenabled())")
+@pytest.mark.parametrize(("argv", "enabled"), [
+    # One-shot: it ends within seconds, so the collector never comes back on.
+    (["migrate"], False),
+    # Servers that run for as long as they are let: on at once (this one fails to bind, after).
+    (["upstream-sim", "--host", "256.0.0.1", "--port", "9"], True),
+])
+def test_long_running_commands_turn_the_collector_back_on(tmp_path: Path, argv: list[str],
+                                                          enabled: bool) -> None:
+    script = ("import atexit, gc, sys, dubhe.cli; "
+              "atexit.register(lambda: print('enabled', gc.isenabled())); "
+              f"dubhe.cli.main({argv!r})")
     env = {k: v for k, v in os.environ.items() if not k.startswith("DUBHE_")}
     env.update(DUBHE_DATA_DIR=str(tmp_path), DUBHE_CONFIG=str(tmp_path / "none.toml"))
     ran = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=120, env=env)
-    assert ran.returncode == 0, ran.stderr
-    assert ran.stdout.strip().splitlines()[-1] == "enabled True"
+    assert ran.stdout.strip().splitlines()[-1] == f"enabled {enabled}", (ran.stdout, ran.stderr)
