@@ -28,7 +28,7 @@ from dubhe.database import (
     create_read_sessionmaker,
     create_sessionmaker,
 )
-from dubhe.errors import NotFound
+from dubhe.errors import DubheError, NotFound
 from dubhe.gateway.app import GatewayApp, GatewayState
 from dubhe.gateway.asgi import Receive, Scope, Send, new_request_id, send_error, send_json
 from dubhe.gateway.models_list import ModelListings
@@ -39,7 +39,13 @@ from dubhe.providers import UpstreamPool
 from dubhe.pubsub import CHANGES, EPOCHS, RECALL, ChangeListener
 from dubhe.ratelimit import LocalBudget, PlanLimiter, UnauthenticatedLimiter
 from dubhe.routing import share_breakers
-from dubhe.server import Cors, declared_too_large, limited_receive, request_too_large
+from dubhe.server import (
+    Cors,
+    declared_too_large,
+    limited_receive,
+    read_ahead,
+    request_too_large,
+)
 from dubhe.settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -141,10 +147,17 @@ class DubheApp:
         the build wait for it."""
         if self.web is not None:
             return self.web
+        return await asyncio.shield(self._web_app_future())
+
+    def _web_app_future(self) -> asyncio.Future[FastAPI]:
         if self._web_building is None:
             self._web_building = asyncio.ensure_future(asyncio.to_thread(self._build_web_app))
-        self.web = await asyncio.shield(self._web_building)
-        return self.web
+            self._web_building.add_done_callback(self._web_built)
+        return self._web_building
+
+    def _web_built(self, building: asyncio.Future[FastAPI]) -> None:
+        if not building.cancelled() and building.exception() is None:
+            self.web = building.result()
 
     def _build_web_app(self) -> FastAPI:
         from dubhe.web import WebState, create_web_app
@@ -253,8 +266,19 @@ class DubheApp:
                 if declared_too_large(scope, limit):
                     await send_error(send, request_too_large(limit), new_request_id())
                     return
-                web = self.web or await self.web_app()
-                await web(scope, limited_receive(receive, limit), send)
+                receive = limited_receive(receive, limit)
+                web = self.web
+                if web is None:
+                    # Waiting for the web app to be built: read the body meanwhile, as the web
+                    # app would at once, so it is neither left to time out nor refused late.
+                    building = self._web_app_future()
+                    try:
+                        receive = await read_ahead(receive)
+                    except DubheError as error:  # request_too_large
+                        await send_error(send, error, new_request_id())
+                        return
+                    web = await asyncio.shield(building)
+                await web(scope, receive, send)
         elif kind == "websocket":
             if scope["path"] == "/v1/ws/chat":
                 assert self.chat_socket is not None

@@ -3,6 +3,8 @@ body is read, and counted while reading, for chunked bodies that declare no leng
 
 from __future__ import annotations
 
+from collections import deque
+
 from dubhe.errors import InvalidRequest
 from dubhe.gateway.asgi import Message, Receive, Scope, header
 
@@ -37,3 +39,19 @@ def limited_receive(receive: Receive, limit: int) -> Receive:
         return message
 
     return receive_within_limit
+
+
+async def read_ahead(receive: Receive) -> Receive:
+    """Read the whole request body now (through ``receive``, so its limit applies); returns a
+    ``receive`` that gives those messages back, then passes through (a disconnect, later)."""
+    messages: deque[Message] = deque()
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            break
+
+    async def replay() -> Message:
+        return messages.popleft() if messages else await receive()
+
+    return replay
