@@ -66,7 +66,7 @@ class DubheApp:
         self.read_sessionmaker = create_read_sessionmaker(self.read_engine)
         self.gateway: GatewayApp | None = None
         self.chat_socket: ChatSocketEndpoint | None = None
-        self.web: FastAPI | None = None  # built on first use: self.web_app()
+        self.web: FastAPI | None = None  # built on first use: self._web_app_future()
         self._web_building: asyncio.Future[FastAPI] | None = None
         self._upstreams: UpstreamPool | None = None
         self._state: GatewayState | None = None
@@ -141,15 +141,10 @@ class DubheApp:
         gc.set_threshold(20_000, 20, 20)
         gc.enable()
 
-    async def web_app(self) -> FastAPI:
-        """The web app, built by the first request that needs it. The imports run in a thread,
-        so requests to /v1 keep being served meanwhile; requests outside /v1 that arrive during
-        the build wait for it."""
-        if self.web is not None:
-            return self.web
-        return await asyncio.shield(self._web_app_future())
-
     def _web_app_future(self) -> asyncio.Future[FastAPI]:
+        """The web app, built by the first request that needs it (``self.web`` once built). The
+        imports run in a thread, so requests to /v1 keep being served meanwhile; requests
+        outside /v1 that arrive during the build wait for it."""
         if self._web_building is None:
             self._web_building = asyncio.ensure_future(asyncio.to_thread(self._build_web_app))
             self._web_building.add_done_callback(self._web_built)
