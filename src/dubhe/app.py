@@ -32,7 +32,6 @@ from dubhe.errors import DubheError, NotFound
 from dubhe.gateway.app import GatewayApp, GatewayState
 from dubhe.gateway.asgi import Receive, Scope, Send, new_request_id, send_error, send_json
 from dubhe.gateway.models_list import ModelListings
-from dubhe.gateway.ws import ChatSocketEndpoint, SocketLimits, deny
 from dubhe.keys.cache import KeyCache
 from dubhe.migrations import head_revision
 from dubhe.providers import UpstreamPool
@@ -51,6 +50,7 @@ from dubhe.settings import Settings, load_settings
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
+    from dubhe.gateway.ws import ChatSocketEndpoint
     from dubhe.ratelimit import RedisBudget
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class DubheApp:
         self.read_engine = create_read_engine(settings.resolved_database_url)
         self.read_sessionmaker = create_read_sessionmaker(self.read_engine)
         self.gateway: GatewayApp | None = None
-        self.chat_socket: ChatSocketEndpoint | None = None
+        self.chat_socket: ChatSocketEndpoint | None = None  # built on the first WebSocket
         self.web: FastAPI | None = None  # built on first use: self._web_app_future()
         self._web_building: asyncio.Future[FastAPI] | None = None
         self._upstreams: UpstreamPool | None = None
@@ -129,9 +129,6 @@ class DubheApp:
         if ChangeListener.supported(database_url):
             self.listener = self._listener(database_url, keys, meter, self._maintenance)
             self.listener.start()
-        self.chat_socket = ChatSocketEndpoint(
-            self._state, SocketLimits.from_settings(self.settings), self.settings.cors_origins
-        )
         # Everything built so far lives as long as the worker: keep it out of the collector's
         # generations, and collect the young one less often (a request allocates many small,
         # short-lived objects; each collection pauses every request in flight). No collection
@@ -168,6 +165,18 @@ class DubheApp:
         # The help chat's automatic answer calls /v1 in process, through this very application.
         web.state.dubhe_asgi = self
         return web
+
+    def _chat_socket(self) -> ChatSocketEndpoint:
+        """The /v1/ws/chat endpoint, built by the first WebSocket (most workers never see one:
+        its imports stay out of every worker's start)."""
+        if self.chat_socket is None:
+            from dubhe.gateway.ws import ChatSocketEndpoint, SocketLimits
+
+            assert self._state is not None
+            self.chat_socket = ChatSocketEndpoint(
+                self._state, SocketLimits.from_settings(self.settings), self.settings.cors_origins
+            )
+        return self.chat_socket
 
     @staticmethod
     def _listener(database_url: str, keys: KeyCache, meter: Meter,
@@ -276,9 +285,10 @@ class DubheApp:
                 await web(scope, receive, send)
         elif kind == "websocket":
             if scope["path"] == "/v1/ws/chat":
-                assert self.chat_socket is not None
-                await self.chat_socket(scope, receive, send)
+                await self._chat_socket()(scope, receive, send)
             else:
+                from dubhe.gateway.ws import deny
+
                 await receive()  # websocket.connect
                 await deny(send, NotFound(
                     f"Unknown WebSocket URL: {scope['path']}. The chat socket is /v1/ws/chat.",

@@ -200,7 +200,7 @@ _WS_ENVELOPE_BYTES = 1024
 def _cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from dubhe.server import SECURITY_HEADERS, DubheHttpProtocol, DubheWebSocketProtocol
+    from dubhe.server import SECURITY_HEADERS, DubheHttpProtocol, websocket_protocol
 
     settings, catalog = _context()
     settings.resolved_secret  # noqa: B018 - fail now, before workers start, if it is missing
@@ -243,7 +243,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         # slow reader holds no unbounded buffer), and closes with 1009 a message over the limit
         # before buffering it whole.
         # No per-message deflate: it costs CPU per chunk and is a decompression-bomb surface.
-        ws=DubheWebSocketProtocol,
+        ws=websocket_protocol,  # type: ignore[arg-type]  # a factory, called like the class
         ws_max_size=catalog.max_request_bytes + _WS_ENVELOPE_BYTES,
         ws_ping_interval=settings.ws_ping_interval_seconds,
         ws_ping_timeout=settings.ws_ping_timeout_seconds,

@@ -1,6 +1,9 @@
 """How Dubhe is served: uvicorn with a protocol that bounds what one connection can hold, body
 limits outside the hot path, and the response headers no route owns (security, CORS)."""
 
+import asyncio
+from typing import Any
+
 from dubhe.server._body import (
     declared_too_large,
     limited_receive,
@@ -9,7 +12,16 @@ from dubhe.server._body import (
 )
 from dubhe.server._headers import HSTS, SECURITY_HEADERS, Cors
 from dubhe.server._protocol import ConnectionLimits, DubheHttpProtocol
-from dubhe.server._websocket import DubheWebSocketProtocol
+
+
+def websocket_protocol(**kwargs: Any) -> asyncio.Protocol:
+    """uvicorn's ``ws`` protocol class, as a factory that imports it on the first upgrade: the
+    ``websockets`` package and uvicorn's protocol on it stay out of every worker's start (about
+    15 ms), and most workers never take a WebSocket."""
+    from dubhe.server._websocket import DubheWebSocketProtocol
+
+    return DubheWebSocketProtocol(**kwargs)
+
 
 __all__ = [
     "HSTS",
@@ -17,9 +29,9 @@ __all__ = [
     "ConnectionLimits",
     "Cors",
     "DubheHttpProtocol",
-    "DubheWebSocketProtocol",
     "declared_too_large",
     "limited_receive",
     "read_ahead",
     "request_too_large",
+    "websocket_protocol",
 ]

