@@ -83,6 +83,46 @@ def _too_slow(what: str, seconds: float) -> DubheError:
     )
 
 
+class _CoalescingTransport:
+    """What a response is written through: its first write (the status line and headers) is held
+    until its next one (the body), so a whole answer leaves in one write, one ``send`` and one
+    segment instead of two. Nothing is reordered, and nothing held waits past the current
+    iteration of the event loop (an application that sends its headers and then waits has them
+    sent meanwhile)."""
+
+    __slots__ = ("_held", "_loop", "_transport", "hold_next")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._held: bytes | None = None
+        self.hold_next = False  # set for each new response
+
+    def write(self, data: bytes) -> None:
+        if self._held is not None:
+            data = self._held + data
+            self._held = None
+        elif self.hold_next:
+            self.hold_next = False
+            self._held = data
+            self._loop.call_soon(self._flush)
+            return
+        self._transport.write(data)
+
+    def _flush(self) -> None:
+        if self._held is not None:
+            held, self._held = self._held, None
+            if not self._transport.is_closing():
+                self._transport.write(held)
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+
 class DubheHttpProtocol(HttpToolsProtocol):
     # Read once per worker process from the environment, like the application's settings.
     _limits: ConnectionLimits | None = None
@@ -105,11 +145,13 @@ class DubheHttpProtocol(HttpToolsProtocol):
         self._header_count = 0
         self._in_body = False
         self._over_capacity = False
+        self._coalescing: _CoalescingTransport | None = None
 
     # -- connection -------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self._coalescing = _CoalescingTransport(transport, self.loop)
         # The connection itself counts (it is in self.connections already).
         self._over_capacity = len(self.connections) > self.limits.max_connections
         self._arm(self.limits.header_timeout_seconds, self._headers_timed_out)
@@ -175,6 +217,9 @@ class DubheHttpProtocol(HttpToolsProtocol):
         self._arm(self.limits.body_timeout_seconds, self._body_timed_out)
         super().on_headers_complete()
         if self.cycle is not None:
+            assert self._coalescing is not None
+            self.cycle.transport = self._coalescing  # type: ignore[assignment]
+            self._coalescing.hold_next = True
             # The application runs later, in a task: it can ask whether its client left without
             # a task of its own waiting in receive() (gateway/chat.py).
             # A weak reference: the cycle holds the scope, which must not hold the cycle.
