@@ -14,10 +14,29 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, Counter, generate_latest, values
 from prometheus_client.multiprocess import MultiProcessCollector
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+# In multiprocess mode every inc() asks the kernel for the process id (a fork must start its own
+# file): a system call per counter, several per request. The id is kept here instead, and renewed
+# in a forked child, which is all that check is for.
+_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+def _process_id() -> int:
+    return _pid
+
+
+if os.environ.get(MULTIPROC_ENV):
+    os.register_at_fork(after_in_child=_forked)
+    values.ValueClass = values.MultiProcessValue(process_identifier=_process_id)  # type: ignore[no-untyped-call]
 
 REQUESTS = Counter("dubhe_http_requests", "HTTP responses on /v1, by path and status.",
                    ["path", "status"])
