@@ -206,7 +206,12 @@ class DubheApp:
     async def shutdown(self) -> None:
         help_feed = getattr(self.web.state, "help_feed", None) if self.web is not None else None
         if help_feed is not None:
-            await help_feed.stop()
+            await help_feed.stop()  # its answers are /v1 requests: metered, so stopped first
+        if self._state is not None:
+            # Money next: the spooled usage is written and every lease's unused credit returned
+            # before anything that waits on another service (Redis, a listener) can hold the
+            # worker up until its supervisor kills it.
+            await self._state.meter.stop()
         if self._maintenance is not None:
             await self._maintenance.stop()
         if self._state is not None:
@@ -215,7 +220,6 @@ class DubheApp:
                 await self.listener.stop()
             if self.redis is not None:
                 await self.redis.stop()
-            await self._state.meter.stop()
             await self._state.upstreams.close()
         await self.engine.dispose()
         await self.read_engine.dispose()

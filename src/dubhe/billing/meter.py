@@ -172,6 +172,8 @@ class Meter:
         self._unflushed_files: list[Path] = []
         self._flush_lock = asyncio.Lock()
         self._flush_now = asyncio.Event()
+        # Set by stop(): each housekeeping loop ends between two jobs (see _every).
+        self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._counting: set[asyncio.Future[None]] = set()
         # What this worker has settled and not yet written, per account: [tokens, uusd].
@@ -809,6 +811,7 @@ class Meter:
 
     def start(self) -> None:
         self.spool = Spool(self._spool_dir)
+        self._stopping.clear()
         ttl = self._catalog.reservation_ttl_seconds
         self._tasks = [
             asyncio.create_task(self._flush_forever(), name="meter-flush"),
@@ -821,9 +824,13 @@ class Meter:
         self.caps.start(self._close_idle_caps)
 
     async def stop(self) -> None:
-        """Flush what is spooled and return every lease's unused credit."""
-        for task in self._tasks:
-            task.cancel()
+        """Flush what is spooled and return every lease's unused credit. The housekeeping
+        loops end between two jobs, never cancelled inside one: a transaction cancelled
+        mid-query leaves its connection holding its locks (SQLite's write lock, PostgreSQL's
+        row locks on the accounts), and the last flush below would wait on them until the
+        worker is killed, leaving its usage in the spool."""
+        self._stopping.set()
+        self._flush_now.set()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.caps.stop()
         await asyncio.gather(*self._counting, *self._background, return_exceptions=True)
@@ -842,25 +849,34 @@ class Meter:
                 self.spool.close()
 
     async def _every(self, seconds: float, job: Any) -> None:
-        while True:
-            await asyncio.sleep(seconds)
+        while not await self._stopped_within(seconds):
             try:
                 await job()
             except Exception:
                 log.exception("%s failed; retrying at the next interval", job.__name__)
 
+    async def _stopped_within(self, seconds: float) -> bool:
+        """Wait ``seconds``; True at once if stop() was called."""
+        try:
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        except TimeoutError:
+            return False
+        return True
+
     async def _flush_forever(self) -> None:
-        while True:
+        while not self._stopping.is_set():
             try:
                 await asyncio.wait_for(self._flush_now.wait(), _FLUSH_SECONDS)
             except TimeoutError:
                 pass
             self._flush_now.clear()
+            if self._stopping.is_set():
+                return  # stop() flushes, after every loop ended
             try:
                 await self.flush()
             except Exception:
                 log.exception("flushing usage to the database failed; it stays spooled")
-                await asyncio.sleep(1)
+                await self._stopped_within(1)
 
     async def _heartbeat(self) -> None:
         ids = [lease.id for lease in (*self._leases.values(), *self._retiring) if lease.id]
