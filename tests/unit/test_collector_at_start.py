@@ -4,7 +4,6 @@ a worker: the real start-up on a real SQLite database."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-DUBHE = str(Path(sys.executable).parent / "dubhe")
+from tests.unit.fresh_worker import last_line_of, worker_env
 
 SCRIPT = textwrap.dedent("""
     import asyncio, gc, json
@@ -34,13 +33,7 @@ SCRIPT = textwrap.dedent("""
 
 def test_the_collector_is_off_for_the_imports_and_on_once_the_worker_started(
         tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DUBHE_")}
-    env.update(DUBHE_DATA_DIR=str(tmp_path), DUBHE_CONFIG=str(tmp_path / "none.toml"))
-    subprocess.run([DUBHE, "migrate"], env=env, check=True, capture_output=True, timeout=120)
-    ran = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
-                         timeout=120)
-    assert ran.returncode == 0, ran.stderr
-    assert ran.stdout.strip().splitlines()[-1] == (
+    assert last_line_of(SCRIPT, tmp_path) == (
         '{"off_while_importing": true, "on_after_start": true}')
 
 
@@ -55,8 +48,6 @@ def test_long_running_commands_turn_the_collector_back_on(tmp_path: Path, argv: 
     script = ("import atexit, gc, sys, dubhe.cli; "
               "atexit.register(lambda: print('enabled', gc.isenabled())); "
               f"dubhe.cli.main({argv!r})")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DUBHE_")}
-    env.update(DUBHE_DATA_DIR=str(tmp_path), DUBHE_CONFIG=str(tmp_path / "none.toml"))
     ran = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=120, env=env)
+                         timeout=120, env=worker_env(tmp_path))
     assert ran.stdout.strip().splitlines()[-1] == f"enabled {enabled}", (ran.stdout, ran.stderr)

@@ -6,13 +6,10 @@ worker: the CLI's and the server's imports, then the real start-up on a real SQL
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
-DUBHE = str(Path(sys.executable).parent / "dubhe")
+from tests.unit.fresh_worker import last_line_of
 
 SCRIPT = textwrap.dedent("""
     import asyncio, json, sys
@@ -34,10 +31,4 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_a_started_worker_has_not_imported_what_only_some_requests_need(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DUBHE_")}
-    env.update(DUBHE_DATA_DIR=str(tmp_path), DUBHE_CONFIG=str(tmp_path / "none.toml"))
-    subprocess.run([DUBHE, "migrate"], env=env, check=True, capture_output=True, timeout=120)
-    ran = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
-                         timeout=120)
-    assert ran.returncode == 0, ran.stderr
-    assert json.loads(ran.stdout.strip().splitlines()[-1]) == []
+    assert json.loads(last_line_of(SCRIPT, tmp_path)) == []
