@@ -105,11 +105,11 @@ class _CoalescingTransport:
         elif self.hold_next:
             self.hold_next = False
             self._held = data
-            self._loop.call_soon(self._flush)
+            self._loop.call_soon(self.flush)
             return
         self._transport.write(data)
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
         if self._held is not None:
             held, self._held = self._held, None
             if not self._transport.is_closing():
@@ -119,7 +119,7 @@ class _CoalescingTransport:
         return self._transport.is_closing()
 
     def close(self) -> None:
-        self._flush()
+        self.flush()
         self._transport.close()
 
 
@@ -219,7 +219,10 @@ class DubheHttpProtocol(HttpToolsProtocol):
         if self.cycle is not None:
             assert self._coalescing is not None
             self.cycle.transport = self._coalescing  # type: ignore[assignment]
-            self._coalescing.hold_next = True
+            # Only a cycle that starts now: a pipelined one (queued behind a response still
+            # being written) would hold that response's next chunk instead of its own headers.
+            queued = bool(self.pipeline) and self.pipeline[0][0] is self.cycle
+            self._coalescing.hold_next = not queued
             # The application runs later, in a task: it can ask whether its client left without
             # a task of its own waiting in receive() (gateway/chat.py).
             # A weak reference: the cycle holds the scope, which must not hold the cycle.
@@ -277,6 +280,8 @@ class DubheHttpProtocol(HttpToolsProtocol):
         self._disarm()
         if self.transport.is_closing():
             return
+        if self._coalescing is not None:
+            self._coalescing.flush()  # a response held this iteration goes out before the error
         body = error.body()
         lines = [STATUS_LINE[error.status_code]]
         headers = [
