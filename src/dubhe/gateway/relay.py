@@ -7,7 +7,8 @@ found by a byte search; no other chunk is parsed.
 
 The upstream is untrusted, so its framing is checked at this boundary without parsing every
 chunk: an event is at most ``max_event_bytes`` (the bytes of an unfinished event are kept as a
-list of reads, never re-joined per read); every ``data:`` line must hold a JSON object (it starts
+list of reads, never re-joined per read); lines end with LF or CRLF (a lone CR, a line end to a
+client, fails); every ``data:`` line must hold a JSON object (it starts
 with ``{`` and ends with ``}``: arrays, strings, numbers and cut-off JSON fail) or ``[DONE]``; an
 error event of the upstream's own is relayed once and ends the stream; nothing after ``[DONE]`` is
 relayed. A violation ends the relay with ``fault`` set (the valid events before it are
@@ -32,13 +33,13 @@ from dubhe.usage import tokens
 from dubhe.usage.reports import Untrusted, UsageReport, parse_usage
 
 _USAGE_MARK = b'"usage":{'
-# The space after "data:" is optional in server-sent events: both spellings are matched.
-_DONE_EVENT = b"data: [DONE]"
-_DONE_UNSPACED = b"data:[DONE]"
+_USAGE_FIELD = b'"usage":'
+_NULL_USAGE_TAIL = b',"usage":null}\n\n'
+# [DONE] and the upstream's error are recognised on an event's data line whatever precedes it
+# (comments, event: or id: lines) and however "data:" and the object are spaced.
 _ERROR_EVENT = b'data: {"error"'
-_ERROR_UNSPACED = b'data:{"error"'
 _DONE_MARK = b"[DONE]"
-_ERROR_MARK = b'{"error"'
+_ERROR_KEY = b'"error"'
 _COUNT_BATCH = 1024 * 1024
 
 
@@ -97,29 +98,23 @@ class StreamRelay:
             data = self._joined(data)
             if not data:
                 return b""
-        end = data.rfind(b"\n\n")
-        if end == -1:
-            end = data.rfind(b"\r\n\r\n")
-            if end == -1:
-                self._keep(data)
-                return b""
-            end += 4
+        # The common read: one whole event, one data line holding an object (JSON escapes the
+        # newlines inside strings, so the line's only newlines are the event's end), not an
+        # error. One scan for a usage field decides it; every other read takes ``_split``.
+        if (data.endswith(b"}\n\n") and data.startswith(b'data: {"')
+                and data.find(b"\n") == len(data) - 2 and b"\r" not in data
+                and not data.startswith(_ERROR_EVENT)):
+            ready = data if self._rename is None else data.replace(*self._rename)
+            at = ready.find(_USAGE_FIELD)
+            if at != -1:
+                if at == len(ready) - len(_NULL_USAGE_TAIL) + 1 and ready.endswith(_NULL_USAGE_TAIL):
+                    # The "usage":null OpenAI ends every chunk with when usage was asked for.
+                    if self._strip_usage_nulls:
+                        ready = ready[: -len(_NULL_USAGE_TAIL)] + b"}\n\n"
+                else:
+                    ready = self._inspect(ready)
         else:
-            end += 2
-        ready = data[:end]
-        if end < len(data):
-            self._keep(data[end:])
-        if self._rename is not None:
-            ready = ready.replace(*self._rename)
-        if self._strip_usage_nulls:
-            ready = ready.replace(b',"usage":null', b"")
-        if not (ready.startswith(b"data: {") and ready.endswith(b"}\n\n")
-                and ready.find(b"\n\n") == len(ready) - 2):  # fmt: skip
-            ready = self._check_events(ready)
-        # Three scans of each read cover both spellings of both events (``_hold_back`` decides;
-        # the text "[DONE]" inside content only costs that slower path).
-        if _USAGE_MARK in ready or _DONE_MARK in ready or _ERROR_MARK in ready:
-            ready = self._hold_back(ready)
+            ready = self._split(data)
         if ready:
             self.relayed_size += len(ready)
             self._batch.append(ready)
@@ -128,15 +123,47 @@ class StreamRelay:
                 self._count_batch()
         return ready
 
-    def _joined(self, data: bytes) -> bytes:
-        """The pending event plus this read, joined only if the read may end an event."""
-        last = self._pending[-1]
-        if b"\n\n" not in data and b"\r\n\r\n" not in data and not (
-            last[-1:] == b"\n" and data[:1] in (b"\n", b"\r")
-            or last[-3:].endswith(b"\r") and data[:3].startswith(b"\n")
-        ):
+    def _split(self, data: bytes) -> bytes:
+        """The whole events of a read (the rest is kept for the next), checked and inspected."""
+        # The later of the two ends (a read may mix LF and CRLF framing).
+        lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n")
+        if lf == -1 and crlf == -1:
             self._keep(data)
             return b""
+        end = max(lf + 2 if lf != -1 else 0, crlf + 4 if crlf != -1 else 0)
+        ready = data[:end]
+        if end < len(data):
+            self._keep(data[end:])
+        if self._rename is not None:
+            ready = ready.replace(*self._rename)
+        return self._inspect(ready)
+
+    def _inspect(self, ready: bytes) -> bytes:
+        if self._strip_usage_nulls:
+            ready = ready.replace(b',"usage":null', b"")
+        if not (ready.startswith(b"data: {") and ready.endswith(b"}\n\n")
+                and ready.find(b"\n") == len(ready) - 2 and b"\r" not in ready):  # fmt: skip
+            ready = self._check_events(ready)  # anything but one data line holding an object
+        # Three scans find every event ``_hold_back`` may act on (it decides; "[DONE]" or
+        # "error" inside content only costs this slower path).
+        if _USAGE_MARK in ready or _DONE_MARK in ready or _ERROR_KEY in ready:
+            ready = self._hold_back(ready)
+        return ready
+
+    def _joined(self, data: bytes) -> bytes:
+        """The pending event plus this read, joined only if an event end (the ``\\n\\n`` or
+        ``\\r\\n\\r\\n`` that ``_split`` cuts at) lies in the read or across its start: then
+        the join always makes progress. (Joining on anything less, such as LF then CR, let an
+        upstream have the whole pending event re-joined and rescanned on every read: seconds
+        of CPU per stream for an 8 MiB event in 1 KiB reads.)"""
+        if b"\n\n" not in data and b"\r\n\r\n" not in data:
+            tail = self._pending[-1][-3:]
+            if len(tail) < 3:
+                tail = b"".join(self._pending[-3:])[-3:]
+            across = tail + data[:3]
+            if b"\n\n" not in across and b"\r\n\r\n" not in across:
+                self._keep(data)
+                return b""
         data = b"".join((*self._pending, data))
         self._pending.clear()
         self._pending_size = 0
@@ -152,16 +179,18 @@ class StreamRelay:
             self._pending.clear()
 
     def _check_events(self, ready: bytes) -> bytes:
-        """Each event is comments, fields, and ``data:`` lines holding an object or [DONE].
-        Returns the valid events before the first that is not (then ``fault`` is set)."""
+        """Each event is comments and at most one ``data:`` line, holding an object or [DONE]
+        (an OpenAI stream has nothing else); ``event:``, ``id:`` and ``retry:`` lines are
+        dropped, not relayed. Returns the valid events before the first that is not (then
+        ``fault`` is set)."""
         valid: list[bytes] = []
         for event in ready.replace(b"\r\n", b"\n").split(b"\n\n"):
-            fault = _event_fault(event)
+            lines, fault = _event_lines(event)
             if fault is not None:
                 self.fault = StreamFault(fault)
                 break
-            if event:
-                valid.append(event + b"\n\n")
+            if lines:
+                valid.append(b"\n".join(lines) + b"\n\n")
         return b"".join(valid)
 
     def _hold_back(self, ready: bytes) -> bytes:
@@ -169,21 +198,25 @@ class StreamRelay:
         for event in ready.replace(b"\r\n", b"\n").split(b"\n\n"):
             if not event or self.ended:
                 continue
-            if event.startswith((_DONE_EVENT, _DONE_UNSPACED)):
+            payload = _payload(event)  # its one data line's (events here are checked)
+            if payload is None:
+                kept.append(event)  # comments only
+                continue
+            if payload == b"[DONE]":
                 self.saw_done = True
                 continue
-            if event.startswith((_ERROR_EVENT, _ERROR_UNSPACED)):
+            if payload[1:].lstrip().startswith(b'"error"'):
                 # The upstream's own error: relayed once, in Dubhe's envelope with its message
                 # redacted (it may name the upstream's key, hosts or addresses), and the stream
                 # ends with it. The original is kept for the log.
                 self.upstream_error = True
                 self.upstream_error_event = event
                 self.error_before_events = self.relayed_size == 0 and not kept
-                kept.append(_redacted_error_event(event))
+                kept.append(_redacted_error_event(payload))
                 continue
-            if _USAGE_MARK in event and event.startswith(b"data:"):
+            if _USAGE_MARK in payload:
                 try:
-                    parsed = orjson.loads(event[5:].strip())
+                    parsed = orjson.loads(payload)
                 except orjson.JSONDecodeError as exc:
                     self.fault = StreamFault(f"an event is not valid JSON ({exc})")
                     break
@@ -203,7 +236,10 @@ class StreamRelay:
                     if parsed.get("choices"):
                         # A provider that puts usage on a content chunk: relay the content now.
                         content = dict(parsed)
-                        content["usage"] = None
+                        if self._strip_usage_nulls:
+                            del content["usage"]  # the client did not ask for usage
+                        else:
+                            content["usage"] = None
                         kept.append(b"data: " + orjson.dumps(content))
                         parsed["choices"] = []
                     self.usage_event = parsed
@@ -251,26 +287,52 @@ class StreamRelay:
             count.cancel()
 
 
-def _event_fault(event: bytes) -> str | None:
+def _event_lines(event: bytes) -> tuple[list[bytes], str | None]:
+    """The lines of ``event`` to relay (comments and its data line), or why it is refused."""
+    lines: list[bytes] = []
+    data = False
     for line in event.split(b"\n"):
-        if not line or line.startswith(b":"):
-            continue  # a comment (a keep-alive)
-        if line.startswith(b"data:"):
+        if b"\r" in line:
+            # A lone CR ends a line for a client's SSE parser, not for this check: it would
+            # let an event carry lines (an unredacted error, a [DONE]) never checked here.
+            return lines, f"a line ends with a lone carriage return: {line[:80]!r}"
+        if not line:
+            continue
+        if line.startswith(b":"):
+            lines.append(line)  # a comment (a keep-alive)
+        elif line.startswith(b"data:"):
+            # Several data lines are one payload to a client (joined by newlines), checked
+            # here line by line: a [DONE] or an error could ride in the second.
+            if data:
+                return lines, "an event has more than one data line"
+            data = True
             payload = line[5:].strip()
-            if payload == b"[DONE]" or (payload[:1] == b"{" and payload[-1:] == b"}"):
-                continue
-            return f"a data line is not a JSON object: {payload[:80]!r}"
-        if not line.startswith((b"event:", b"id:", b"retry:")):
-            return f"a line is not server-sent events: {line[:80]!r}"
-    return None
+            if payload != b"[DONE]" and not (payload[:1] == b"{" and payload[-1:] == b"}"):
+                return lines, f"a data line is not a JSON object: {payload[:80]!r}"
+            lines.append(line)
+        elif not line.startswith((b"event:", b"id:", b"retry:")):
+            return lines, f"a line is not server-sent events: {line[:80]!r}"
+    return lines, None
 
 
-def _redacted_error_event(event: bytes) -> bytes:
+def _payload(event: bytes) -> bytes | None:
+    """The payload of a checked event's data line, or None when it has none."""
+    if event.startswith(b"data:"):
+        start = 0
+    else:
+        start = event.find(b"\ndata:") + 1
+        if start == 0:
+            return None
+    end = event.find(b"\n", start)
+    return event[start + 5 : end if end != -1 else len(event)].strip()
+
+
+def _redacted_error_event(payload: bytes) -> bytes:
     """An upstream's in-stream error event as Dubhe relays it: the four-key envelope of
     ``decisions.md`` with the upstream's message redacted and cut, never its other fields."""
     message = "The upstream failed while streaming; retry the request."
     try:
-        parsed = orjson.loads(event[5:].strip())
+        parsed = orjson.loads(payload)
     except orjson.JSONDecodeError:
         parsed = None
     detail = parsed.get("error") if isinstance(parsed, dict) else None

@@ -28,6 +28,9 @@ from typing import Any
 
 # Special tokens a choice may generate without visible text: end of turn, a tool-call wrapper.
 OVERHEAD_PER_CHOICE = 16
+# No token of any tokenizer, nor an honest stream's event per token with its framing and log
+# probabilities, carries this many bytes: a count that leaves more per token is too low.
+MAX_BYTES_PER_TOKEN = 4096
 # Above this no count is a token count (it would not fit a signed 64-bit database column).
 _MAX_COUNT = 2**53
 
@@ -105,6 +108,13 @@ def judge(
         )
     if visible == 0 and visible_bytes > 0:
         return Untrusted(f"completion_tokens is 0 for {visible_bytes} bytes of output")
+    # All of completion_tokens, hidden reasoning included: a reasoning text the upstream did
+    # show (reasoning_content) is in visible_bytes while its tokens may be counted as hidden.
+    if report.completion_tokens * MAX_BYTES_PER_TOKEN < visible_bytes:
+        return Untrusted(
+            f"completion_tokens {report.completion_tokens} is too few for {visible_bytes} "
+            "bytes of visible output"
+        )
     if report.hidden_reasoning_tokens > output_limit:
         return Untrusted(
             f"{report.hidden_reasoning_tokens} hidden reasoning tokens exceed the output limit "

@@ -145,7 +145,11 @@ def measure_completion_events(events: bytes) -> tuple[int, int]:
         try:
             chunk = orjson.loads(payload)
         except orjson.JSONDecodeError:
-            continue  # the last event of a cut stream may be incomplete
+            # Relayed, yet not JSON orjson reads (a NaN, a lone surrogate escape): a client's
+            # parser may still show its text. The whole payload is counted, more than its
+            # text and never less.
+            texts.append(payload.decode("utf-8", "replace"))
+            continue
         if isinstance(chunk, dict):
             for choice in _list(chunk.get("choices")):
                 if isinstance(choice, dict):
