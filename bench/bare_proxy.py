@@ -3,8 +3,9 @@
     .venv/bin/python bench/bare_proxy.py --port P --upstream fast=http://127.0.0.1:S/v1 [...]
 
 Raw ASGI on the same server stack as `dubhe serve` (uvicorn, uvloop, stock httptools protocol,
-the same keep-alive and backlog), one aiohttp session configured like the gateway's upstream
-pool, and nothing else: no auth, no validation, no billing, no request id, no parsing of
+the same keep-alive and backlog), one aiohttp session (the baseline the billing-holes issue
+defines; configured as the gateway's upstream session was before it got its own client), and
+nothing else: no auth, no validation, no billing, no request id, no parsing of
 anything. It reads the request body, POSTs it unchanged to the upstream picked by the first
 path segment (`POST /fast/v1/chat/completions` goes to the `fast` upstream's
 `/chat/completions`), and relays the answer: non-streaming in one send with a content-length,

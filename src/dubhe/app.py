@@ -85,7 +85,9 @@ class DubheApp:
             _log_access_lines()
         if self.settings.stripe_secret_key or self.settings.stripe_webhook_secret:
             # ~25 MB and a second of CPU: only where payments are configured, and now rather
-            # than on the event loop at the first payment.
+            # than on the event loop at the first payment. The Stripe client runs on aiohttp
+            # (the gateway's own upstream client does not).
+            import aiohttp  # noqa: F401
             import stripe  # noqa: F401
         keys = KeyCache(self.read_sessionmaker, self.settings.resolved_secret)
         upstreams = self._upstreams = UpstreamPool(self.catalog)

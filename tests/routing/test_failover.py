@@ -305,7 +305,9 @@ def test_admins_see_each_deployment_s_breaker(scenario: Scenario) -> None:
     for _ in range(3):  # every deployment of dubhe-qwen is down: their breakers open
         httpx.post(server.base_url + "/chat/completions", json=ask("dubhe-qwen"), timeout=30,
                    headers={"authorization": f"Bearer {server.key('ultimate')}"})  # fmt: skip
-    assert httpx.get(root + "/admin/api/upstreams").status_code == 401
+    # The worker's first request outside /v1 waits for the web app's lazy build (seconds on a
+    # busy machine): more than httpx's default 5 s timeout.
+    assert httpx.get(root + "/admin/api/upstreams", timeout=30).status_code == 401
     admin_email = f"admin-{secrets.token_hex(3)}@example.com"
     server.cli("users", "create", admin_email, "--password", PASSWORD, "--admin")
     user_email = f"user-{secrets.token_hex(3)}@example.com"

@@ -32,13 +32,13 @@ stream_keepalive_seconds = 1
 name = "slow"
 base_url = "{slow.base_url}"
 models = ["dubhe-fast"]
-weight = 1000
 first_byte_timeout_seconds = 0.5
 
 [[upstreams]]
 name = "steady"
 base_url = "{sims["fast"].base_url}"
 models = ["dubhe-fast"]
+priority = 1
 
 [[upstreams]]
 name = "late"
@@ -74,7 +74,7 @@ def test_a_deployment_slow_to_start_is_replaced(
     events = list(iter_events(response.content))
     assert events[-1] == b"[DONE]"
     assert not response.content.startswith(b": ping")
-    # Tried first (its weight), given up after its 0.5 s first-byte timeout, and replaced.
+    # Tried first ("steady" is a lower priority tier), given up after its 0.5 s first-byte timeout, and replaced.
     request_id = response.headers["x-request-id"]
     assert f"upstream slow sent nothing within its first-byte timeout (0.5 s) for {request_id}" in (
         server.running.log.read_text()

@@ -5,9 +5,9 @@ request with an error frame, billed for what was delivered; nothing up gives the
 
 One ``dubhe serve`` on PostgreSQL:
 
-- dubhe-fast: "flaky" (answers 500, weighted first; its breaker needs 100 failures to open, so
-  every request meets it) and "steady" (a simulator);
-- dubhe-code: "slow" (answers 4 s late, first-byte timeout 0.5 s, weighted first) and a simulator;
+- dubhe-fast: "flaky" (answers 500, tried first: "steady" is a lower priority tier; its breaker
+  needs 100 failures to open, so every request meets it) and "steady" (a simulator);
+- dubhe-code: "slow" (answers 4 s late, first-byte timeout 0.5 s, tried first) and a simulator;
 - dubhe-reasoning: "staller" (three tokens, then nothing; idle timeout one second);
 - dubhe-qwen: a port nothing listens on.
 """
@@ -57,24 +57,24 @@ breaker_failures = 100
 name = "flaky"
 base_url = "{flaky.base_url}"
 models = ["dubhe-fast"]
-weight = 1000
 
 [[upstreams]]
 name = "steady"
 base_url = "{steady}"
 models = ["dubhe-fast"]
+priority = 1
 
 [[upstreams]]
 name = "slow"
 base_url = "{slow.base_url}"
 models = ["dubhe-code"]
-weight = 1000
 first_byte_timeout_seconds = 0.5
 
 [[upstreams]]
 name = "steady-code"
 base_url = "{steady}"
 models = ["dubhe-code"]
+priority = 1
 
 [[upstreams]]
 name = "staller"

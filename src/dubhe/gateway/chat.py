@@ -1,7 +1,7 @@
 """``POST /v1/chat/completions`` over HTTP: JSON or SSE framing around ``ChatCompletion``.
 
 Per request: one HMAC and dict lookup for the key, one orjson parse, validation of the fields
-Dubhe owns, one upstream call on a shared aiohttp session, and a byte-level relay (all in
+Dubhe owns, one upstream call on the worker's keep-alive client, and a byte-level relay (all in
 ``completion.py``, which no transport detail reaches). This module reads the body, watches for
 the client's disconnect, frames the answer and keeps a silent stream alive.
 """

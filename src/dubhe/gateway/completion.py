@@ -35,7 +35,6 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
-import aiohttp
 import orjson
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -59,7 +58,8 @@ from dubhe.gateway.relay import StreamRelay
 from dubhe.gateway.validation import ChatRequest, validate_chat_request
 from dubhe.models.base import utcnow
 from dubhe.providers import anthropic
-from dubhe.providers.errors import read_error_body, redact_upstream_message
+from dubhe.providers.errors import redact_upstream_message
+from dubhe.providers.http import ConnectFailed, HttpError, Response
 from dubhe.routing import backoff_seconds
 from dubhe.usage import tokens
 from dubhe.usage.events import UsageEvent
@@ -157,7 +157,7 @@ class ChatCompletion:
         # Asked when the answer is settled, where the transport can tell without a watcher.
         self.client_gone: Callable[[], bool] | None = None
         self.stream_end: StreamEnd | None = None
-        self._response: aiohttp.ClientResponse | None = None
+        self._response: Response | None = None
         self._relay: StreamRelay | None = None
         # The request's hold on its rate limits (chat.py), if it is limited.
         self.ticket: Ticket | None = None
@@ -170,10 +170,10 @@ class ChatCompletion:
         self.per_choice = 0
         self._answer: dict[str, Any] = {}  # a non-streaming answer, parsed
         self._translator: anthropic.StreamTranslator | None = None
-        self._first_task: asyncio.Future[tuple[aiohttp.ClientResponse, bytes]] | None = None
+        self._first_task: asyncio.Future[tuple[Response, bytes]] | None = None
         # A stream started at its first keep-alive, still waiting for its first events.
         self._committed: (
-            tuple[asyncio.Future[tuple[aiohttp.ClientResponse, bytes]], float] | None
+            tuple[asyncio.Future[tuple[Response, bytes]], float] | None
         ) = None
 
     @property
@@ -297,7 +297,7 @@ class ChatCompletion:
             )
         return payload
 
-    async def _call(self) -> tuple[aiohttp.ClientResponse | None, bytes]:
+    async def _call(self) -> tuple[Response | None, bytes]:
         """Attempts until a deployment answers: a non-streaming answer whole, a stream up to its
         first events (or its first keep-alive, see ``_first_events``). A failure that leaves the
         client nothing (connect errors, timeouts, 429, 5xx, a broken or empty answer, a stream's
@@ -362,26 +362,22 @@ class ChatCompletion:
         self._meter_failure(last.outcome, error.status_code)
         raise error
 
-    async def _post(self, upstream: Upstream) -> aiohttp.ClientResponse:
-        session = self.state.upstreams.session
-        assert session is not None
-        headers = dict(upstream.headers)
-        headers["x-request-id"] = self.request_id
+    async def _post(self, upstream: Upstream) -> Response:
+        client = self.state.upstreams.client
+        assert client is not None
         try:
             # Redirects are not followed: a 3xx is an upstream error, and neither the prompt nor
             # the upstream's key is ever sent to an address the operator did not configure.
-            response = await session.post(
-                upstream.chat_url,
-                data=self._payload(upstream),
-                headers=headers,
-                allow_redirects=False,
-                timeout=upstream.timeout,
+            response = await client.post(
+                upstream.endpoint,
+                self._payload(upstream),
+                b"x-request-id: %s\r\n" % self.request_id.encode(),
+                upstream.timeout,
             )
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        except (TimeoutError, HttpError, OSError) as exc:
             log.warning("upstream %s unreachable for %s: %s",
-                        upstream.spec.name, self.request_id, type(exc).__name__)  # fmt: skip
-            connecting = isinstance(exc, (aiohttp.ClientConnectorError,
-                                          aiohttp.ConnectionTimeoutError))
+                        upstream.spec.name, self.request_id, exc or type(exc).__name__)  # fmt: skip
+            connecting = isinstance(exc, ConnectFailed)
             raise _Retryable(self._unreachable(f"could not be reached ({type(exc).__name__})"),
                              "upstream_unreachable", by_request=not connecting) from None  # fmt: skip
         self._response = response
@@ -407,13 +403,13 @@ class ChatCompletion:
             code="upstream_unreachable",
         )
 
-    async def _attempt(self, upstream: Upstream) -> tuple[aiohttp.ClientResponse, bytes]:
+    async def _attempt(self, upstream: Upstream) -> tuple[Response, bytes]:
         """A whole non-streaming answer, parsed (``_answer``), from an Anthropic deployment
         translated, and re-encoded with the public model's id."""
         response = await self._post(upstream)
         try:
             raw = await response.read()
-        except (TimeoutError, aiohttp.ClientError, OSError):
+        except (TimeoutError, HttpError, OSError):
             raise _Retryable(self._unreachable("broke off its answer"),
                              "upstream_unreachable") from None  # fmt: skip
         try:
@@ -446,7 +442,7 @@ class ChatCompletion:
 
     async def _attempt_stream(
         self, upstream: Upstream
-    ) -> tuple[aiohttp.ClientResponse | None, bytes]:
+    ) -> tuple[Response | None, bytes]:
         """Post and read up to the first events within the deployment's first-byte timeout. If
         the first keep-alive is due sooner, the attempt is committed instead: the stream starts
         (headers and a ping go out) and keeps waiting, and is no longer retried."""
@@ -469,12 +465,12 @@ class ChatCompletion:
         response, first = task.result()
         return response, first
 
-    async def _first_events(self, upstream: Upstream) -> tuple[aiohttp.ClientResponse, bytes]:
+    async def _first_events(self, upstream: Upstream) -> tuple[Response, bytes]:
         response = await self._post(upstream)
         relay = self._new_relay(upstream)
         translator = self._translator
         try:
-            async for data in response.content.iter_any():
+            async for data in response.chunks():
                 if translator is not None:
                     data = translator.feed(data)
                 ready = relay.feed(data)
@@ -488,7 +484,7 @@ class ChatCompletion:
                     return response, ready
                 if relay.ended:
                     break
-        except (TimeoutError, aiohttp.ClientError, OSError):
+        except (TimeoutError, HttpError, OSError):
             raise _Retryable(self._unreachable("broke off the stream before its first event"),
                              "upstream_unreachable") from None  # fmt: skip
         why = relay.fault or relay.upstream_error_event.decode("utf-8", "replace") or "no events"
@@ -520,13 +516,14 @@ class ChatCompletion:
         )
         return self._relay
 
-    async def _upstream_error(self, response: aiohttp.ClientResponse) -> DubheError:
+    async def _upstream_error(self, response: Response) -> DubheError:
         """Dubhe's own words for the upstream's failure; its message only where it tells the
         client what to fix, redacted. The upstream's full text goes to the log."""
         status = response.status
         try:
-            raw = await read_error_body(response, self.state.catalog.max_upstream_error_bytes)
-        except (TimeoutError, aiohttp.ClientError, OSError):
+            # At most this much is read; the rest never is (close() drops the connection).
+            raw = await response.read_up_to(self.state.catalog.max_upstream_error_bytes)
+        except (TimeoutError, HttpError, OSError):
             raw = b""
         log.warning(
             "upstream %s answered HTTP %d to %s: %s",
@@ -604,7 +601,7 @@ class ChatCompletion:
         return self._events(response, first)
 
     async def _events(
-        self, response: aiohttp.ClientResponse | None, first: bytes
+        self, response: Response | None, first: bytes
     ) -> AsyncGenerator[bytes, None]:
         """Whole SSE events as they arrive, minus the usage chunk and ``[DONE]`` (held back until
         the request is settled; then ``stream_end`` is set and the iterator ends)."""
@@ -631,10 +628,10 @@ class ChatCompletion:
         if not relay.ended:
             # Anthropic's pings keep the connection busy while carrying nothing for the client:
             # the idle timeout counts from the last read that translated to something.
-            idle = self.upstream.timeout.sock_read
+            idle = self.upstream.timeout.read
             last_progress = time.monotonic()
             try:
-                async for data in response.content.iter_any():
+                async for data in response.chunks():
                     if translator is not None:
                         data = translator.feed(data)
                         if data:
@@ -650,7 +647,7 @@ class ChatCompletion:
                     if relay.ended:
                         break  # whatever an upstream sends after [DONE] is not relayed
                 interrupted = not relay.ended
-            except (TimeoutError, aiohttp.ClientError, OSError):
+            except (TimeoutError, HttpError, OSError):
                 interrupted = True
         if interrupted or relay.fault is not None:
             # Bytes already reached the client: never retried, but the breaker learns of it.
@@ -970,7 +967,7 @@ def _capable(
     )
 
 
-def _retry_after(response: aiohttp.ClientResponse) -> float | None:
+def _retry_after(response: Response) -> float | None:
     """The upstream's ``retry-after`` in seconds (a number; an HTTP date is not used)."""
     value = response.headers.get("retry-after")
     if value is None:

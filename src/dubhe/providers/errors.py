@@ -1,4 +1,4 @@
-"""An upstream's error answers: read up to a bound, and what of them may reach a client.
+"""What of an upstream's error answer may reach a client.
 
 An upstream's error text is written for its operator, not for Dubhe's users: it can name the
 upstream's own API key (or its prefix), internal host names, URLs and addresses. Dubhe relays it
@@ -10,8 +10,6 @@ towards removing too much: a dotted word such as ``file.json`` reads like a host
 from __future__ import annotations
 
 import re
-
-import aiohttp
 
 MAX_RELAYED_MESSAGE_CHARS = 500
 _REDACTED = "[redacted]"
@@ -42,17 +40,3 @@ def redact_upstream_message(message: str) -> str:
     if len(redacted) > MAX_RELAYED_MESSAGE_CHARS:
         redacted = redacted[: MAX_RELAYED_MESSAGE_CHARS - 1] + "…"
     return redacted
-
-
-async def read_error_body(response: aiohttp.ClientResponse, limit: int) -> bytes:
-    """At most ``limit`` bytes of an error answer; the rest is never read (the connection is
-    closed, not reused)."""
-    chunks: list[bytes] = []
-    size = 0
-    while size < limit:
-        chunk = await response.content.read(limit - size)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-    return b"".join(chunks)

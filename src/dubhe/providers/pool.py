@@ -1,9 +1,8 @@
-"""The deployments of every public model, over one aiohttp session per worker.
+"""The deployments of every public model, over one keep-alive HTTP client per worker.
 
-aiohttp, not httpx: measured on this hardware httpx costs ~10x the CPU per proxied request and
-its pool degrades with concurrency. The connector has no connection cap (``limit=0``): aiohttp's
-default of 100 queues requests silently, and concurrency is the rate limiter's job, which can
-answer 429 instead of making clients wait.
+The client is Dubhe's own (``providers/http.py``): measured on this hardware aiohttp costs ~4x
+its CPU per proxied request, and httpx ~10x aiohttp's. It has no connection cap: concurrency is
+the rate limiter's job, which can answer 429 instead of making clients wait.
 
 Each ``[[upstreams]]`` entry is one ``Upstream`` (a deployment) shared by the public models it
 lists, with its own circuit breaker and timeouts, all built once at start: the hot path only
@@ -15,9 +14,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import aiohttp
-
 from dubhe.catalog import Catalog, UpstreamSpec
+from dubhe.providers.http import Endpoint, HttpClient, Timeouts
 from dubhe.routing import Breaker
 
 ANTHROPIC_VERSION = "2023-06-01"
@@ -26,9 +24,8 @@ ANTHROPIC_VERSION = "2023-06-01"
 @dataclass(frozen=True, slots=True, eq=False)
 class Upstream:
     spec: UpstreamSpec
-    chat_url: str
-    headers: dict[str, str]
-    timeout: aiohttp.ClientTimeout
+    endpoint: Endpoint  # the chat URL with the fixed request headers, ready to send
+    timeout: Timeouts
     first_byte_timeout: float
     breaker: Breaker
 
@@ -53,13 +50,12 @@ def _upstream(spec: UpstreamSpec, catalog: Catalog) -> Upstream:
     first_byte = spec.first_byte_timeout_seconds or catalog.upstream_first_byte_timeout_seconds
     return Upstream(
         spec=spec,
-        chat_url=spec.base_url + path,
-        headers=_headers(spec),
-        timeout=aiohttp.ClientTimeout(
-            total=spec.total_timeout_seconds,
+        endpoint=Endpoint.parse(spec.base_url + path, _headers(spec)),
+        timeout=Timeouts(
             connect=spec.connect_timeout_seconds or catalog.upstream_connect_timeout_seconds,
             # Between two reads of the answer (and, before it, for its status line).
-            sock_read=spec.idle_timeout_seconds or catalog.upstream_timeout_seconds,
+            read=spec.idle_timeout_seconds or catalog.upstream_timeout_seconds,
+            total=spec.total_timeout_seconds,
         ),
         first_byte_timeout=first_byte,
         breaker=Breaker(
@@ -82,25 +78,14 @@ class UpstreamPool:
             model_id: tuple(sorted(deployments, key=lambda d: d.spec.priority))
             for model_id, deployments in by_model.items()
         }
-        self.session: aiohttp.ClientSession | None = None
+        self.client: HttpClient | None = None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=None, keepalive_timeout=30)
-        self.session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(
-                total=None,
-                connect=self._catalog.upstream_connect_timeout_seconds,
-                sock_read=self._catalog.upstream_timeout_seconds,
-            ),
-            # Pass bodies through untouched: no automatic decompression of upstream answers.
-            auto_decompress=False,
-            skip_auto_headers=("User-Agent", "Accept-Encoding"),
-        )
+        self.client = HttpClient(keepalive_seconds=30)
 
     async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
+        if self.client is not None:
+            await self.client.close()
 
     def for_model(self, model_id: str) -> tuple[Upstream, ...]:
         return self._by_model.get(model_id, ())
