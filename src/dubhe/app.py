@@ -41,7 +41,9 @@ from dubhe.routing import share_breakers
 from dubhe.server import (
     Cors,
     declared_too_large,
+    holds_nul,
     limited_receive,
+    nul_in_request,
     read_ahead,
     request_too_large,
 )
@@ -276,7 +278,11 @@ class DubheApp:
                 if declared_too_large(scope, limit):
                     await send_error(send, request_too_large(limit), new_request_id())
                     return
-                receive = limited_receive(receive, limit)
+                if holds_nul(scope["query_string"], url_encoded=True) or "\x00" in scope["path"]:
+                    await send_error(send, nul_in_request(), new_request_id())
+                    return
+                receive = limited_receive(receive, limit,
+                                          refuse_nul=path != "/api/stripe/webhook")
                 web = self.web
                 if web is None:
                     # Waiting for the web app to be built: read the body meanwhile, as the web

@@ -186,3 +186,43 @@ def test_past_the_connection_limit_new_connections_get_503(
     finally:
         for sock in sockets:
             sock.close()
+
+
+def test_an_answer_before_a_continue_closes_the_connection(hardened: Server) -> None:
+    """A client that sent ``Expect: 100-continue`` waits for the 100 before its body. Answered
+    without one (here a 401: the key is checked before the body is read), it may never send the
+    body; on a kept-alive connection its next request would then be read as that body and never
+    answered. The answer says ``connection: close`` and the connection closes at once."""
+    body = b'{"model": "dubhe-fast", "messages": [{"role": "user", "content": "hi"}]}'
+    with connect(hardened) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: dubhe\r\n"
+                     b"Authorization: Bearer sk-not-a-key\r\nContent-Type: application/json\r\n"
+                     b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body))
+        started = time.monotonic()
+        response = read_response(sock, timeout=1)  # the body deadline is 2 s
+    assert response.status == 401
+    assert response.headers["connection"] == "close"
+    assert response.closed
+    assert time.monotonic() - started < 1.5
+
+
+def test_a_continued_request_keeps_its_connection(hardened: Server) -> None:
+    """Asked for its body (``100 Continue``), the client sends it and the connection stays
+    open for the next request."""
+    body = b'{"model": "dubhe-fast", "messages": [{"role": "user", "content": "hi"}]}'
+    with connect(hardened) as sock:
+        sock.sendall(chat_head(hardened, length=len(body))[:-2] + b"Expect: 100-continue\r\n\r\n")
+        sock.settimeout(SLACK)
+        interim = b""
+        while b"\r\n\r\n" not in interim:
+            chunk = sock.recv(1)
+            assert chunk, "closed before the 100 Continue"
+            interim += chunk
+        assert interim.startswith(b"HTTP/1.1 100 ")
+        sock.sendall(body)
+        response = read_response(sock, timeout=1)
+        assert response.status == 200
+        assert "connection" not in response.headers
+        assert not response.closed
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: dubhe\r\n\r\n")
+        assert read_response(sock, timeout=1).status == 200

@@ -66,6 +66,8 @@ model_map = { "dubhe-fast" = "meta-llama/Llama-3.1-8B" }
         ('[plans.free]\nmodels = ["gpt-4"]\n', "unknown models"),
         ('[[upstreams]]\nname = "x"\nkind = "grpc"\nbase_url = "http://a/v1"\n', "kind"),
         ('[[upstreams]]\nname = "x"\nbase_url = "ftp://a"\n', "base_url"),
+        ('[[upstreams]]\nname = "x"\nbase_url = "http:///v1"\n', "base_url .* with a host"),
+        ('[[upstreams]]\nname = "x"\nbase_url = "http://a:99999/v1"\n', "base_url"),
         ("not toml = = 1", "not valid TOML"),
     ],
 )

@@ -5,6 +5,7 @@ from decimal import Decimal, InvalidOperation
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from dubhe.catalog._types import Catalog, ModelSpec, PlanSpec, UpstreamSpec
 
@@ -208,8 +209,9 @@ def _upstream(entry: dict[str, Any], index: int, models: dict[str, ModelSpec]) -
     if kind not in UPSTREAM_KINDS:
         raise CatalogError(f"{where}.kind must be one of {sorted(UPSTREAM_KINDS)}, not {kind!r}")
     base_url = entry.get("base_url")
-    if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
-        raise CatalogError(f"{where}.base_url must be an http(s) URL")
+    if (not isinstance(base_url, str) or not base_url.startswith(("http://", "https://"))
+            or not _has_host(base_url)):
+        raise CatalogError(f"{where}.base_url must be an http(s) URL with a host")
     served = tuple(entry.get("models", []))
     unknown = set(served) - models.keys()
     if unknown:
@@ -323,3 +325,12 @@ def _usd_to_micro(entry: dict[str, Any], key: str, where: str) -> int:
     if micro < 0 or micro != micro.to_integral_value():
         raise CatalogError(f"{where}.{key}: {value!r} must be >= 0 with at most 6 decimals")
     return int(micro)
+
+
+def _has_host(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError for a port that is not a number in range)
+    except ValueError:
+        return False
+    return bool(parts.hostname)

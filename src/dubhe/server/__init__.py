@@ -6,7 +6,9 @@ from typing import Any
 
 from dubhe.server._body import (
     declared_too_large,
+    holds_nul,
     limited_receive,
+    nul_in_request,
     read_ahead,
     request_too_large,
 )
@@ -30,7 +32,9 @@ __all__ = [
     "Cors",
     "DubheHttpProtocol",
     "declared_too_large",
+    "holds_nul",
     "limited_receive",
+    "nul_in_request",
     "read_ahead",
     "request_too_large",
     "websocket_protocol",

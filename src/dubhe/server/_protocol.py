@@ -14,7 +14,9 @@ seconds of CPU) or its connections forever. This subclass enforces, per connecti
 - a body not complete ``body_timeout_seconds`` after its headers (a Content-Length larger than
   what is sent, a trickle): 408, then close; the application sees a disconnect;
 - more than ``max_connections`` open on this worker: 503 ``server_busy``, then close, at once
-  rather than a hang.
+  rather than a hang;
+- an answer to an ``Expect: 100-continue`` request that begins before its body was asked for:
+  ``connection: close``, then close (the client may never send that body).
 
 Idle keep-alive is uvicorn's own ``timeout_keep_alive``. Every answer written here is the
 error envelope of ``decisions.md`` §2 with an ``x-request-id``, like the application's own; so is
@@ -32,7 +34,11 @@ from typing import Any
 
 import httptools
 from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 from uvicorn.server import ServerState
 
 from dubhe.errors import DubheError, InvalidRequest, ServiceUnavailable
@@ -121,6 +127,22 @@ class _CoalescingTransport:
     def close(self) -> None:
         self.flush()
         self._transport.close()
+
+
+def _closing_if_not_continued(cycle: RequestResponseCycle) -> Callable[[Any], Any]:
+    """``cycle.send`` for a request that sent ``Expect: 100-continue``: an answer that begins
+    before the body was asked for (a 401, a 413) ends the connection. Never told to continue,
+    the client may not send the body at all, and on a kept-alive connection its next request
+    would be read as that body and never answered (RFC 9110, 10.1.1)."""
+    send = cycle.send
+
+    async def guarded(message: Any) -> None:
+        if (message["type"] == "http.response.start" and cycle.waiting_for_100_continue
+                and cycle.more_body):  # fmt: skip
+            cycle.keep_alive = False  # the answer says "connection: close", then closes
+        await send(message)
+
+    return guarded
 
 
 class DubheHttpProtocol(HttpToolsProtocol):
@@ -228,6 +250,8 @@ class DubheHttpProtocol(HttpToolsProtocol):
             # A weak reference: the cycle holds the scope, which must not hold the cycle.
             scope: dict[str, Any] = self.cycle.scope  # type: ignore[assignment]
             scope[CONNECTION_SCOPE_KEY] = weakref.ref(self.cycle)
+            if self.expect_100_continue:
+                self.cycle.send = _closing_if_not_continued(self.cycle)  # type: ignore[method-assign,assignment]
 
     def on_message_complete(self) -> None:
         self._in_body = False
