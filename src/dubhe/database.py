@@ -76,7 +76,17 @@ def _make_sqlite_transactions_immediate(engine: AsyncEngine) -> None:
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.close()
+        try:
+            cursor.execute("SELECT value FROM json_each('[1]')")
+        except Exception as exc:  # sqlite3.OperationalError: no such table: json_each
+            import sqlite3
+
+            raise RuntimeError(
+                f"this SQLite ({sqlite3.sqlite_version}) has no JSON functions, which billing's "
+                "statements use: use SQLite 3.38 or later, or a build with JSON1"
+            ) from exc
+        finally:
+            cursor.close()
 
     @event.listens_for(engine.sync_engine, "begin")
     def _begin(connection: Any) -> None:
