@@ -47,7 +47,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from dubhe.billing import service
-from dubhe.billing.lease import CapLease, RefillOutcome
+from dubhe.billing.lease import ADMIT_SHARE, CapLease, RefillOutcome
 from dubhe.billing.pricing import format_usd
 from dubhe.billing.repository import BillingRepository
 from dubhe.models.base import utcnow
@@ -128,8 +128,9 @@ class CapBook:
     def live(self, key_id: int) -> CapLease | None:
         """The key's cap lease, if this worker holds one for the current month."""
         cap = self._leases.get(key_id)
-        if cap is not None and time.time() >= cap.month_end:
-            self.retire(cap)
+        if cap is not None and (time.time() >= cap.month_end
+                                or time.monotonic() >= cap.admits_until):
+            self.retire(cap)  # a new month; or its renewals are late (``ADMIT_SHARE``)
             return None
         return cap
 
@@ -141,11 +142,25 @@ class CapBook:
         With ``recall``: when the headroom left cannot cover ``need_uusd`` while another
         worker's cap lease of the key holds some unused, take nothing and recall it (the
         account's ``dubhe_recall``, on commit): ``"recalled"``; the caller tries again. With
-        ``scarce`` (a recall of the account lately), take only what the lease lacks."""
+        ``scarce`` (a recall of the account lately), take only what the lease lacks.
+
+        The lease returned is live: one retired while the transaction ran may be closing, and
+        closed it counts only what it used, so a request held against it would pass the cap.
+        Then the refill is done again, into a new lease."""
+        while True:
+            cap, outcome = await self._refill_once(user_id, key_id, cap_uusd, need_uusd,
+                                                   recall=recall, scarce=scarce)
+            if not cap.retired:
+                return cap, outcome
+
+    async def _refill_once(self, user_id: int, key_id: int, cap_uusd: int, need_uusd: int, *,
+                           recall: bool, scarce: bool) -> tuple[CapLease, RefillOutcome]:
         now = utcnow()
+        started = time.monotonic()
         month = month_start(now)
         current = self._leases.get(key_id)
-        if current is not None and current.month_start != month:
+        if current is not None and (current.month_start != month
+                                    or started >= current.admits_until):
             self.retire(current)
             current = None
         async with self._sessionmaker() as session, session.begin():
@@ -181,7 +196,8 @@ class CapBook:
             current = CapLease(id=lease_id, key_id=key_id, user_id=user_id, cap_uusd=cap,
                                month_start=month,
                                month_end=next_month(month).timestamp(), free=0,
-                               last_used=time.monotonic())
+                               last_used=time.monotonic(),
+                               admits_until=started + self._ttl_seconds * ADMIT_SHARE)
             self._leases[key_id] = current
         current.cap_uusd = cap
         current.free += take
@@ -219,12 +235,15 @@ class CapBook:
         if self._leases.get(cap.key_id) is cap:
             del self._leases[cap.key_id]
 
-    def drained(self, idle_seconds: float) -> list[CapLease]:
+    def drained(self, idle_seconds: float, admitting: Callable[[int], bool]) -> list[CapLease]:
         """Retire the idle leases (and those of an ended month); return the retired leases no
-        request holds any more, to be closed once the settlements are flushed."""
+        request holds any more, to be closed once the settlements are flushed. A lease whose
+        account has a request being admitted (``admitting(user id)``: a refill may be growing
+        it) is not idle."""
         moment, now = time.monotonic(), time.time()
         for cap in list(self._leases.values()):
-            if now >= cap.month_end or (cap.in_flight == 0 and moment - cap.last_used > idle_seconds):
+            if now >= cap.month_end or (cap.in_flight == 0 and moment - cap.last_used > idle_seconds
+                                        and not admitting(cap.user_id)):
                 self.retire(cap)
         return [cap for cap in self._retiring if cap.in_flight == 0]
 
@@ -248,12 +267,15 @@ class CapBook:
         caps = self.all()
         if not caps:
             return
+        started = time.monotonic()
         until = service.lease_deadline(utcnow(), self._ttl_seconds)
         async with self._sessionmaker() as session, session.begin():
             still_open = await BillingRepository.from_session(session).extend_cap_leases(
                 [cap.id for cap in caps], until)
         for cap in caps:
-            if cap.id not in still_open and not cap.retired:
+            if cap.id in still_open:
+                cap.admits_until = started + self._ttl_seconds * ADMIT_SHARE
+            elif not cap.retired:
                 self.retire(cap)
 
     async def sweep(self) -> None:

@@ -16,6 +16,11 @@ from typing import Literal
 from dubhe.billing.pricing import Admission, size_admission, split_cost
 from dubhe.catalog import ModelSpec
 
+# A lease admits requests until this share of its deadline (``reservation_ttl_seconds``) after
+# its last renewal began. Renewals run every third of it: a lease past this point has missed
+# one, and at its deadline any worker's sweep may close it and return what it holds.
+ADMIT_SHARE = 0.75
+
 
 @dataclass(slots=True)
 class LiveLease:
@@ -40,6 +45,9 @@ class LiveLease:
     last_used: float = 0.0
     # After a refill found the account empty: deny from memory until then, not from the database.
     exhausted_until: float = 0.0
+    # Monotonic time from which it admits nothing (``ADMIT_SHARE``): set when it was taken and
+    # by each renewal that found it open.
+    admits_until: float = 0.0
     retired: bool = False
 
     @property
@@ -77,6 +85,7 @@ class CapLease:
     last_used: float = 0.0
     # After a refill found the cap's headroom short: refuse or clamp from memory until then.
     exhausted_until: float = 0.0
+    admits_until: float = 0.0  # as ``LiveLease.admits_until``
     retired: bool = False
     # How often a recall took its free headroom back.
     recalls: int = 0

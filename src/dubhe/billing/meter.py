@@ -19,7 +19,10 @@ The hot path never waits on the database while credit lasts:
 Crash safety: a SIGKILL loses no spooled usage (the kernel holds the written bytes; the next worker
 on the machine replays a dead worker's spool), and cannot overspend, because the lease was taken
 out of the account up front. Workers renew their leases' deadlines; a sweeper in every worker
-returns the unused part of leases whose deadline passed (``reservation_ttl_seconds``).
+returns the unused part of leases whose deadline passed (``reservation_ttl_seconds``), if it is
+still past when the close commits. A worker admits against a lease only until three quarters
+of the deadline after its last renewal began (``lease.ADMIT_SHARE``), and retires one a renewal
+finds closed: whatever a late sweep returns, no new request is held against it.
 
 Usage beyond a request's hold (an upstream that ignored its output limit) is charged in full:
 from the lease's free credit in memory, then, at flush time and under the account lock, from the
@@ -56,16 +59,20 @@ What is given up: on SQLite (one machine, no NOTIFY) there is no recall, so with
 a request may be refused while another worker's lease still holds the account's last credit,
 until that lease goes idle; on PostgreSQL, a request refused after the ~300 ms recall while a
 worker was too slow to answer it. A request admitted on another worker before it learns of a
-debt runs against that worker's lease. Nothing is ever overspent.
+debt runs against that worker's lease. A worker whose renewals stop reaching the database for
+a whole deadline (``reservation_ttl_seconds``, 120 s by default) has its leases swept as if it
+had died: a request still running on one is then charged from the account when it ends, as
+debt if the account has been spent meanwhile. Nothing else is ever overspent.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -77,6 +84,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from dubhe.billing import service
 from dubhe.billing.caps import CapBook
 from dubhe.billing.lease import (
+    ADMIT_SHARE,
     CapLease,
     Hold,
     LiveLease,
@@ -173,6 +181,9 @@ class Meter:
         self.dead_letters = 0  # records set aside since start, for metrics
         self._dead_letter_file: DeadLetters | None = None
         self._account_locks: dict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
+        # How many requests hold or wait for each account's lock (``_account_lock``): a lock
+        # with a waiter is not ``locked()`` between its release and the waiter's wake-up.
+        self._lock_users: dict[int, int] = {}
         self._pending: list[dict[str, Any]] = []
         self._unflushed_files: list[Path] = []
         self._flush_lock = asyncio.Lock()
@@ -208,7 +219,7 @@ class Meter:
         answer = self._from_lease(user_id, request_id, spec, prompt_tokens, max_tokens, n)
         if answer is not None:
             return answer
-        async with self._account_locks[user_id]:
+        async with self._account_lock(user_id):
             # Another request may have refilled the lease while this one waited.
             answer = self._from_lease(user_id, request_id, spec, prompt_tokens, max_tokens, n)
             if answer is not None:
@@ -236,9 +247,10 @@ class Meter:
                 return self._owing(user_id)
             del self._debtors[user_id]
         lease = self._leases.get(user_id)
-        if lease is None or self._period_over(lease):
+        moment = time.monotonic()
+        if lease is None or moment >= lease.admits_until or self._period_over(lease):
             return None
-        exhausted = lease.exhausted_until > time.monotonic()
+        exhausted = lease.exhausted_until > moment
         admitted = admit(lease, spec, prompt_tokens=prompt_tokens, max_tokens=max_tokens, n=n,
                          final=exhausted)
         if admitted is not None:
@@ -271,31 +283,36 @@ class Meter:
         answer = self._from_capped(user_id, request_id, key_id, spec, prompt_tokens, max_tokens, n)
         if answer is not None:
             return answer
-        async with self._account_locks[user_id]:
+        async with self._account_lock(user_id):
             answer = self._from_capped(user_id, request_id, key_id, spec, prompt_tokens,
                                        max_tokens, n)
             if answer is not None:
                 return answer
             completion = max_tokens * n
             need_uusd = cost_uusd(spec, prompt_tokens, completion)
-            moment = time.monotonic()
-            lease = self._leases.get(user_id)
-            if (lease is None or self._period_over(lease)
-                    or (lease.exhausted_until <= moment
-                        and not _covers(lease, spec, prompt_tokens, max_tokens, n))):
-                lease = await self._refill_or_recall(
-                    user_id, prompt_tokens + completion, need_uusd,
-                    _fits(spec, prompt_tokens, max_tokens, n))
-                if lease is None:
-                    return self._owing(user_id)
-            # What the request may cost beyond the included tokens the account's lease holds.
-            sized = size_admission(spec, prompt_tokens=prompt_tokens, max_tokens=max_tokens, n=n,
-                                   tokens_available=lease.tokens_free,
-                                   balance_uusd=max(need_uusd, lease.uusd_free))
-            cap_need = sized.balance_uusd if sized is not None else need_uusd
-            cap = self.caps.live(key_id)
-            if cap is None or (cap.free < cap_need and cap.exhausted_until <= moment):
-                cap = await self._cap_refill_or_recall(user_id, key_id, cap_uusd, cap_need)
+            while True:
+                moment = time.monotonic()
+                lease = self._leases.get(user_id)
+                if (lease is None or moment >= lease.admits_until or self._period_over(lease)
+                        or (lease.exhausted_until <= moment
+                            and not _covers(lease, spec, prompt_tokens, max_tokens, n))):
+                    lease = await self._refill_or_recall(
+                        user_id, prompt_tokens + completion, need_uusd,
+                        _fits(spec, prompt_tokens, max_tokens, n))
+                    if lease is None:
+                        return self._owing(user_id)
+                # What the request may cost beyond the included tokens the account's lease holds.
+                sized = size_admission(spec, prompt_tokens=prompt_tokens, max_tokens=max_tokens,
+                                       n=n, tokens_available=lease.tokens_free,
+                                       balance_uusd=max(need_uusd, lease.uusd_free))
+                cap_need = sized.balance_uusd if sized is not None else need_uusd
+                cap = self.caps.live(key_id)
+                if cap is None or (cap.free < cap_need and cap.exhausted_until <= moment):
+                    cap = await self._cap_refill_or_recall(user_id, key_id, cap_uusd, cap_need)
+                # The account's lease retired while the cap's refill ran (it may be closing,
+                # its unused credit on the way back to the account): start again.
+                if not lease.retired:
+                    break
             # Both leases now hold all they could give, if that was less than asked for.
             cap_binds = cap.free < lease.uusd_free
             admitted = admit_capped(lease, cap, spec, prompt_tokens=prompt_tokens,
@@ -318,9 +335,10 @@ class Meter:
             del self._debtors[user_id]
         lease = self._leases.get(user_id)
         cap = self.caps.live(key_id)
-        if lease is None or cap is None or self._period_over(lease):
-            return None
         moment = time.monotonic()
+        if (lease is None or cap is None or moment >= lease.admits_until
+                or self._period_over(lease)):
+            return None
         admitted = admit_capped(lease, cap, spec, prompt_tokens=prompt_tokens,
                                 max_tokens=max_tokens, n=n, final=lease.exhausted_until > moment,
                                 cap_final=cap.exhausted_until > moment)
@@ -446,10 +464,28 @@ class Meter:
         With ``fits``: when what the lease would then hold does not fit the request and
         another worker's lease holds some of the account's credit, take nothing and recall it
         (notified on commit): ``"recalled"``, and the caller tries again. When no other worker
-        holds any, the lease takes all there is: ``"alone"``."""
+        holds any, the lease takes all there is: ``"alone"``.
+
+        The lease returned is live. One retired while the transaction ran (gone idle, an epoch
+        moved) may be closing already, its unused credit, this refill's with it, on the way
+        back to the account: a request held against it would spend credit the account has
+        again. Then the refill is done again, into a new lease."""
+        while True:
+            lease, outcome = await self._refill_once(user_id, need_tokens, need_uusd, fits=fits)
+            if lease is None or not lease.retired:
+                return lease, outcome
+
+    async def _refill_once(self, user_id: int, need_tokens: int, need_uusd: int, *,
+                           fits: _Fits | None) -> tuple[LiveLease | None, RefillOutcome]:
         now = utcnow()
+        started = time.monotonic()
         ttl = self._catalog.reservation_ttl_seconds
         current = self._leases.get(user_id)
+        if current is not None and started >= current.admits_until:
+            # Its renewals are late: a sweep may close it at its deadline, returning what it
+            # holds. It admits nothing more; a new lease takes its place.
+            self._retire(current)
+            current = None
         flushes = self._flushes_written
         async with self._sessionmaker() as session, session.begin():
             repository = BillingRepository.from_session(session)
@@ -511,10 +547,16 @@ class Meter:
         if current is None or current.id != lease_id:
             if current is not None:
                 self._retire(current)
+            # Another request's refill may have put a lease in place meanwhile (under another
+            # lock object): it retires, never dropped unrenewed with its requests in flight.
+            replaced = self._leases.get(user_id)
+            if replaced is not None:
+                self._retire(replaced)
             current = LiveLease(id=lease_id, user_id=user_id, period_start=state.period_start,
                                 period_end=state.period_end, epoch=state.epoch, tokens_free=0,
-                                uusd_free=0,
-                                account_tokens=0, account_uusd=0, last_used=time.monotonic())
+                                uusd_free=0, account_tokens=0, account_uusd=0,
+                                last_used=time.monotonic(),
+                                admits_until=started + ttl * ADMIT_SHARE)
             self._leases[user_id] = current
         current.grants = grants
         current.tokens_free += take_tokens
@@ -643,21 +685,24 @@ class Meter:
         if self._leases.get(lease.user_id) is lease:
             del self._leases[lease.user_id]
 
-    async def _close(self, lease_id: int, user_id: int) -> None:
-        """Return what a lease did not use to its account (settlements flushed first)."""
+    async def _close(self, lease_id: int, user_id: int, *, expired: bool = False) -> bool:
+        """Return what a lease did not use to its account (settlements flushed first). With
+        ``expired`` (a sweep), only if its deadline is still past: its worker may have renewed
+        it since the sweep read it. Whether this call closed it."""
         now = utcnow()
         async with self._sessionmaker() as session, session.begin():
             repository = BillingRepository.from_session(session)
             posting = service.Posting()
             states = await service.current_accounts(repository, posting, [user_id],
                                                     self._catalog, now)
-            row = await repository.close_lease(lease_id, now)
+            row = await repository.close_lease(lease_id, now, expired=expired)
             if row is not None:
                 service.release_lease(posting, states[user_id], lease_id=lease_id,
                                       tokens=row.tokens - row.tokens_used,
                                       uusd=row.uusd - row.uusd_used,
                                       period_start=row.period_start, now=now)
             await posting.write(repository, now)
+        return row is not None
 
     # -- flushing ---------------------------------------------------------------------------------
 
@@ -884,12 +929,22 @@ class Meter:
                 await self._stopped_within(1)
 
     async def _heartbeat(self) -> None:
-        ids = [lease.id for lease in (*self._leases.values(), *self._retiring) if lease.id]
-        if not ids:
+        """Renew this worker's leases; one found closed (its deadline passed while renewals
+        failed, and a sweep returned its unused credit) admits nothing more from here on."""
+        leases = [lease for lease in (*self._leases.values(), *self._retiring) if lease.id]
+        if not leases:
             return
-        until = service.lease_deadline(utcnow(), self._catalog.reservation_ttl_seconds)
+        ttl = self._catalog.reservation_ttl_seconds
+        started = time.monotonic()
+        until = service.lease_deadline(utcnow(), ttl)
         async with self._sessionmaker() as session, session.begin():
-            await BillingRepository.from_session(session).extend_leases(ids, until)
+            still_open = await BillingRepository.from_session(session).extend_leases(
+                [lease.id for lease in leases], until)
+        for lease in leases:
+            if lease.id in still_open:
+                lease.admits_until = started + ttl * ADMIT_SHARE
+            else:
+                self._retire(lease)
 
     async def _refresh_epochs(self) -> None:
         """Retire every lease whose account has moved to a newer epoch (a debt, a plan change),
@@ -910,14 +965,35 @@ class Meter:
                 self._saw(lease.user_id, position.unspent_tokens, position.unspent_uusd,
                           flushes)
 
+    @contextlib.asynccontextmanager
+    async def _account_lock(self, user_id: int) -> AsyncIterator[None]:
+        """The account's lock, for a request admitted past memory (a refill): one at a time
+        per account and worker."""
+        self._lock_users[user_id] = self._lock_users.get(user_id, 0) + 1
+        try:
+            async with self._account_locks[user_id]:
+                yield
+        finally:
+            users = self._lock_users.pop(user_id) - 1
+            if users:
+                self._lock_users[user_id] = users
+
+    def _admitting(self, user_id: int) -> bool:
+        """Whether a request of the account is being admitted past memory (a refill), or waits
+        to be."""
+        return user_id in self._lock_users
+
     async def _close_idle(self) -> None:
         idle_after = self._catalog.lease_idle_seconds
         moment = time.monotonic()
         for lease in list(self._leases.values()):
             # A lease of an ended period returns as soon as its requests settle: the renewal
-            # waits for its balance.
+            # waits for its balance. One whose account has a request being admitted (a refill
+            # in its transaction) is not idle: closed under that request, the lease would
+            # return to the account the credit the request is about to hold.
             if self._period_over(lease) or (lease.in_flight == 0
-                                            and moment - lease.last_used > idle_after):
+                                            and moment - lease.last_used > idle_after
+                                            and not self._admitting(lease.user_id)):
                 self._retire(lease)
         for user_id in [user for user, (_, until) in self._debtors.items() if until <= moment]:
             del self._debtors[user_id]
@@ -932,14 +1008,13 @@ class Meter:
             if lease.id:
                 await self._close(lease.id, lease.user_id)
             self._retiring.remove(lease)
-            lock = self._account_locks.get(lease.user_id)
-            if lease.user_id not in self._leases and lock is not None and not lock.locked():
-                del self._account_locks[lease.user_id]  # idle accounts cost no memory
+            if lease.user_id not in self._leases and not self._admitting(lease.user_id):
+                self._account_locks.pop(lease.user_id, None)  # idle accounts cost no memory
 
     async def _close_idle_caps(self) -> None:
         """Close the cap leases no request holds any more, once their settlements are written
         (closed, a lease counts only what it used: unflushed usage would be missed)."""
-        drained = self.caps.drained(self._catalog.lease_idle_seconds)
+        drained = self.caps.drained(self._catalog.lease_idle_seconds, self._admitting)
         if drained:
             await self.flush()
             await self.caps.close(drained)
@@ -959,8 +1034,9 @@ class Meter:
         async with self._sessionmaker() as session:
             expired = await BillingRepository.from_session(session).expired_leases(utcnow(), 100)
         for lease_id, user_id in expired:
-            await self._close(lease_id, user_id)
-            log.warning("returned the unused credit of lease %d (its worker stopped)", lease_id)
+            if await self._close(lease_id, user_id, expired=True):
+                log.warning("returned the unused credit of lease %d (its worker stopped)",
+                            lease_id)
 
 
 @dataclass(slots=True)

@@ -325,11 +325,16 @@ class BillingRepository:
         )
         return (await self.session.execute(statement)).scalars().first()
 
-    async def close_lease(self, lease_id: int, now: datetime) -> Lease | None:
-        """Close an open lease; returns it (with what it used) only to the one caller that did."""
+    async def close_lease(self, lease_id: int, now: datetime, *,
+                          expired: bool = False) -> Lease | None:
+        """Close an open lease (with ``expired``, only one whose deadline is past ``now``);
+        returns it (with what it used) only to the one caller that did."""
+        condition = (Lease.id == lease_id) & (Lease.status == "open")
+        if expired:
+            condition &= Lease.expires_at < now
         statement = (
             update(Lease)
-            .where(Lease.id == lease_id, Lease.status == "open")
+            .where(condition)
             .values(status="closed", closed_at=now)
             .returning(Lease)
         )
@@ -338,13 +343,17 @@ class BillingRepository:
             self.session.expunge(row)
         return row
 
-    async def extend_leases(self, lease_ids: list[int], until: datetime) -> None:
-        if lease_ids:
-            await self.session.execute(
-                update(Lease)
-                .where(Lease.id.in_(lease_ids), Lease.status == "open")
-                .values(expires_at=until)
-            )
+    async def extend_leases(self, lease_ids: list[int], until: datetime) -> set[int]:
+        """Renew the deadlines of open leases; returns the ids still open."""
+        if not lease_ids:
+            return set()
+        rows = await self.session.execute(
+            update(Lease)
+            .where(self._among(Lease.id, lease_ids), Lease.status == "open")
+            .values(expires_at=until)
+            .returning(Lease.id)
+        )
+        return set(rows.scalars())
 
     async def expired_leases(self, now: datetime, limit: int) -> list[tuple[int, int]]:
         """(lease id, user id) of open leases whose owner stopped renewing them."""
