@@ -102,18 +102,47 @@ class Generation:
     finish: str = "length"
 
 
+def _amx_advertised() -> bool:
+    """Whether the CPU says it has Intel AMX (Linux; elsewhere, False)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return "amx_int8" in line.split()
+    except OSError:
+        pass
+    return False
+
+
 class LocalModel:
     """llama.cpp behind a single thread: ``generate`` yields text pieces, one per token."""
 
     def __init__(self, path: Path, *, context_window: int, threads: int | None) -> None:
         from llama_cpp import Llama
+        from llama_cpp import llama_cpp as bindings
 
         self.name = path.stem
         self.context_window = context_window
-        self._llama = Llama(
-            model_path=str(path), n_ctx=context_window, n_threads=threads, verbose=False,
-            seed=0,
-        )  # fmt: skip
+        defaults = bindings.llama_model_default_params
+        if _amx_advertised():
+            # llama.cpp multiplies quantized matrices with Intel AMX when the CPU advertises
+            # it; under some hypervisors (a Firecracker VM here) that crashes the process in
+            # its first decode (SIGSEGV). Its extra buffer types (AMX, and repacked weights)
+            # are then off: slower, never a crash. Llama() takes no argument for it, so its
+            # default model parameters are amended while it loads.
+            def without_extra_buffers() -> Any:
+                params = defaults()
+                params.use_extra_bufts = False
+                return params
+
+            bindings.llama_model_default_params = without_extra_buffers
+        try:
+            self._llama = Llama(
+                model_path=str(path), n_ctx=context_window, n_threads=threads, verbose=False,
+                seed=0,
+            )  # fmt: skip
+        finally:
+            bindings.llama_model_default_params = defaults
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
 
     def prompt_tokens(self, prompt: str) -> list[int]:
