@@ -170,6 +170,10 @@ async def test_metrics_count_every_workers_requests(cluster: Cluster) -> None:
             model="dubhe-fast", messages=[{"role": "user", "content": "hi"}])
         await client.close()
         client = openai.AsyncOpenAI(base_url=cluster.a.base_url, api_key=key, max_retries=0)
+    # The count, like the log line, follows the answer; once there, every scrape shows it.
+    deadline = time.monotonic() + 10
+    while _served(root) - before < 12 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
     # Whichever worker answers the scrape, it reports all of them.
     for _ in range(4):
         assert _served(root) - before == 12
@@ -177,11 +181,17 @@ async def test_metrics_count_every_workers_requests(cluster: Cluster) -> None:
     # prompt.
     await client.chat.completions.create(
         model="dubhe-fast", messages=[{"role": "user", "content": "a private prompt 7f3a"}])
-    lines = [json.loads(line) for line in cluster.a.running.log.read_text().splitlines()
-             if line.startswith("{")]
-    # Prefixes collide across keys only by chance; the log carries the key id as well.
-    mine = [line for line in lines if line.get("key_prefix") == display_prefix(key)
-            and line["path"] == "/v1/chat/completions"]
+    # A worker writes the line once the answer is sent, so the last one may trail the answer.
+    deadline = time.monotonic() + 10
+    while True:
+        lines = [json.loads(line) for line in cluster.a.running.log.read_text().splitlines()
+                 if line.startswith("{")]
+        # Prefixes collide across keys only by chance; the log carries the key id as well.
+        mine = [line for line in lines if line.get("key_prefix") == display_prefix(key)
+                and line["path"] == "/v1/chat/completions"]
+        if len(mine) >= 13 or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
     assert len(mine) == 13, lines[-3:]
     for line in mine:
         assert line["status"] == 200 and line["model"] == "dubhe-fast"

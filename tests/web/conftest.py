@@ -250,6 +250,9 @@ def new_context(browser: Any, web: WebServer) -> Iterator[Any]:
         headers = {"x-forwarded-for": random_ip(), **options.pop("extra_http_headers", {})}
         context = browser.new_context(base_url=web.root, extra_http_headers=headers, **options)
         context.set_default_timeout(15_000)
+        # A worker builds its web app on its first page request (``DubheASGI._web_app_future``):
+        # a second or two idle, several times that on a machine busy with the rest of the suite.
+        context.set_default_navigation_timeout(60_000)
         contexts.append(context)
         return context
 
