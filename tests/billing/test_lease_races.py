@@ -19,13 +19,19 @@ from typing import Any
 
 from sqlalchemy import text
 
-from dubhe.billing.meter import Denied, Meter, Reserved
+from dubhe.billing.meter import Meter, Reserved
 from dubhe.billing.pricing import cost_uusd
 from dubhe.billing.repository import BillingRepository
-from dubhe.models.base import utcnow
-from dubhe.usage.events import UsageEvent
 from tests.billing.conftest import Ledger, admit, event
-from tests.caps.conftest import CapLedger, caps, caps_database  # noqa: F401 (fixtures)
+from tests.caps.conftest import (  # noqa: F401 (caps, caps_database: fixtures)
+    MAX_TOKENS,
+    PROMPT,
+    CapLedger,
+    caps,
+    caps_database,
+    reserve,
+    used,
+)
 
 INCLUDED = 100  # the "small" plan's tokens (IN_PROCESS_PLANS)
 
@@ -46,8 +52,8 @@ async def _open_lease(ledger: Ledger, user_id: int) -> int:
             {"u": user_id})).scalar_one())
 
 
-async def _assert_no_double_spend(ledger: Ledger, user_id: int, used: int) -> None:
-    assert used <= INCLUDED, f"served {used} tokens of an account that had {INCLUDED}"
+async def _assert_no_double_spend(ledger: Ledger, user_id: int, served: int) -> None:
+    assert served <= INCLUDED, f"served {served} tokens of an account that had {INCLUDED}"
     account = await ledger.assert_reconciled(user_id)
     assert (account["debt_tokens"], account["debt_uusd"], account["uncollected_uusd"]) == (0, 0, 0)
 
@@ -110,18 +116,18 @@ async def test_a_sweep_does_not_close_a_lease_its_owner_has_just_renewed(
         second, mine = await admit(a, user_id, prompt_tokens=5, max_tokens=10)
         # The other worker asks for all the account could have.
         third, other = await admit(b, user_id, prompt_tokens=5, max_tokens=95)
-        used = 10
+        served = 10
         a.settle(event(user_id, first, 5, 5), wait=True)
         if isinstance(mine, Reserved):
-            used += 5 + mine.admission.max_tokens
+            served += 5 + mine.admission.max_tokens
             a.settle(event(user_id, second, 5, mine.admission.max_tokens), wait=True)
         if isinstance(other, Reserved):
-            used += 5 + other.admission.max_tokens
+            served += 5 + other.admission.max_tokens
             b.settle(event(user_id, third, 5, other.admission.max_tokens), wait=True)
     finally:
         await a.stop()
         await b.stop()
-    await _assert_no_double_spend(ledger, user_id, used)
+    await _assert_no_double_spend(ledger, user_id, served)
 
 
 async def test_a_lease_past_its_deadline_admits_nothing_more(ledger: Ledger) -> None:
@@ -169,38 +175,18 @@ async def test_a_lease_past_its_deadline_admits_nothing_more(ledger: Ledger) -> 
         second, mine = await admit(a, user_id, prompt_tokens=5, max_tokens=10)
         third, other = await admit(b, user_id, prompt_tokens=5, max_tokens=85)
         stalled.set()
-        used = 10
+        served = 10
         if isinstance(mine, Reserved):
-            used += 5 + mine.admission.max_tokens
+            served += 5 + mine.admission.max_tokens
             a.settle(event(user_id, second, 5, mine.admission.max_tokens), wait=True)
         if isinstance(other, Reserved):
-            used += 5 + other.admission.max_tokens
+            served += 5 + other.admission.max_tokens
             b.settle(event(user_id, third, 5, other.admission.max_tokens), wait=True)
     finally:
         stalled.set()
         await a.stop()
         await b.stop()
-    await _assert_no_double_spend(ledger, user_id, used)
-
-
-PROMPT = 100
-MAX_TOKENS = 1000
-
-
-def _used(user_id: int, key_id: int, request_id: str, completion: int) -> UsageEvent:
-    return UsageEvent(request_id=request_id, user_id=user_id, api_key_id=key_id,
-                      model="dubhe-fast", upstream="test", stream=False, outcome="ok",
-                      status_code=200, latency_ms=1, created_at=utcnow(), prompt_tokens=PROMPT,
-                      completion_tokens=completion)
-
-
-async def _reserve(meter: Meter, user_id: int, key_id: int,
-                   cap: int) -> tuple[str, Reserved | Denied]:
-    request_id = secrets.token_hex(8)
-    answer = await meter.reserve(user_id=user_id, request_id=request_id, api_key_id=key_id,
-                                 model="dubhe-fast", prompt_tokens=PROMPT, max_tokens=MAX_TOKENS,
-                                 spend_cap_uusd=cap)
-    return request_id, answer
+    await _assert_no_double_spend(ledger, user_id, served)
 
 
 async def test_a_cap_lease_past_its_deadline_holds_nothing_more(caps: CapLedger) -> None:  # noqa: F811
@@ -240,28 +226,28 @@ async def test_a_cap_lease_past_its_deadline_holds_nothing_more(caps: CapLedger)
     b.start()
     spent_held = 0
     try:
-        first, answer = await _reserve(a, user, key, cap)
+        first, answer = await reserve(a, user, key, cap)
         assert isinstance(answer, Reserved)  # the cap lease took a quarter: 2 full holds
-        a.settle(_used(user, key, first, MAX_TOKENS), wait=True)
+        a.settle(used(user, key, first, MAX_TOKENS), wait=True)
         await a.flush()  # one full hold used, one free
         spent_held += full
         stalled.clear()
         await asyncio.wait_for(swept.wait(), 15)
         # The owner holds against the free headroom of its (closed) cap lease.
-        second, mine = await _reserve(a, user, key, cap)
+        second, mine = await reserve(a, user, key, cap)
         admitted: list[tuple[Meter, str, Reserved]] = []
         if isinstance(mine, Reserved):
             admitted.append((a, second, mine))
         # The other worker takes all the headroom the key has left.
         for _ in range(12):
-            request_id, answer = await _reserve(b, user, key, cap)
+            request_id, answer = await reserve(b, user, key, cap)
             if not isinstance(answer, Reserved):
                 break
             admitted.append((b, request_id, answer))
         stalled.set()
         for meter, request_id, answer in admitted:
             spent_held += answer.admission.balance_uusd
-            meter.settle(_used(user, key, request_id, answer.admission.max_tokens), wait=True)
+            meter.settle(used(user, key, request_id, answer.admission.max_tokens), wait=True)
     finally:
         BillingRepository.close_expired_cap_leases = close_expired  # type: ignore[method-assign]
         stalled.set()
@@ -325,12 +311,12 @@ async def test_a_queued_refill_keeps_the_account_lock_it_waits_on(ledger: Ledger
     a.start()
     b.start()
     settle: list[tuple[Meter, str, int]] = []
-    used = 0
+    served = 0
     try:
         first, answer = await admit(a, user_id, prompt_tokens=5, max_tokens=5)
         assert isinstance(answer, Reserved)
         a.settle(event(user_id, first, 5, 5), wait=True)
-        used += 10
+        served += 10
         await asyncio.wait_for(first_close_waits.wait(), 10)  # idle: closed
         failures = 1
         failed = asyncio.ensure_future(admit(a, user_id, prompt_tokens=5, max_tokens=15))
@@ -345,14 +331,14 @@ async def test_a_queued_refill_keeps_the_account_lock_it_waits_on(ledger: Ledger
         held = [await queued, later]
         for request_id, answer in held:
             if isinstance(answer, Reserved):
-                used += 5 + answer.admission.max_tokens
+                served += 5 + answer.admission.max_tokens
                 settle.append((a, request_id, answer.admission.max_tokens))
         # Both requests are still running when every lease of the account past its deadline
         # is swept (1.5 s, renewed every 0.5 s by its worker).
         await asyncio.sleep(3)
         third, other = await admit(b, user_id, prompt_tokens=5, max_tokens=95)
         if isinstance(other, Reserved):
-            used += 5 + other.admission.max_tokens
+            served += 5 + other.admission.max_tokens
             settle.append((b, third, other.admission.max_tokens))
         for meter, request_id, completion in settle:
             meter.settle(event(user_id, request_id, 5, completion), wait=True)
@@ -361,4 +347,4 @@ async def test_a_queued_refill_keeps_the_account_lock_it_waits_on(ledger: Ledger
         resume_close.set()
         await a.stop()
         await b.stop()
-    await _assert_no_double_spend(ledger, user_id, used)
+    await _assert_no_double_spend(ledger, user_id, served)

@@ -3,18 +3,42 @@ PostgreSQL), and keys with or without a cap."""
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy import text
 
+from dubhe.billing.meter import Denied, Meter, Reserved
 from dubhe.catalog import load_catalog
 from dubhe.database import create_engine, create_sessionmaker
 from dubhe.keys.service import create_user_key
 from dubhe.migrations import upgrade
+from dubhe.models.base import utcnow
+from dubhe.usage.events import UsageEvent
 from tests.billing.conftest import IN_PROCESS_PLANS, Ledger
 from tests.conftest import fresh_database
+
+# What each request of these tests asks for, and its usage.
+PROMPT = 100
+MAX_TOKENS = 1000
+
+
+def used(user_id: int, key_id: int, request_id: str, completion: int) -> UsageEvent:
+    return UsageEvent(request_id=request_id, user_id=user_id, api_key_id=key_id,
+                      model="dubhe-fast", upstream="test", stream=False, outcome="ok",
+                      status_code=200, latency_ms=1, created_at=utcnow(), prompt_tokens=PROMPT,
+                      completion_tokens=completion)
+
+
+async def reserve(meter: Meter, user_id: int, key_id: int, cap: int | None,
+                  max_tokens: int = MAX_TOKENS) -> tuple[str, Reserved | Denied]:
+    request_id = secrets.token_hex(8)
+    answer = await meter.reserve(user_id=user_id, request_id=request_id, api_key_id=key_id,
+                                 model="dubhe-fast", prompt_tokens=PROMPT, max_tokens=max_tokens,
+                                 spend_cap_uusd=cap)
+    return request_id, answer
 
 
 class CapLedger(Ledger):

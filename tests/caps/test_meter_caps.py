@@ -4,34 +4,12 @@ workers serve it: two meters (two workers) on one database race one capped key."
 from __future__ import annotations
 
 import asyncio
-import secrets
 
-from dubhe.billing.meter import Denied, Meter, Reserved
+from dubhe.billing.meter import Denied, Reserved
 from dubhe.billing.pricing import cost_uusd
 from dubhe.catalog import load_catalog
-from dubhe.models.base import utcnow
-from dubhe.usage.events import UsageEvent
 from tests.billing.conftest import IN_PROCESS_PLANS
-from tests.caps.conftest import CapLedger
-
-PROMPT = 100
-MAX_TOKENS = 1000
-
-
-def used(user_id: int, key_id: int, request_id: str, completion: int) -> UsageEvent:
-    return UsageEvent(request_id=request_id, user_id=user_id, api_key_id=key_id,
-                      model="dubhe-fast", upstream="test", stream=False, outcome="ok",
-                      status_code=200, latency_ms=1, created_at=utcnow(), prompt_tokens=PROMPT,
-                      completion_tokens=completion)
-
-
-async def reserve(meter: Meter, user_id: int, key_id: int, cap: int | None,
-                  max_tokens: int = MAX_TOKENS) -> tuple[str, Reserved | Denied]:
-    request_id = secrets.token_hex(8)
-    answer = await meter.reserve(user_id=user_id, request_id=request_id, api_key_id=key_id,
-                                 model="dubhe-fast", prompt_tokens=PROMPT, max_tokens=max_tokens,
-                                 spend_cap_uusd=cap)
-    return request_id, answer
+from tests.caps.conftest import MAX_TOKENS, PROMPT, CapLedger, reserve, used
 
 
 async def test_two_workers_never_hold_more_than_the_cap(caps: CapLedger) -> None:
