@@ -367,6 +367,32 @@ async def test_an_answer_before_the_request_was_written_is_not_reused() -> None:
     await client.close()
 
 
+async def test_an_error_answer_is_never_followed_on_its_connection() -> None:
+    """An upstream that refuses a small request before reading its body (the kernel took it
+    whole, so nothing is left unsent) and keeps the connection alive would read that body as
+    the next request, and its answer, perhaps quoting the first prompt, would go to the next
+    client. After any answer that is not a 2xx the connection is dropped."""
+    async def refuse_unread(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                            server: Server) -> None:
+        await reader.readuntil(b"\r\n\r\n")  # the head only: the body stays unread
+        writer.write(answer(b"unauthorized", 401))
+        await writer.drain()
+        while True:  # the first body and the next request's head, read as one request
+            head = await reader.readuntil(b"\r\n\r\n")
+            server.requests.append(head)
+            writer.write(answer(b"bad request line: " + head[:26], 400))
+            await writer.drain()
+
+    client = HttpClient()
+    async with serving(refuse_unread) as (server, endpoint):
+        response = await client.post(endpoint, b'{"prompt":"alice private"}', b"", TIMEOUTS)
+        assert (response.status, await response.read()) == (401, b"unauthorized")
+        response = await client.post(endpoint, b'{"prompt":"bob"}', b"", TIMEOUTS)
+        assert response.status == 401 and await response.read() == b"unauthorized"
+        assert server.connections == 2
+    await client.close()
+
+
 async def test_a_body_with_a_non_chunked_coding_ends_with_the_connection() -> None:
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      server: Server) -> None:

@@ -15,9 +15,10 @@ answer, whole or as it arrives. So this client is small:
   an upstream that trickles bytes is bounded by ``total`` and, for streams, by the first-byte
   timeout of ``completion.py``), ``total``;
 - bounds: an answer's headers at most ``MAX_HEADER_BYTES`` (interim 1xx answers included),
-  its trailers ``_MAX_TRAILER_BYTES``; while the consumer lags, reading pauses past
+  the bytes between two pieces of its body (chunk framing, extensions, trailers)
+  ``_MAX_BYTES_WITHOUT_BODY``; while the consumer lags, reading pauses past
   ``_HIGH_WATER`` buffered bytes, so a fast upstream cannot fill a worker's memory;
-- a connection is reused only after an answer that ended cleanly with the whole request
+- a connection is reused only after a 2xx answer that ended cleanly with the whole request
   written: bytes after an answer, a status under 100 or an upgrade break it.
 
 Failures raise ``ConnectFailed`` (nothing was sent: another deployment may take the request) or
@@ -41,8 +42,10 @@ MAX_HEADER_BYTES = 64 * 1024
 # each buffered piece also counts what Python spends on holding it (many tiny chunks).
 _HIGH_WATER = 1024 * 1024
 _PIECE_OVERHEAD = 64
-# A chunked answer's trailers: more than this (several reads with no body) breaks the answer.
-_MAX_TRAILER_BYTES = 1024 * 1024
+# Bytes of a chunked answer that are not body (chunk extensions, trailers): more than this
+# (several reads with no body) breaks the answer. None of them reaches the consumer, and bytes
+# that keep arriving keep the read timeout away: unbounded, they would hold a request forever.
+_MAX_BYTES_WITHOUT_BODY = 1024 * 1024
 
 
 class HttpError(Exception):
@@ -217,8 +220,8 @@ class _Connection(asyncio.Protocol):
         self.to_eof = False  # the current answer's body ends when the connection does
         self.closed = False
         self.paused = False
-        # Bytes read since a chunk's size line with none of its body yet: a trailer section.
-        self.after_chunk_header: int | None = None
+        # Bytes read since the last piece of body, once the headers are done.
+        self.without_body = 0
         self.idle_since = 0.0
         self.last_read = 0.0
         self.read_timeout: float | None = None
@@ -237,6 +240,7 @@ class _Connection(asyncio.Protocol):
             return
         self.got_bytes = True
         self.last_read = self.loop.time()
+        self.without_body += len(data)  # on_body resets it
         try:
             self.parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
@@ -248,11 +252,10 @@ class _Connection(asyncio.Protocol):
             self.header_bytes += len(data)
             if self.header_bytes > MAX_HEADER_BYTES:
                 self._fail(BrokenAnswer(f"answer headers over {MAX_HEADER_BYTES} bytes"))
-        elif self.after_chunk_header is not None:
-            # httptools joins a header value by concatenation: trailers are bounded too.
-            self.after_chunk_header += len(data)
-            if self.after_chunk_header > _MAX_TRAILER_BYTES:
-                self._fail(BrokenAnswer(f"answer trailers over {_MAX_TRAILER_BYTES} bytes"))
+        elif self.without_body > _MAX_BYTES_WITHOUT_BODY:
+            # httptools joins a trailer's value by concatenation, and skips an extension.
+            self._fail(BrokenAnswer(f"answer chunk extensions or trailers over "
+                                    f"{_MAX_BYTES_WITHOUT_BODY} bytes"))  # fmt: skip
 
     def eof_received(self) -> bool:
         return False  # close the transport; connection_lost follows
@@ -293,6 +296,7 @@ class _Connection(asyncio.Protocol):
             response.headers.clear()  # an interim answer (100 Continue): the real one follows
             return
         response.status = status
+        self.without_body = 0
         headers = response.headers
         coding = headers.get("transfer-encoding", "").strip().lower()
         self.to_eof = ("content-length" not in headers and not coding.endswith("chunked")
@@ -302,15 +306,9 @@ class _Connection(asyncio.Protocol):
             waiter.set_result(None)
 
     def on_body(self, body: bytes) -> None:
-        self.after_chunk_header = None
+        self.without_body = 0
         if self.response is not None:
             self.response._feed(body)
-
-    def on_chunk_header(self) -> None:
-        self.after_chunk_header = 0
-
-    def on_chunk_complete(self) -> None:
-        self.after_chunk_header = None
 
     def on_message_complete(self) -> None:
         if self.parser.get_status_code() < 200:
@@ -326,7 +324,7 @@ class _Connection(asyncio.Protocol):
         self.header_bytes = 0
         self.got_bytes = False
         self.to_eof = False
-        self.after_chunk_header = None
+        self.without_body = 0
         self.last_read = self.loop.time()
         self.read_timeout = timeouts.read
         if timeouts.read is not None:
@@ -360,9 +358,14 @@ class _Connection(asyncio.Protocol):
         if response is not None:
             response._finish()
         if (self.closed or self.to_eof or not self.parser.should_keep_alive()
+                or self.parser.get_status_code() >= 300
                 or (self.transport is not None and self.transport.get_write_buffer_size())):
-            # Not reusable: ended by its close, asked to close, or an answer that came before
-            # the whole request was written (the rest would be read as the next request).
+            # Not reusable: ended by its close, asked to close, an answer that came before the
+            # whole request was written (the rest would be read as the next request), or one
+            # that is not a success: an upstream may refuse a request (401, 413) before reading
+            # a body the kernel already took, and read that body as the next request, whose
+            # answer could then quote this request's prompt to another client. Failures are
+            # rare; a new connection costs little.
             self.abort()
         else:
             self.resume()
