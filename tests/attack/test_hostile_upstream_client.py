@@ -481,6 +481,7 @@ def test_a_broken_whole_answer_is_an_error_in_bounded_time(gateway: Gateway, wha
     ("interim_flood", "dubhe-fast"),
     ("trickle", "dubhe-fast"),  # first-byte timeout
     ("trickle_comments", "dubhe-code"),  # total timeout, after the first event
+    ("trickle_comments", "dubhe-fast"),  # comments are silence: the idle timeout
     ("reset_mid_body", "dubhe-fast"),
     ("silent", "dubhe-fast"),
 ])

@@ -637,22 +637,23 @@ class ChatCompletion:
         assert relay is not None and response is not None
         interrupted = False
         if not relay.ended:
-            # Anthropic's pings keep the connection busy while carrying nothing for the client:
-            # the idle timeout counts from the last read that translated to something.
+            # Comments (": keep-alive"), Anthropic's pings and the pieces of an event that
+            # never ends keep the connection busy while carrying nothing for the client: the
+            # idle timeout counts from the last read that completed an event with data.
             idle = self.upstream.timeout.read
             last_progress = time.monotonic()
             try:
                 async for data in response.chunks():
                     if translator is not None:
                         data = translator.feed(data)
-                        if data:
-                            last_progress = time.monotonic()
-                        elif idle is not None and time.monotonic() - last_progress > idle:
-                            log.warning("upstream %s sent only pings for %g s in the stream of "
-                                        "%s", self.upstream.spec.name, idle,
-                                        self.request_id)  # fmt: skip
-                            break  # interrupted: not relay.ended
                     ready = relay.feed(data)
+                    if ready.startswith(b"data:") or b"\ndata:" in ready:
+                        last_progress = time.monotonic()
+                    elif idle is not None and time.monotonic() - last_progress > idle:
+                        log.warning("upstream %s sent no event with data for %g s in the "
+                                    "stream of %s", self.upstream.spec.name, idle,
+                                    self.request_id)  # fmt: skip
+                        break  # interrupted: not relay.ended
                     if ready:
                         yield ready
                     if relay.ended:
