@@ -380,6 +380,7 @@ def config(port: int) -> str:
 upstream_timeout_seconds = 5
 upstream_first_byte_timeout_seconds = 3
 upstream_max_attempts = 1
+max_upstream_answer_bytes = 4_194_304
 
 [[upstreams]]
 name = "hostile"
@@ -430,12 +431,14 @@ def test_a_normal_answer_passes(gateway: Gateway) -> None:
 
 def test_a_non_streaming_answer_is_bounded_in_size(gateway: Gateway) -> None:
     """A 200 of 100 MB (valid JSON, its exact length) was read whole into memory, parsed,
-    re-encoded and relayed: an upstream could send any size and fill the worker's memory."""
+    re-encoded and relayed: an upstream could send any size and fill the worker's memory. Past
+    ``max_upstream_answer_bytes`` (4 MiB here) it is a 502, and the rest is never read."""
     before = rss_kib(gateway.server)
     response = gateway.chat("huge_answer")
     assert response.status_code == 502, response.status_code
     assert response.json()["error"]["code"] == "upstream_unreachable"
-    assert rss_kib(gateway.server) - before < 90 * 1024
+    assert rss_kib(gateway.server) - before < 40 * 1024
+    assert "with more than 4194304 bytes" in gateway.server.running.log.read_text()
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])

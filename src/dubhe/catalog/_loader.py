@@ -173,6 +173,11 @@ def _build(raw: dict[str, Any]) -> Catalog:
             "max_upstream_error_bytes",
             "defaults",
         ),
+        max_upstream_answer_bytes=_positive_int(
+            {"max_upstream_answer_bytes": 64 * 1024 * 1024, **defaults},
+            "max_upstream_answer_bytes",
+            "defaults",
+        ),
         upstream_max_attempts=_positive_int(
             {"upstream_max_attempts": 3, **defaults}, "upstream_max_attempts", "defaults"
         ),

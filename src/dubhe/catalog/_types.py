@@ -109,6 +109,8 @@ class Catalog:
     max_upstream_event_bytes: int = 8 * 1024 * 1024
     # Of an upstream's error answer, at most this much is read (for its message and the log).
     max_upstream_error_bytes: int = 64 * 1024
+    # A non-streaming answer larger than this is a 502 (it is held whole, parsed and re-encoded).
+    max_upstream_answer_bytes: int = 64 * 1024 * 1024
     # Failover: how many deployments one request may try before anything reached the client,
     # and the circuit breaker each deployment has (see ``dubhe.routing``).
     upstream_max_attempts: int = 3

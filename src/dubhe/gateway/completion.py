@@ -81,11 +81,6 @@ _COUNT_INLINE_BYTES = 64 * 1024
 
 _PING = b": ping\n\n"
 
-# The most of a non-streaming answer that is read: it is held whole, parsed and re-encoded, so an
-# upstream sending more could fill the worker's memory. Far above a real answer (20 top logprobs
-# for each of 32k tokens is ~30 MB). A catalog setting would be the right home for it.
-_MAX_ANSWER_BYTES = 64 * 1024 * 1024
-
 
 class _Retryable(Exception):  # noqa: N818 (a signal between two methods, not an error shown)
     """An attempt failed before anything reached the client: another deployment may answer.
@@ -412,15 +407,18 @@ class ChatCompletion:
         """A whole non-streaming answer, parsed (``_answer``), from an Anthropic deployment
         translated, and re-encoded with the public model's id."""
         response = await self._post(upstream)
+        # Held whole, parsed and re-encoded: an upstream sending more could fill the worker's
+        # memory.
+        limit = self.state.catalog.max_upstream_answer_bytes
         try:
-            raw = await response.read_up_to(_MAX_ANSWER_BYTES + 1)
+            raw = await response.read_up_to(limit + 1)
         except (TimeoutError, HttpError, OSError):
             raise _Retryable(self._unreachable("broke off its answer"),
                              "upstream_unreachable") from None  # fmt: skip
-        if len(raw) > _MAX_ANSWER_BYTES:
+        if len(raw) > limit:
             # The rest is never read: close() drops the connection.
             log.warning("upstream %s answered %s with more than %d bytes",
-                        upstream.spec.name, self.request_id, _MAX_ANSWER_BYTES)  # fmt: skip
+                        upstream.spec.name, self.request_id, limit)  # fmt: skip
             raise _Retryable(self._unreachable("answered with more than Dubhe relays"),
                              "upstream_invalid")  # fmt: skip
         try:
