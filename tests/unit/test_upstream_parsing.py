@@ -73,6 +73,30 @@ async def test_an_event_that_is_not_an_object_ends_the_relay_after_the_valid_one
     assert stream.fault is not None and stream.ended
 
 
+@pytest.mark.parametrize("read", [
+    'data: {"choices":[{"delta":{"content":"caf\u00e9 \u4f60\u597d"}}]}\n\n'.encode(),
+    'data: {"a":"\u00e9"}\n\ndata: {"b":"\u4f60"}\r\n\r\n'.encode(),
+])
+async def test_utf8_events_pass_untouched(read: bytes) -> None:
+    stream = relay()
+    assert stream.feed(read).replace(b"\r\n", b"\n") == read.replace(b"\r\n", b"\n")
+    assert stream.fault is None
+
+
+@pytest.mark.parametrize("bad", [
+    b'data: {"choices":[{"delta":{"content":"\xff\xfe"}}]}\n\n',  # one event: the fast path
+    b'data: {"a":1}\n\ndata: {"b":"\xc3"}\n\ndata: {"c":1}\n\n',  # among others
+    b'data: {"b":"\xed\xa0\x80"}\n\n',  # an encoded surrogate
+])
+async def test_an_event_that_is_not_utf8_ends_the_relay_after_the_valid_ones(bad: bytes) -> None:
+    """JSON is UTF-8: a client's SSE parser (the openai SDK decodes each line strictly) would
+    fail on the line instead of showing an error event."""
+    stream = relay()
+    ready = stream.feed(bad)
+    assert ready == (b'data: {"a":1}\n\n' if bad.startswith(b'data: {"a":1}') else b"")
+    assert stream.fault is not None and "UTF-8" in str(stream.fault)
+
+
 @pytest.mark.parametrize("smuggled", [
     b'data: {"a":1}\r\rdata: {"error":{"message":"key sk-upstream-1234 on 10.0.0.7"}}',
     b'data: {"a":1}\r\rdata: [DONE]\r\r{"b":1}',

@@ -8,7 +8,7 @@ found by a byte search; no other chunk is parsed.
 The upstream is untrusted, so its framing is checked at this boundary without parsing every
 chunk: an event is at most ``max_event_bytes`` (the bytes of an unfinished event are kept as a
 list of reads, never re-joined per read); lines end with LF or CRLF (a lone CR, a line end to a
-client, fails); every ``data:`` line must hold a JSON object (it starts
+client, fails); an event must be valid UTF-8; every ``data:`` line must hold a JSON object (it starts
 with ``{`` and ends with ``}``: arrays, strings, numbers and cut-off JSON fail) or ``[DONE]``; an
 error event of the upstream's own is relayed once and ends the stream; nothing after ``[DONE]`` is
 relayed. A violation ends the relay with ``fault`` set (the valid events before it are
@@ -100,10 +100,11 @@ class StreamRelay:
                 return b""
         # The common read: one whole event, one data line holding an object (JSON escapes the
         # newlines inside strings, so the line's only newlines are the event's end), not an
-        # error. One scan for a usage field decides it; every other read takes ``_split``.
+        # error, valid UTF-8. One scan for a usage field decides it; every other read takes
+        # ``_split``.
         if (data.endswith(b"}\n\n") and data.startswith(b'data: {"')
                 and data.find(b"\n") == len(data) - 2 and b"\r" not in data
-                and not data.startswith(_ERROR_EVENT)):
+                and not data.startswith(_ERROR_EVENT) and _utf8(data)):
             ready = data if self._rename is None else data.replace(*self._rename)
             at = ready.find(_USAGE_FIELD)
             if at != -1:
@@ -142,7 +143,8 @@ class StreamRelay:
         if self._strip_usage_nulls:
             ready = ready.replace(b',"usage":null', b"")
         if not (ready.startswith(b"data: {") and ready.endswith(b"}\n\n")
-                and ready.find(b"\n") == len(ready) - 2 and b"\r" not in ready):  # fmt: skip
+                and ready.find(b"\n") == len(ready) - 2 and b"\r" not in ready
+                and _utf8(ready)):  # fmt: skip
             ready = self._check_events(ready)  # anything but one data line holding an object
         # Three scans find every event ``_hold_back`` may act on (it decides; "[DONE]" or
         # "error" inside content only costs this slower path).
@@ -291,6 +293,10 @@ def _event_lines(event: bytes) -> tuple[list[bytes], str | None]:
     """The lines of ``event`` to relay (comments and its data line), or why it is refused."""
     lines: list[bytes] = []
     data = False
+    if not _utf8(event):
+        # JSON is UTF-8: a client's SSE parser (the openai SDK's among them) fails on the
+        # line instead of showing an error event.
+        return lines, f"an event is not valid UTF-8: {event[:80]!r}"
     for line in event.split(b"\n"):
         if b"\r" in line:
             # A lone CR ends a line for a client's SSE parser, not for this check: it would
@@ -313,6 +319,16 @@ def _event_lines(event: bytes) -> tuple[list[bytes], str | None]:
         elif not line.startswith((b"event:", b"id:", b"retry:")):
             return lines, f"a line is not server-sent events: {line[:80]!r}"
     return lines, None
+
+
+def _utf8(data: bytes) -> bool:
+    if data.isascii():
+        return True
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _payload(event: bytes) -> bytes | None:
