@@ -64,7 +64,8 @@ class Hostile:
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
         server = self.loop.run_until_complete(
-            asyncio.start_server(self._handle, "127.0.0.1", self.port)
+            # Two addresses: one deployment on the second has a connection pool of its own.
+            asyncio.start_server(self._handle, ["127.0.0.1", "127.0.0.2"], self.port)
         )
         self._started.set()
         self.loop.run_forever()
@@ -394,6 +395,14 @@ kind = "openai"
 base_url = "http://127.0.0.1:{port}/v1"
 models = ["dubhe-code"]
 total_timeout_seconds = 4
+
+[[upstreams]]
+name = "hostile-patient"
+kind = "openai"
+base_url = "http://127.0.0.2:{port}/v1"
+models = ["dubhe-reasoning"]
+first_byte_timeout_seconds = 30
+idle_timeout_seconds = 30
 {ROOMY_LIMITS}"""
 
 
@@ -537,37 +546,52 @@ def test_a_client_that_leaves_a_stream_drops_the_upstream_connection(gateway: Ga
 async def test_many_requests_to_a_silent_upstream_leave_the_worker_responsive(
     gateway: Gateway,
 ) -> None:
-    """500 streams waiting on an upstream that never answers: each ends at its first-byte
-    timeout, memory stays bounded, and /healthz keeps answering while they wait (here 50 ms
-    at most on an idle machine). (Not while
-    they end: 500 timeouts due in the same millisecond, as their requests arrived, cost the
-    worker ~0.4 s of failures, as their admission did.)"""
+    """500 streams waiting on an upstream that says nothing and hangs up after 8 s (on a
+    deployment whose first-byte and idle timeouts are longer): while they wait, memory stays bounded and
+    /healthz keeps answering; then each ends with a 502. (Not while they end: 500 failures in
+    the same millisecond, as their requests arrived, cost the worker ~0.4 s, as their
+    admission did; the probes stop before.) The deployment is on the upstream's second address,
+    so no connection pooled by another test (whose upstream may still send unasked-for bytes on
+    it, the race of every keep-alive client) serves these requests."""
     before = rss_kib(gateway.server)
     root = gateway.server.base_url.removesuffix("/v1")
     limits = httpx.Limits(max_connections=600, max_keepalive_connections=0)
+    crowd_size = 500
+
+    def arrived() -> int:
+        return sum(b"tag:crowd" in request for connection in list(gateway.upstream.connections)
+                   for request in connection.requests)
+
     async with httpx.AsyncClient(timeout=60, limits=limits) as client:
 
         async def one(n: int) -> int:
             async with client.stream(
                 "POST", gateway.server.base_url + "/chat/completions",
-                json=gateway._body("silent", f"crowd{n}", "dubhe-fast", stream=True),
+                json=gateway._body("silent", f"crowd{n}", "dubhe-reasoning", stream=True),
                 headers={"authorization": f"Bearer {gateway.key}"},
             ) as response:  # fmt: skip
                 await response.aread()
                 return response.status_code
 
-        crowd = [asyncio.ensure_future(one(n)) for n in range(500)]
+        already = arrived()
+        crowd = [asyncio.ensure_future(one(n)) for n in range(crowd_size)]
+        first = time.monotonic()
+        # Every request admitted and waiting on the upstream (seconds on a busy machine).
+        while arrived() - already < crowd_size and time.monotonic() - first < 30:
+            await asyncio.sleep(0.05)
+        assert arrived() - already == crowd_size
         slowest = 0.0
         async with httpx.AsyncClient(timeout=10) as health:
-            await asyncio.sleep(1.5)  # every request admitted and waiting on the upstream
-            while not any(task.done() for task in crowd):
+            for _ in range(10):
                 started = time.monotonic()
                 assert (await health.get(root + "/healthz")).status_code == 200
-                if not any(task.done() for task in crowd):
-                    slowest = max(slowest, time.monotonic() - started)
-                await asyncio.sleep(0.02)
+                slowest = max(slowest, time.monotonic() - started)
+                await asyncio.sleep(0.05)
+        waiting = rss_kib(gateway.server)
+        assert not any(task.done() for task in crowd)
         statuses = await asyncio.gather(*crowd)
     assert set(statuses) == {502}, statuses
     # Generous, as in tests/hardening: a stall shows as seconds; the benchmark measures latency.
     assert slowest < 1.0, slowest
+    assert waiting - before < 200 * 1024
     assert rss_kib(gateway.server) - before < 200 * 1024
