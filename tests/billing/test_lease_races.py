@@ -19,7 +19,7 @@ from typing import Any
 
 from sqlalchemy import text
 
-from dubhe.billing.meter import Meter, Reserved
+from dubhe.billing.meter import Denied, Meter, Reserved
 from dubhe.billing.pricing import cost_uusd
 from dubhe.billing.repository import BillingRepository
 from tests.billing.conftest import Ledger, admit, event
@@ -50,6 +50,16 @@ async def _open_lease(ledger: Ledger, user_id: int) -> int:
         return int((await connection.execute(text(
             "SELECT id FROM leases WHERE user_id = :u AND status = 'open'"),
             {"u": user_id})).scalar_one())
+
+
+def _settle_if_held(meter: Meter, user_id: int, request_id: str,
+                    answer: Reserved | Denied) -> int:
+    """Settle an admitted request (5 prompt tokens) as using all the output it held; the
+    tokens it was served, 0 if it was refused."""
+    if not isinstance(answer, Reserved):
+        return 0
+    meter.settle(event(user_id, request_id, 5, answer.admission.max_tokens), wait=True)
+    return 5 + answer.admission.max_tokens
 
 
 async def _assert_no_double_spend(ledger: Ledger, user_id: int, served: int) -> None:
@@ -116,14 +126,9 @@ async def test_a_sweep_does_not_close_a_lease_its_owner_has_just_renewed(
         second, mine = await admit(a, user_id, prompt_tokens=5, max_tokens=10)
         # The other worker asks for all the account could have.
         third, other = await admit(b, user_id, prompt_tokens=5, max_tokens=95)
-        served = 10
         a.settle(event(user_id, first, 5, 5), wait=True)
-        if isinstance(mine, Reserved):
-            served += 5 + mine.admission.max_tokens
-            a.settle(event(user_id, second, 5, mine.admission.max_tokens), wait=True)
-        if isinstance(other, Reserved):
-            served += 5 + other.admission.max_tokens
-            b.settle(event(user_id, third, 5, other.admission.max_tokens), wait=True)
+        served = (10 + _settle_if_held(a, user_id, second, mine)
+                  + _settle_if_held(b, user_id, third, other))
     finally:
         await a.stop()
         await b.stop()
@@ -175,13 +180,8 @@ async def test_a_lease_past_its_deadline_admits_nothing_more(ledger: Ledger) -> 
         second, mine = await admit(a, user_id, prompt_tokens=5, max_tokens=10)
         third, other = await admit(b, user_id, prompt_tokens=5, max_tokens=85)
         stalled.set()
-        served = 10
-        if isinstance(mine, Reserved):
-            served += 5 + mine.admission.max_tokens
-            a.settle(event(user_id, second, 5, mine.admission.max_tokens), wait=True)
-        if isinstance(other, Reserved):
-            served += 5 + other.admission.max_tokens
-            b.settle(event(user_id, third, 5, other.admission.max_tokens), wait=True)
+        served = (10 + _settle_if_held(a, user_id, second, mine)
+                  + _settle_if_held(b, user_id, third, other))
     finally:
         stalled.set()
         await a.stop()

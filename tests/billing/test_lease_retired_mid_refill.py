@@ -10,6 +10,12 @@ too, and another worker spent it again: the account paid for more than it had (t
 Two meters in this process, as two workers; a real database on each backend. The refill's
 transaction is made slow (it sleeps after growing the lease) so that the meter's own
 housekeeping runs inside it, as it does on a busy machine.
+
+Each case now has two defences, each enough alone: the first, the refill done again into a new
+lease and the idle close kept off an account being admitted (its lock); the second, the renewal
+that retires a lease it finds closed and a lease admitting only until ``ADMIT_SHARE`` of its
+deadline. Each test fails with both of its defences removed (160 tokens served of 100; the
+closed lease still admitting), not with one.
 """
 
 from __future__ import annotations
@@ -21,10 +27,8 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from dubhe.billing import service
 from dubhe.billing.meter import Denied, Meter, Reserved
 from dubhe.billing.repository import BillingRepository
-from dubhe.models.base import utcnow
 from tests.billing.conftest import Ledger, admit, event
 
 INCLUDED = 100  # the "small" plan's tokens (IN_PROCESS_PLANS, lease_idle_seconds = 0.5)
@@ -94,18 +98,8 @@ async def test_a_lease_its_renewal_finds_closed_admits_nothing_more(ledger: Ledg
                 "SELECT id FROM leases WHERE user_id = :u AND status = 'open'"),
                 {"u": user_id})).scalar_one()
         # Closed as a sweep closes a lease whose worker went quiet: all it did not use (this
-        # request's hold too) back to the account.
-        now = utcnow()
-        async with ledger.sessionmaker() as session, session.begin():
-            repository = BillingRepository.from_session(session)
-            posting = service.Posting()
-            state = (await service.current_accounts(repository, posting, [user_id],
-                                                    ledger.catalog, now))[user_id]
-            row = await repository.close_lease(lease_id, now)
-            assert row is not None
-            service.release_lease(posting, state, lease_id=lease_id, tokens=row.tokens,
-                                  uusd=row.uusd, period_start=row.period_start, now=now)
-            await posting.write(repository, now)
+        # request's hold too: nothing is flushed yet) back to the account.
+        assert await a._close(lease_id, user_id)
         await asyncio.sleep(1.5)  # three renewals
         second, answer = await admit(a, user_id, prompt_tokens=5, max_tokens=5)
         assert isinstance(answer, Reserved)
