@@ -10,6 +10,7 @@ worker's start time and a fifth of its memory; a worker that serves only the API
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import sys
@@ -73,6 +74,7 @@ class DubheApp:
         self._upstreams: UpstreamPool | None = None
         self._state: GatewayState | None = None
         self._maintenance: MaintenanceBoard | None = None
+        self._metrics_sync: asyncio.Future[None] | None = None
         self.unauthenticated = UnauthenticatedLimiter(
             per_minute=settings.unauthenticated_per_minute, burst=settings.unauthenticated_burst
         )
@@ -83,6 +85,7 @@ class DubheApp:
         self.listener: ChangeListener | None = None
 
     async def startup(self) -> None:
+        self._metrics_sync = asyncio.ensure_future(metrics.every_second())
         if self.settings.access_log:
             _log_access_lines()
         if self.settings.stripe_secret_key or self.settings.stripe_webhook_secret:
@@ -227,6 +230,10 @@ class DubheApp:
             await self._state.upstreams.close()
         await self.engine.dispose()
         await self.read_engine.dispose()
+        if self._metrics_sync is not None:
+            self._metrics_sync.cancel()  # and syncs what is left
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._metrics_sync
 
     async def readiness(self) -> tuple[int, bytes]:
         """``/readyz``: the database answers and is at this code's migration head, and Redis

@@ -16,10 +16,12 @@ SCRIPT = textwrap.dedent("""
     from dubhe import metrics
 
     metrics.count_request("/v1/models", 200)
+    metrics.sync()
     child = os.fork()
     if child == 0:
         metrics.count_request("/v1/models", 200)
         metrics.count_request("/v1/models", 200)
+        metrics.sync()  # as a worker's shutdown does
         os._exit(0)
     os.waitpid(child, 0)
     metrics.count_request("/v1/models", 200)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from prometheus_client import Counter, Histogram
 
-from dubhe.metrics import child, path_label
+from dubhe.metrics import add, observe_seconds, path_label
 
 if TYPE_CHECKING:
     from dubhe.gateway.asgi import Scope
@@ -24,8 +24,9 @@ FACTS_SCOPE_KEY = "dubhe.facts"
 
 access_log = logging.getLogger("dubhe.access")
 
+_LATENCY_BOUNDS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, float("inf"))
 LATENCY = Histogram("dubhe_http_request_seconds", "Time to the end of the answer, by path.",
-                    ["path"], buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+                    ["path"], buckets=_LATENCY_BOUNDS)
 TOKENS = Counter("dubhe_tokens", "Tokens charged, by model and kind (prompt, completion).",
                  ["model", "kind"])
 COST = Counter("dubhe_cost_uusd", "Micro-dollars charged, by model.", ["model"])
@@ -35,7 +36,7 @@ def observe(scope: Scope, status: int, request_id: str, started: float, *,
             log_line: bool) -> None:
     seconds = time.perf_counter() - started
     path = path_label(scope["path"])
-    child(LATENCY, path).observe(seconds)
+    observe_seconds(LATENCY, _LATENCY_BOUNDS, path, seconds)
     facts = scope.get(FACTS_SCOPE_KEY)
     identity = completion = settled = None
     model = None
@@ -44,10 +45,10 @@ def observe(scope: Scope, status: int, request_id: str, started: float, *,
         spec = getattr(completion, "model", None)
         model = spec.id if spec is not None else None
     if settled is not None and model is not None:
-        child(TOKENS, model, "prompt").inc(settled.prompt_tokens)
-        child(TOKENS, model, "completion").inc(settled.completion_tokens)
+        add(TOKENS, model, "prompt", amount=settled.prompt_tokens)
+        add(TOKENS, model, "completion", amount=settled.completion_tokens)
         if settled.cost_uusd:
-            child(COST, model).inc(settled.cost_uusd)
+            add(COST, model, amount=settled.cost_uusd)
     if not log_line or not access_log.isEnabledFor(logging.INFO):
         return
     line: dict[str, Any] = {
