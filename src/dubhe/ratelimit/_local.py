@@ -73,11 +73,20 @@ class LocalBudget:
             if state.in_flight or state.requests.tat > now or state.tokens.tat > now
         }
 
+    # The Budget protocol's coroutines, and the same answers at once (``*_now``): PlanLimiter
+    # calls those directly, saving a coroutine each, three a request.
+
     async def take_requests(self, subject: str, limits: Limits) -> Refusal | Standing:
+        return self.take_requests_now(subject, limits)
+
+    def take_requests_now(self, subject: str, limits: Limits) -> Refusal | Standing:
         now = time.monotonic()
         return self._get(subject, now).requests.take(limits.requests_per_minute, 1, now)
 
     async def take_tokens(self, subject: str, limits: Limits, tokens: int) -> Refusal | Standing:
+        return self.take_tokens_now(subject, limits, tokens)
+
+    def take_tokens_now(self, subject: str, limits: Limits, tokens: int) -> Refusal | Standing:
         now = time.monotonic()
         return self._get(subject, now).tokens.take(limits.tokens_per_minute, tokens, now)
 
@@ -96,6 +105,9 @@ class LocalBudget:
         return standing(limits.requests_per_minute, state.requests.tat if state else now, now)
 
     async def enter(self, subject: str, limits: Limits) -> bool:
+        return self.enter_now(subject, limits)
+
+    def enter_now(self, subject: str, limits: Limits) -> bool:
         state = self._get(subject, time.monotonic())
         if state.in_flight >= limits.concurrent:
             return False

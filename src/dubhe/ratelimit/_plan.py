@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar, runtime_checkable
 
 from dubhe.errors import ServiceUnavailable
 from dubhe.ratelimit._unauthenticated import rate_limited
@@ -73,6 +73,17 @@ class Budget(Protocol):
     def requests_standing(self, subject: str, limits: Limits) -> Standing: ...
 
 
+@runtime_checkable
+class ImmediateBudget(Budget, Protocol):
+    """A budget kept in this process: it answers at once and cannot be unavailable."""
+
+    def enter_now(self, subject: str, limits: Limits) -> bool: ...
+
+    def take_requests_now(self, subject: str, limits: Limits) -> Refusal | Standing: ...
+
+    def take_tokens_now(self, subject: str, limits: Limits, tokens: int) -> Refusal | Standing: ...
+
+
 def format_duration(seconds: float) -> str:
     """OpenAI's reset format: ``1s``, ``250ms``, ``6m0s``, ``1h2m3s``."""
     if seconds < 1:
@@ -87,11 +98,19 @@ def format_duration(seconds: float) -> str:
     return f"{secs}s"
 
 
+_HEADER_NAMES = {
+    kind: (b"x-ratelimit-limit-" + kind.encode(), b"x-ratelimit-remaining-" + kind.encode(),
+           b"x-ratelimit-reset-" + kind.encode())
+    for kind in ("requests", "tokens")
+}
+
+
 def _headers(kind: str, standing: Standing) -> list[tuple[bytes, bytes]]:
+    limit, remaining, reset = _HEADER_NAMES[kind]
     return [
-        (b"x-ratelimit-limit-" + kind.encode(), str(standing.limit).encode()),
-        (b"x-ratelimit-remaining-" + kind.encode(), str(standing.remaining).encode()),
-        (b"x-ratelimit-reset-" + kind.encode(), format_duration(standing.reset_seconds).encode()),
+        (limit, str(standing.limit).encode()),
+        (remaining, str(standing.remaining).encode()),
+        (reset, format_duration(standing.reset_seconds).encode()),
     ]
 
 
@@ -117,8 +136,12 @@ class Ticket:
     async def take_tokens(self, tokens: int) -> None:
         """Count ``tokens`` (the prompt bound plus the output limit held) against TPM; raises
         ``RateLimited`` when the minute's tokens cannot cover them."""
-        verdict = await self._limiter.guarded(
-            self._limiter.budget.take_tokens(self.subject, self.limits, tokens))
+        limiter = self._limiter
+        if limiter.immediate is not None:
+            verdict = limiter.immediate.take_tokens_now(self.subject, self.limits, tokens)
+        else:
+            verdict = await limiter.guarded(
+                limiter.budget.take_tokens(self.subject, self.limits, tokens))
         if isinstance(verdict, Refusal):
             self._limiter.rejected("tokens")
             error = rate_limited(
@@ -149,6 +172,7 @@ def _header_dict(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
 class PlanLimiter:
     def __init__(self, budget: Budget) -> None:
         self.budget = budget
+        self.immediate = budget if isinstance(budget, ImmediateBudget) else None
         # Rejections by limit, for the metrics.
         self.rejections = {"requests": 0, "tokens": 0, "concurrency": 0}
         self.on_reject: list[RejectHook] = []
@@ -201,8 +225,10 @@ class PlanLimiter:
 
     async def admit(self, subject: str, limits: Limits) -> Ticket:
         """Concurrency, then requests per minute; raises ``RateLimited`` (429) over either."""
-        budget = self.budget
-        if not await self.guarded(budget.enter(subject, limits)):
+        budget, immediate = self.budget, self.immediate
+        entered = (immediate.enter_now(subject, limits) if immediate is not None
+                   else await self.guarded(budget.enter(subject, limits)))
+        if not entered:
             self.rejected("concurrency")
             standing = self.tokens_standing(subject, limits)
             error = rate_limited(
@@ -214,7 +240,8 @@ class PlanLimiter:
                 + _headers("tokens", standing)))
             raise error
         try:
-            verdict = await self.guarded(budget.take_requests(subject, limits))
+            verdict = (immediate.take_requests_now(subject, limits) if immediate is not None
+                       else await self.guarded(budget.take_requests(subject, limits)))
         except BaseException:
             budget.leave(subject)
             raise
