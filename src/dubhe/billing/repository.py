@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from operator import itemgetter
 from typing import Any, cast
 
 import orjson
@@ -112,11 +113,17 @@ class BillingRepository:
         assert self.session.bind is not None
         columns = tuple(rows[0])
         sql, processors = _json_insert(table, columns, self.session.bind.dialect)
-        encoded = orjson.dumps([
-            [value if process is None else process(value)
-             for value, process in zip((row[name] for name in columns), processors, strict=True)]
-            for row in rows
-        ])
+        # Each row's values in column order (one C call), then the few columns with a bind
+        # processor (datetimes) converted in place.
+        values = itemgetter(*columns)
+        listed = ([list(values(row)) for row in rows] if len(columns) > 1
+                  else [[values(row)] for row in rows])
+        converted = [(index, process) for index, process in enumerate(processors)
+                     if process is not None]
+        for index, process in converted:
+            for row_values in listed:
+                row_values[index] = process(row_values[index])
+        encoded = orjson.dumps(listed)
         if b"\\u0000" in encoded:
             await self.session.execute(insert(table), rows)
             return
