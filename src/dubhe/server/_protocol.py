@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import weakref
 from asyncio import TimerHandle
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -195,16 +195,18 @@ class _Cycle(RequestResponseCycle):
     but the protocol's own refusals); anything else is uvicorn's own ``send``, as are the body
     messages. The state it leaves is what uvicorn's would (tests/unit/test_server_protocol.py)."""
 
-    async def send(self, message: Any) -> None:
+    # Not a coroutine: what it returns is awaited, so every other message (a stream's events)
+    # awaits uvicorn's own send directly, with no coroutine of this class around it.
+    def send(self, message: Any) -> Awaitable[None]:  # type: ignore[override]
         if (self.response_started or self.disconnected or self.flow.write_paused
                 or self.access_log or message["type"] != "http.response.start"):
-            return await super().send(message)
+            return super().send(message)
         headers = message.get("headers", ())
         names = b"".join([name for name, _ in headers])
         if (not names.islower() or b"connection" in names or b"transfer-encoding" in names
                 or HEADER_RE.search(names) or HEADER_VALUE_RE.search(
                     b"".join([value for _, value in headers]))):
-            return await super().send(message)
+            return super().send(message)
         status = message["status"]
         self.response_started = True
         self.waiting_for_100_continue = False
@@ -222,6 +224,19 @@ class _Cycle(RequestResponseCycle):
             content.append(b"transfer-encoding: chunked\r\n")
         content.append(b"\r\n")
         self.transport.write(b"".join(content))
+        return _SENT
+
+
+class _Sent:
+    """An awaitable that is already done (the answer's start is written)."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return (yield from ())
+
+
+_SENT = _Sent()
 
 
 def _closing_if_not_continued(cycle: RequestResponseCycle) -> Callable[[Any], Any]:
