@@ -15,6 +15,7 @@ from typing import Literal
 
 from dubhe.billing.pricing import Admission, size_admission, split_cost
 from dubhe.catalog import ModelSpec
+from dubhe.immutable import immutable
 
 # A lease admits requests until this share of its deadline (``reservation_ttl_seconds``) after
 # its last renewal began. Renewals run every third of it: a lease past this point has missed
@@ -102,7 +103,7 @@ class Hold:
     cap_uusd: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class LeaseUsage:
     """What a settled request took from its lease, and what it cost."""
 

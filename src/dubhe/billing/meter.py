@@ -99,6 +99,7 @@ from dubhe.billing.repository import BillingRepository, GuardFailed
 from dubhe.billing.spool import MAX_TOKEN_COUNT, DeadLetters, Spool, read_records, record_problem
 from dubhe.catalog import Catalog, ModelSpec
 from dubhe.errors import DubheError
+from dubhe.immutable import immutable
 from dubhe.models.base import utcnow
 from dubhe.usage.events import UsageEvent
 
@@ -133,7 +134,7 @@ _SCARCE_SECONDS = 2.0
 _REFUSALS = (IntegrityError, DataError, GuardFailed, DubheError, KeyError, TypeError, ValueError)
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Balance:
     """An account's spendable position as this worker sees it, for response headers."""
 
@@ -141,13 +142,13 @@ class Balance:
     balance_uusd: int
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Reserved:
     admission: Admission
     balance: Balance
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Denied:
     balance: Balance
     # What the account owes: refused until a credit repays it (``service.debt_message``).
@@ -156,7 +157,7 @@ class Denied:
     cap_uusd: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class SettleResult:
     cost_uusd: int
     balance: Balance

@@ -10,11 +10,11 @@ decimal strings, read by ``parse_usd`` and written by ``format_usd``, never as f
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from decimal import Decimal
 
 from dubhe.catalog import ModelSpec
 from dubhe.errors import UnprocessableRequest
+from dubhe.immutable import immutable
 
 MILLION = 1_000_000
 
@@ -76,7 +76,7 @@ def split_cost(
     return cost_uusd(model, prompt_tokens - covered_prompt, completion_tokens - covered_completion)
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Admission:
     """What to hold for a request: included tokens, then balance, and the output limit it buys.
 

@@ -18,6 +18,7 @@ from dubhe.billing.pricing import format_usd, split_cost
 from dubhe.billing.repository import COUNTERS, AccountState, BillingRepository
 from dubhe.catalog import Catalog, ModelSpec, PlanSpec
 from dubhe.errors import InsufficientQuota, NotFound, ServiceUnavailable, UnprocessableRequest
+from dubhe.immutable import immutable
 from dubhe.models import Account
 
 PlanChange = Literal["upgraded", "scheduled", "unchanged"]
@@ -232,7 +233,7 @@ def return_leased(posting: Posting, state: AccountState, *, ref: str, tokens: in
     collect_debt(posting, state, ref=f"release:{ref}", now=now)
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Settled:
     tokens_from_plan: int
     cost_uusd: int  # the request's full price beyond included tokens, debt included

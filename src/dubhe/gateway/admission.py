@@ -43,7 +43,6 @@ a larger limit than the one paid for.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -51,6 +50,7 @@ import orjson
 from dubhe.catalog import OUTPUT_LIMIT_FIELDS, ModelSpec, UpstreamSpec
 from dubhe.errors import InvalidRequest, UnprocessableRequest
 from dubhe.gateway.validation import ChatRequest
+from dubhe.immutable import immutable
 from dubhe.providers import anthropic
 from dubhe.usage import tokens
 
@@ -58,7 +58,7 @@ from dubhe.usage import tokens
 INLINE_ESTIMATE_BYTES = 64 * 1024
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Sizing:
     """A request sized for admission: hold ``prompt_bound + per_choice × n``, send ``payload``."""
 

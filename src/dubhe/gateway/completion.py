@@ -32,7 +32,6 @@ import logging
 import math
 import time
 from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import orjson
@@ -56,6 +55,7 @@ from dubhe.errors import (
 from dubhe.gateway import admission
 from dubhe.gateway.relay import StreamRelay
 from dubhe.gateway.validation import ChatRequest, validate_chat_request
+from dubhe.immutable import immutable
 from dubhe.models.base import utcnow
 from dubhe.providers import anthropic
 from dubhe.providers.errors import redact_upstream_message
@@ -100,7 +100,7 @@ class _Retryable(Exception):  # noqa: N818 (a signal between two methods, not an
         self.retry_same = retry_same
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Settled:
     """What a finished request was charged, and where the account stands after it."""
 
@@ -112,7 +112,7 @@ class Settled:
     estimated: bool
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Completed:
     """A non-streaming answer: the upstream's JSON (model renamed to the public id)."""
 
@@ -120,7 +120,7 @@ class Completed:
     settled: Settled | None
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class StreamEnd:
     """How a stream ended: the usage chunk to send if the client asked for one (``cost_usd``
     filled in), and the settlement."""

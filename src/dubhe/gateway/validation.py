@@ -11,6 +11,7 @@ from typing import Any
 
 from dubhe.catalog import ModelSpec
 from dubhe.errors import UnprocessableRequest
+from dubhe.immutable import immutable
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 CONTENT_PART_TYPES = frozenset({"text", "image_url", "input_audio", "file", "refusal"})
@@ -18,7 +19,7 @@ TOOL_CHOICE_MODES = frozenset({"none", "auto", "required"})
 MAX_STOP_SEQUENCES = 4
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class ChatRequest:
     """What the gateway needs from a validated request; the body itself stays a plain dict."""
 

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Awaitable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, TypeVar, runtime_checkable
 
 from dubhe.errors import ServiceUnavailable
+from dubhe.immutable import immutable
 from dubhe.ratelimit._unauthenticated import rate_limited
 
 if TYPE_CHECKING:
@@ -30,14 +30,14 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Limits:
     requests_per_minute: int
     tokens_per_minute: int
     concurrent: int
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Standing:
     """Where a budget stands after a request: what the ``x-ratelimit-*`` headers report."""
 
@@ -46,7 +46,7 @@ class Standing:
     reset_seconds: float  # until the budget is full again
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Refusal:
     wait_seconds: float
 

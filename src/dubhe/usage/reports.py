@@ -23,8 +23,9 @@ the record is marked estimated with the reason logged.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
+
+from dubhe.immutable import immutable
 
 # Special tokens a choice may generate without visible text: end of turn, a tool-call wrapper.
 OVERHEAD_PER_CHOICE = 16
@@ -35,7 +36,7 @@ MAX_BYTES_PER_TOKEN = 4096
 _MAX_COUNT = 2**53
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class UsageReport:
     """An upstream's counts, checked to be non-negative integers."""
 
@@ -44,7 +45,7 @@ class UsageReport:
     hidden_reasoning_tokens: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Untrusted:
     """Why an upstream's usage was not charged as reported."""
 
