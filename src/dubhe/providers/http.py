@@ -225,7 +225,6 @@ class _Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self.last_read = 0.0
         self.read_timeout: float | None = None
-        self._timer: asyncio.TimerHandle | None = None
         self._deadline: asyncio.TimerHandle | None = None
 
     # -- transport callbacks ------------------------------------------------------------------
@@ -328,7 +327,7 @@ class _Connection(asyncio.Protocol):
         self.last_read = self.loop.time()
         self.read_timeout = timeouts.read
         if timeouts.read is not None:
-            self._timer = self.loop.call_at(self.last_read + timeouts.read, self._check_read)
+            self.pool._watch_reads(self, timeouts.read)
         if timeouts.total is not None:
             self._deadline = self.loop.call_later(timeouts.total, self._fail, TimeoutError())
         self.transport.write(request)
@@ -339,18 +338,15 @@ class _Connection(asyncio.Protocol):
             raise
         return response
 
-    def _check_read(self) -> None:
-        self._timer = None
+    def _check_read(self, now: float) -> None:
+        """Called by the pool's sweep (``HttpClient._sweep_reads``) while an answer is read."""
         if self.response is None or self.read_timeout is None:
             return
-        due = self.last_read + self.read_timeout
         if self.paused:
             # The consumer is behind, not the upstream: the clock starts again when it resumes.
-            due = self.loop.time() + self.read_timeout
-        if self.loop.time() >= due:
+            self.last_read = now
+        elif now >= self.last_read + self.read_timeout:
             self._fail(TimeoutError())
-        else:
-            self._timer = self.loop.call_at(due, self._check_read)
 
     def _done(self) -> None:
         response, self.response = self.response, None
@@ -382,9 +378,7 @@ class _Connection(asyncio.Protocol):
         self.abort()
 
     def _stop_timers(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.pool._reading.discard(self)
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
@@ -415,6 +409,13 @@ class HttpClient:
         self.keepalive_seconds = keepalive_seconds
         self._idle: dict[tuple[str, int, bool], list[_Connection]] = {}
         self._open: set[_Connection] = set()
+        # Connections reading an answer under a read timeout, and the one timer that checks
+        # them every tenth of the shortest such timeout (between 50 ms and 1 s): a timeout fires
+        # up to that late. A timer of the event loop per answer cost one started and one
+        # cancelled per request.
+        self._reading: set[_Connection] = set()
+        self._read_tick = 1.0
+        self._read_sweep: asyncio.TimerHandle | None = None
 
     async def post(self, endpoint: Endpoint, body: bytes, headers: bytes,
                    timeouts: Timeouts) -> Response:  # fmt: skip
@@ -463,12 +464,34 @@ class HttpClient:
         self._open.add(connection)
         return connection
 
+    def _watch_reads(self, connection: _Connection, read_timeout: float) -> None:
+        self._reading.add(connection)
+        tick = min(max(read_timeout / 10, 0.05), 1.0)
+        if tick < self._read_tick:
+            self._read_tick = tick
+            if self._read_sweep is not None:
+                self._read_sweep.cancel()
+                self._read_sweep = None
+        if self._read_sweep is None:
+            self._read_sweep = connection.loop.call_later(self._read_tick, self._sweep_reads)
+
+    def _sweep_reads(self) -> None:
+        self._read_sweep = None
+        if not self._reading:
+            return  # started again by the next answer
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for connection in list(self._reading):
+            connection._check_read(now)
+        self._read_sweep = loop.call_later(self._read_tick, self._sweep_reads)
+
     def _release(self, connection: _Connection) -> None:
         connection.idle_since = connection.loop.time()
         self._idle.setdefault(connection.key, []).append(connection)
 
     def _forget(self, connection: _Connection) -> None:
         self._open.discard(connection)
+        self._reading.discard(connection)
         idle = self._idle.get(connection.key)
         if idle and connection in idle:
             idle.remove(connection)
@@ -477,3 +500,6 @@ class HttpClient:
         for connection in list(self._open):
             connection.abort()
         self._idle.clear()
+        if self._read_sweep is not None:
+            self._read_sweep.cancel()
+            self._read_sweep = None
