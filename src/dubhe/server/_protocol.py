@@ -193,7 +193,7 @@ class _Cycle(RequestResponseCycle):
     one of them), and the block is joined at once. Only an answer whose names are lowercase and
     that sets neither ``connection`` nor ``transfer-encoding`` takes this path (all of Dubhe's
     but the protocol's own refusals); anything else is uvicorn's own ``send``, as are the body
-    messages. The state it leaves is what uvicorn's would (tests/unit/test_server_protocol.py)."""
+    messages. The state it leaves is what uvicorn's would (tests/unit/test_answer_start.py)."""
 
     # Not a coroutine: what it returns is awaited, so every other message (a stream's events)
     # awaits uvicorn's own send directly, with no coroutine of this class around it.
