@@ -100,7 +100,7 @@ from dubhe.billing.spool import MAX_TOKEN_COUNT, DeadLetters, Spool, read_record
 from dubhe.catalog import Catalog, ModelSpec
 from dubhe.errors import DubheError
 from dubhe.immutable import immutable
-from dubhe.models.base import utcnow
+from dubhe.models.base import utc_isoformat, utcnow
 from dubhe.usage.events import UsageEvent
 
 log = logging.getLogger(__name__)
@@ -390,7 +390,7 @@ class Meter:
             "completion_tokens": event.completion_tokens or 0,
             "usage_source": event.usage_source, "outcome": event.outcome,
             "status_code": event.status_code, "latency_ms": event.latency_ms,
-            "created_at": event.created_at.isoformat(), "tokens_used": used.tokens_used,
+            "created_at": utc_isoformat(event.created_at), "tokens_used": used.tokens_used,
             "uusd_used": used.uusd_used,
         }
         if hold.cap is not None:

@@ -45,6 +45,7 @@ from dubhe.models import (
     UsageRecord,
     User,
 )
+from dubhe.models.base import UTCDateTime, sqlite_datetime_text
 from dubhe.pubsub import RECALL
 
 # Every counter an account has; each equals the sum of its column over the account's ledger.
@@ -121,8 +122,14 @@ class BillingRepository:
         converted = [(index, process) for index, process in enumerate(processors)
                      if process is not None]
         for index, process in converted:
+            # Runs of one value (a flush's ledger rows share their time) are converted once.
+            last_value: Any = _NOTHING
+            last_bound: Any = None
             for row_values in listed:
-                row_values[index] = process(row_values[index])
+                value = row_values[index]
+                if value is not last_value:
+                    last_value, last_bound = value, process(value)
+                row_values[index] = last_bound
         encoded = orjson.dumps(listed)
         if b"\\u0000" in encoded:
             await self.session.execute(insert(table), rows)
@@ -499,6 +506,14 @@ class BillingRepository:
 _JSON_INSERTS: dict[tuple[str, tuple[str, ...]], tuple[str, list[Any]]] = {}
 
 
+_NOTHING = object()
+
+
+def _sqlite_utc(value: datetime | None) -> str | None:
+    """UTCDateTime's bind processor on SQLite, the same text at a fraction of the cost."""
+    return None if value is None else sqlite_datetime_text(value)
+
+
 def _json_insert(table: Table, columns: tuple[str, ...],
                  dialect: Dialect) -> tuple[str, list[Any]]:
     """``INSERT INTO table (columns) SELECT ... FROM json_each(:rows)``, each row a JSON array
@@ -509,7 +524,8 @@ def _json_insert(table: Table, columns: tuple[str, ...],
         values = ", ".join(f"json_extract(value, '$[{index}]')" for index in range(len(columns)))
         sql = (f"INSERT INTO {table.name} ({', '.join(columns)}) "
                f"SELECT {values} FROM json_each(:rows)")
-        processors = [table.c[name].type.dialect_impl(dialect).bind_processor(dialect)
-                      for name in columns]
+        processors = [_sqlite_utc if isinstance(table.c[name].type, UTCDateTime)
+                      else table.c[name].type.dialect_impl(dialect).bind_processor(dialect)
+                      for name in columns]  # fmt: skip
         _JSON_INSERTS[key] = sql, processors
     return _JSON_INSERTS[key]

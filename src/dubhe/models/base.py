@@ -42,5 +42,41 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+class _SecondText:
+    """A UTC datetime as text, the part up to the second formatted once per second: every
+    request settled within one second shares it, and what is left is the microseconds (half of
+    ``isoformat``'s cost here, where each settlement formats its time twice)."""
+
+    __slots__ = ("_key", "_prefix", "_second_format", "_suffix", "_always_micro")
+
+    def __init__(self, second_format: str, suffix: str, always_micro: bool) -> None:
+        self._key: tuple[int, int, int, int, int, int] | None = None
+        self._prefix = ""
+        self._second_format = second_format
+        self._suffix = suffix
+        self._always_micro = always_micro
+
+    def __call__(self, moment: datetime) -> str:
+        if moment.tzinfo is not UTC:
+            if moment.tzinfo is None:
+                raise ValueError("naive datetime given as UTC")
+            moment = moment.astimezone(UTC)
+        key = (moment.second, moment.minute, moment.hour, moment.day, moment.month, moment.year)
+        if key != self._key:
+            self._prefix = moment.strftime(self._second_format)
+            self._key = key
+        micro = moment.microsecond
+        if micro or self._always_micro:
+            return f"{self._prefix}.{micro:06d}{self._suffix}"
+        return self._prefix + self._suffix
+
+
+# ``moment.isoformat()`` of a UTC datetime (moved to UTC first if it is in another zone).
+utc_isoformat = _SecondText("%Y-%m-%dT%H:%M:%S", "+00:00", always_micro=False)
+# What SQLAlchemy's SQLite DATETIME stores for a UTCDateTime value: naive UTC, microseconds
+# always written (``sqlite_datetime_text`` is its bind processor on the bulk-insert path).
+sqlite_datetime_text = _SecondText("%Y-%m-%d %H:%M:%S", "", always_micro=True)
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
