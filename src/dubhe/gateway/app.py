@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
 from dubhe.billing.meter import Meter
@@ -56,22 +57,12 @@ class GatewayApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_id = new_request_id()
-        started = False
-        status = 0
         began = time.perf_counter()
-
-        async def tracked_send(message: Message) -> None:
-            nonlocal started, status
-            if message["type"] == "http.response.start":
-                started = True
-                status = message["status"]
-                count_request(scope["path"], status)
-            await send(message)
-
+        tracked_send = _Tracked(send, scope["path"])
         try:
             await self._route(scope, receive, tracked_send, request_id)
         except DubheError as error:
-            if started:
+            if tracked_send.started:
                 raise
             if isinstance(error, AuthenticationFailed):
                 error = self.state.unauthenticated.judge(error, scope.get("client"))
@@ -82,7 +73,7 @@ class GatewayApp:
             await send_error(tracked_send, error, request_id)
         except Exception:
             log.exception("unhandled error in %s %s (%s)", scope["method"], scope["path"], request_id)
-            if started:
+            if tracked_send.started:
                 return
             await send_error(
                 tracked_send,
@@ -95,7 +86,7 @@ class GatewayApp:
             )
         finally:
             # The answer is sent: latency, tokens and cost, and the access log line.
-            observe(scope, status, request_id, began, log_line=self.state.access_log)
+            observe(scope, tracked_send.status, request_id, began, log_line=self.state.access_log)
 
     def _limit_headers(self, identity: KeyIdentity) -> list[tuple[bytes, bytes]]:
         catalog = self.state.catalog
@@ -125,6 +116,27 @@ class GatewayApp:
                 "available endpoints.",
                 code="unknown_url",
             )
+
+
+class _Tracked:
+    """The ASGI ``send`` with the answer's status noted (and counted) as it starts. Not a
+    coroutine: it returns the inner send's awaitable, so a stream's every event is one
+    coroutine, not two."""
+
+    __slots__ = ("_send", "_path", "started", "status")
+
+    def __init__(self, send: Send, path: str) -> None:
+        self._send = send
+        self._path = path
+        self.started = False
+        self.status = 0
+
+    def __call__(self, message: Message) -> Awaitable[None]:
+        if message["type"] == "http.response.start":
+            self.started = True
+            self.status = message["status"]
+            count_request(self._path, self.status)
+        return self._send(message)
 
 
 def _allow(method: str, allowed: str) -> None:
