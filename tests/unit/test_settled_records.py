@@ -23,6 +23,7 @@ MOMENTS = [
     datetime(2026, 12, 31, 23, 59, 59, 999999, tzinfo=_INDIA),  # another zone: moved to UTC
     datetime(1999, 1, 1, 0, 0, 0, 5, tzinfo=_INDIA),
     datetime(2027, 1, 1, 0, 0, 0, 5, tzinfo=UTC),  # same second fields as the one above, in UTC
+    datetime(999, 3, 4, 5, 6, 7, 8, tzinfo=UTC),  # a year of three digits is written with four
 ]
 
 

@@ -129,7 +129,7 @@ assert sum(map(len, _EXACT.values())) == len(_FIELDS)
 
 
 def _sound(record: Any, models: Mapping[str, object]) -> bool:
-    """Whether record_problem finds nothing, on the path every record Dubhe writes takes (a
+    """Whether record_problem finds nothing, on the path every record Dubhe writes takes (about
     half of the full check's cost per settlement); False sends it to the full check."""
     if type(record) is not dict:
         return False

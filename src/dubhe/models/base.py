@@ -47,12 +47,13 @@ class _SecondText:
     request settled within one second shares it, and what is left is the microseconds (half of
     ``isoformat``'s cost here, where each settlement formats its time twice)."""
 
-    __slots__ = ("_key", "_prefix", "_second_format", "_suffix", "_always_micro")
+    __slots__ = ("_cached", "_separator", "_suffix", "_always_micro")
 
-    def __init__(self, second_format: str, suffix: str, always_micro: bool) -> None:
-        self._key: tuple[int, int, int, int, int, int] | None = None
-        self._prefix = ""
-        self._second_format = second_format
+    def __init__(self, separator: str, suffix: str, always_micro: bool) -> None:
+        # (the second's fields, their text): one attribute, so a reader never pairs one
+        # second's fields with another's text.
+        self._cached: tuple[tuple[int, ...], str] = ((), "")
+        self._separator = separator
         self._suffix = suffix
         self._always_micro = always_micro
 
@@ -62,20 +63,22 @@ class _SecondText:
                 raise ValueError("naive datetime given as UTC")
             moment = moment.astimezone(UTC)
         key = (moment.second, moment.minute, moment.hour, moment.day, moment.month, moment.year)
-        if key != self._key:
-            self._prefix = moment.strftime(self._second_format)
-            self._key = key
+        cached_key, prefix = self._cached
+        if key != cached_key:
+            prefix = (f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d}{self._separator}"
+                      f"{moment.hour:02d}:{moment.minute:02d}:{moment.second:02d}")
+            self._cached = (key, prefix)
         micro = moment.microsecond
         if micro or self._always_micro:
-            return f"{self._prefix}.{micro:06d}{self._suffix}"
-        return self._prefix + self._suffix
+            return f"{prefix}.{micro:06d}{self._suffix}"
+        return prefix + self._suffix
 
 
 # ``moment.isoformat()`` of a UTC datetime (moved to UTC first if it is in another zone).
-utc_isoformat = _SecondText("%Y-%m-%dT%H:%M:%S", "+00:00", always_micro=False)
+utc_isoformat = _SecondText("T", "+00:00", always_micro=False)
 # What SQLAlchemy's SQLite DATETIME stores for a UTCDateTime value: naive UTC, microseconds
 # always written (``sqlite_datetime_text`` is its bind processor on the bulk-insert path).
-sqlite_datetime_text = _SecondText("%Y-%m-%d %H:%M:%S", "", always_micro=True)
+sqlite_datetime_text = _SecondText(" ", "", always_micro=True)
 
 
 class Base(DeclarativeBase):
