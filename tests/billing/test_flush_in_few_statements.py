@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -124,3 +124,30 @@ async def _same_rows_as_sqlalchemy(ledger: Ledger, user_id: int, when: datetime,
             assert written[ref] == written[ref + "-core"], table
             if table == "ledger_entries":
                 assert description in written[ref]
+
+
+async def test_rows_of_one_batch_keep_each_their_own_time(ledger: Ledger) -> None:
+    """A batch binds a run of one time once (a flush's ledger rows share theirs): rows whose
+    times differ, or come back after another, are each written with their own, as SQLAlchemy
+    writes them."""
+    user_id = await ledger.user("metered")
+    first = datetime(2026, 12, 3, 13, 17, 50, 865194, tzinfo=UTC)
+    later = first + timedelta(seconds=1, microseconds=7)
+    times = [first, first, later, first, datetime.fromisoformat(first.isoformat()), later]
+    prefix = secrets.token_hex(4)
+    rows = [{"user_id": user_id, "kind": "test", "ref": f"{prefix}-{index}", "created_at": when,
+             "description": "", "uncollected_uusd": 0, "tokens_available": 0,
+             "tokens_reserved": 0, "balance_uusd": 0, "balance_reserved_uusd": 0,
+             "debt_uusd": 0, "debt_tokens": 0} for index, when in enumerate(times)]
+    async with ledger.sessionmaker() as session, session.begin():
+        await BillingRepository.from_session(session).insert_ledger(rows)
+        await session.execute(insert(LedgerEntry.__table__),
+                              [{**row, "ref": row["ref"] + "-core"} for row in rows])
+    async with ledger.engine.connect() as connection:
+        written = dict((await connection.execute(text(
+            "SELECT ref, created_at FROM ledger_entries WHERE user_id = :u AND kind = 'test'"),
+            {"u": user_id})).all())
+    assert len(written) == 2 * len(times)
+    for index in range(len(times)):
+        assert written[f"{prefix}-{index}"] == written[f"{prefix}-{index}-core"], index
+    assert written[f"{prefix}-0"] != written[f"{prefix}-2"]
