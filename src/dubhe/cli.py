@@ -291,7 +291,9 @@ def _start_builtin_sim(name: str, base_url: str) -> None:
     )
     if _port_open(host, port):
         return  # one is already running (a previous serve, or started by hand)
-    process = subprocess.Popen(
+    # Ended with serve however serve ends: uvicorn raises a SIGTERM again once it has shut down,
+    # so no atexit handler runs then.
+    process = _child_of_this_process(
         [sys.executable, "-m", "dubhe.sim", "--host", host, "--port", str(port)]
     )
     atexit.register(process.terminate)
