@@ -9,18 +9,21 @@ local server, dropped afterwards).
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import secrets
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+from unittest import mock
 
 import httpx
 import pytest
@@ -171,15 +174,86 @@ class Server:
         return result
 
     def new_key(self, plan: str) -> str:
-        """A new user on ``plan`` with one key, made with the operator CLI."""
-        email = f"{plan}-{secrets.token_hex(4)}@example.com"
-        self.cli("users", "create", email, "--password", "correct-horse-battery", "--plan", plan)
-        return self.cli("keys", "create", email).stdout.strip()
+        """A new user on ``plan`` with one key."""
+        return self.new_account(f"{plan}-{secrets.token_hex(4)}@example.com", plan=plan)
+
+    def new_account(self, email: str, *, plan: str | None = None, admin: bool = False) -> str:
+        """A new user with one key (returned), made the way ``dubhe users create`` and ``dubhe
+        keys create`` make them (see ``create_account``)."""
+        key = create_account(self.env, email, plan=plan, admin=admin)
+        assert key is not None
+        return key
 
     def key(self, plan: str) -> str:
         if plan not in self.keys:
             self.keys[plan] = self.new_key(plan)
         return self.keys[plan]
+
+
+# -- accounts made in this process -------------------------------------------------------------
+# A `dubhe` CLI call costs 0.5-0.8 s of CPU (a Python start, SQLAlchemy's import and, for a user,
+# the password's hash): the suite made ~550 of them only to have a user and a key, a third of its
+# CPU on 2 cores. Fixtures that need an account make it here instead, in the test's own process,
+# with the functions the CLI calls, against the server's own database and secret
+# (tests/unit/test_cli*.py test the CLI itself).
+
+PASSWORD = "correct-horse-battery"
+_T = TypeVar("_T")
+_aside: asyncio.AbstractEventLoop | None = None
+_aside_lock = threading.Lock()
+
+
+def run_aside(work: Coroutine[Any, Any, _T], timeout: float = 180) -> _T:
+    """``work`` run to its end on this process's own background event loop: callable from a
+    synchronous test and from a coroutine (whose loop waits, as it waits for a subprocess)."""
+    global _aside
+    with _aside_lock:
+        if _aside is None:
+            _aside = asyncio.new_event_loop()
+            threading.Thread(target=_aside.run_forever, name="aside", daemon=True).start()
+    return asyncio.run_coroutine_threadsafe(work, _aside).result(timeout)
+
+
+@functools.cache
+def _password_hash(password: str) -> str:
+    from dubhe.accounts.passwords import hash_password
+
+    return hash_password(password)
+
+
+def create_account(env: Mapping[str, str], email: str, *, plan: str | None = None,
+                   password: str = PASSWORD, admin: bool = False, key: bool = True) -> str | None:
+    """A user (and, with ``key``, one API key, returned) in one transaction, for the server
+    whose environment is ``env``: its database, catalog and secret."""
+    from dubhe.accounts.service import create_user
+    from dubhe.catalog import load_catalog
+    from dubhe.database import create_sessionmaker
+    from dubhe.keys.service import create_key
+    from dubhe.settings import Settings
+
+    prefix = "DUBHE_"
+    settings = Settings(**{
+        name[len(prefix):].lower(): value for name, value in env.items()
+        if name.startswith(prefix) and name[len(prefix):].lower() in Settings.__annotations__})
+    catalog = load_catalog(settings.config, builtin_upstream=settings.builtin_upstream)
+
+    async def work() -> str | None:
+        engine = create_engine(settings.resolved_database_url)
+        try:
+            async with create_sessionmaker(engine)() as session, session.begin():
+                # The suite's hundreds of users share a few passwords: each is hashed once per
+                # process (argon2id, ~0.25 s of CPU) and its hash reused, salt and all.
+                with mock.patch("dubhe.accounts.service.hash_password", _password_hash):
+                    await create_user(session, email, password, catalog=catalog, plan=plan,
+                                      is_admin=admin)
+                if not key:
+                    return None
+                created = await create_key(session, email, secret=settings.resolved_secret)
+                return created.secret
+        finally:
+            await engine.dispose()
+
+    return run_aside(work())
 
 
 def gateway_config(sims: dict[str, Sim], dead_port: int) -> str:

@@ -115,10 +115,9 @@ class Billing:
     catalog: Catalog
 
     async def new_account(self, plan: str) -> tuple[str, int]:
-        """A user on ``plan`` with one key, via the operator CLI; returns (key, user id)."""
+        """A user on ``plan`` with one key; returns (key, user id)."""
         email = f"{plan}-{secrets.token_hex(4)}@example.com"
-        self.server.cli("users", "create", email, "--password", "correct-horse-battery", "--plan", plan)
-        key = self.server.cli("keys", "create", email).stdout.strip()
+        key = self.server.new_account(email, plan=plan)
         async with self.engine.connect() as connection:
             row = await connection.execute(text("SELECT id FROM users WHERE email = :e"), {"e": email})
             return key, int(row.scalar_one())

@@ -77,11 +77,9 @@ class Store:
     db: AsyncEngine
 
     async def new_user(self, plan: str = "free") -> tuple[str, str, int]:
-        """(e-mail, API key, user id) of a new user on ``plan``, made with the operator CLI."""
+        """(e-mail, API key, user id) of a new user on ``plan``."""
         email = f"{plan}-{secrets.token_hex(5)}@example.com"
-        self.server.cli("users", "create", email, "--password", "correct-horse-battery",
-                        "--plan", plan)
-        key = self.server.cli("keys", "create", email).stdout.strip()
+        key = self.server.new_account(email, plan=plan)
         row = await fetch_one(self.db, "SELECT id FROM users WHERE email = :e", e=email)
         return email, key, int(row["id"])
 

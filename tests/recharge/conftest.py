@@ -110,8 +110,7 @@ class Shop:
     def new_user(self, plan: str = "free") -> tuple[str, str]:
         """(e-mail, API key) of a new user on ``plan``."""
         email = f"{plan}-{secrets.token_hex(5)}@example.com"
-        self.cli("users", "create", email, "--password", "correct-horse-battery", "--plan", plan)
-        return email, self.cli("keys", "create", email).stdout.strip()
+        return email, self.server.new_account(email, plan=plan)
 
     def show(self, email: str) -> dict[str, Any]:
         return json.loads(self.cli("users", "show", email).stdout)  # type: ignore[no-any-return]

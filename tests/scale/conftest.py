@@ -84,9 +84,7 @@ class Cluster:
 
     def key(self, **limits: int) -> str:
         email = f"scale-{secrets.token_hex(4)}@example.com"
-        self.a.cli("users", "create", email, "--password", "correct-horse-battery",
-                   "--plan", "roomy")
-        key = self.a.cli("keys", "create", email).stdout.strip()
+        key = self.a.new_account(email, plan="roomy")
         if limits:
             args = [part for name, value in limits.items() for part in (f"--{name}", str(value))]
             self.a.cli("keys", "limits", key, *args)

@@ -157,11 +157,23 @@ def _served(server_root: str) -> float:
     return total
 
 
+async def _settled_count(server_root: str) -> float:
+    """``_served`` once the earlier tests' answers are all counted: a worker syncs its counts
+    for the other's scrapes once a second, so a count unchanged over 1.5 s is complete."""
+    last = _served(server_root)
+    while True:
+        await asyncio.sleep(1.5)
+        now = _served(server_root)
+        if now == last:
+            return now
+        last = now
+
+
 async def test_metrics_count_every_workers_requests(cluster: Cluster) -> None:
     root = cluster.a.base_url.removesuffix("/v1")
     assert httpx.get(f"{root}/readyz").json() == {
         "status": "ready", "checks": {"database": "ok", "migrations": "ok", "redis": "ok"}}
-    before = _served(root)
+    before = await _settled_count(root)
     key = cluster.key()
     client = openai.AsyncOpenAI(base_url=cluster.a.base_url, api_key=key, max_retries=0)
     # Two workers behind one port: the kernel spreads the connections over both.
