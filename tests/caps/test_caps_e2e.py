@@ -165,8 +165,8 @@ async def test_the_cap_holds_across_two_workers(capped: Capped) -> None:
             if response.status_code == 402:
                 assert_cap_refusal(response)
         # Another key of the same account is not refused by this key's cap.
-        answer = await AsyncOpenAI(base_url=server.base_url, api_key=capped.other
-                                   ).chat.completions.create(**FAST)  # type: ignore[call-overload]
+        async with AsyncOpenAI(base_url=server.base_url, api_key=capped.other) as other:
+            answer = await other.chat.completions.create(**FAST)  # type: ignore[call-overload]
         assert answer.usage.completion_tokens == 3000
         # Spend the rest, one request at a time, until a refill (every lease returned first,
         # so no worker holds headroom another could use) finds too little for one more.
@@ -183,8 +183,8 @@ async def test_the_cap_holds_across_two_workers(capped: Capped) -> None:
                 break
         else:
             pytest.fail("the key never ran out of its cap")
-        answer = await AsyncOpenAI(base_url=server.base_url, api_key=capped.other
-                                   ).chat.completions.create(**FAST)  # type: ignore[call-overload]
+        async with AsyncOpenAI(base_url=server.base_url, api_key=capped.other) as other:
+            answer = await other.chat.completions.create(**FAST)  # type: ignore[call-overload]
         assert answer.choices[0].message.content
     await capped.settled(key_id)
     spent = await capped.scalar("SELECT coalesce(sum(cost_uusd), 0) FROM usage_records WHERE "
