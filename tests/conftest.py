@@ -72,6 +72,21 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def pids_running(*words: bytes) -> list[int]:
+    """The processes whose command line has every one of ``words`` among its arguments."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if all(word in argv for word in words):
+            found.append(int(entry.name))
+    return found
+
+
 def wait_until_up(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 120) -> None:
     """Generous: on the shared 2-core box a cold start under load takes tens of seconds. A process
     that does not come up is killed, so a failed fixture leaves nothing running."""

@@ -8,12 +8,11 @@ import os
 import signal
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from openai import OpenAI, UnprocessableEntityError
 
-from tests.conftest import Server, free_port, fresh_database, start_server
+from tests.conftest import Server, free_port, fresh_database, pids_running, start_server
 from tests.routing.conftest import assert_no_tracebacks
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -80,16 +79,8 @@ def test_tools_are_refused_since_the_local_model_cannot_call_them(
 
 
 def _model_pid(port: int) -> int | None:
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"local-model" in argv and str(port).encode() in argv:
-            return int(entry.name)
-    return None
+    found = pids_running(b"local-model", str(port).encode())
+    return found[0] if found else None
 
 
 def test_a_crashed_model_process_is_restarted(local: tuple[Server, int]) -> None:

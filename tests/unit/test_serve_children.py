@@ -5,26 +5,14 @@ from __future__ import annotations
 import os
 import signal
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, fresh_database, start_server
+from tests.conftest import free_port, fresh_database, pids_running, start_server
 
 
 def _pids_serving(port: int) -> list[int]:
-    """Processes whose command line names ``port`` and ``dubhe.sim``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"dubhe.sim" in argv and str(port).encode() in argv:
-            found.append(int(entry.name))
-    return found
+    return pids_running(b"dubhe.sim", str(port).encode())
 
 
 def _gone(port: int) -> bool:
