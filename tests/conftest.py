@@ -217,12 +217,10 @@ class Server:
         """A new user on ``plan`` with one key."""
         return self.new_account(f"{plan}-{secrets.token_hex(4)}@example.com", plan=plan)
 
-    def new_account(self, email: str, *, plan: str | None = None, admin: bool = False) -> str:
+    def new_account(self, email: str, *, plan: str | None = None) -> str:
         """A new user with one key (returned), made the way ``dubhe users create`` and ``dubhe
         keys create`` make them (see ``create_account``)."""
-        key = create_account(self.env, email, plan=plan, admin=admin)
-        assert key is not None
-        return key
+        return create_account(self.env, email, plan=plan)
 
     def key(self, plan: str) -> str:
         if plan not in self.keys:
@@ -262,9 +260,9 @@ def _password_hash(password: str) -> str:
 
 
 def create_account(env: Mapping[str, str], email: str, *, plan: str | None = None,
-                   password: str = PASSWORD, admin: bool = False, key: bool = True) -> str | None:
-    """A user (and, with ``key``, one API key, returned) in one transaction, for the server
-    whose environment is ``env``: its database, catalog and secret."""
+                   password: str = PASSWORD) -> str:
+    """A user and one API key (returned) in one transaction, for the server whose environment
+    is ``env``: its database, catalog and secret."""
     from dubhe.accounts.service import create_user
     from dubhe.catalog import load_catalog
     from dubhe.database import create_sessionmaker
@@ -277,17 +275,14 @@ def create_account(env: Mapping[str, str], email: str, *, plan: str | None = Non
         if name.startswith(prefix) and name[len(prefix):].lower() in Settings.__annotations__})
     catalog = load_catalog(settings.config, builtin_upstream=settings.builtin_upstream)
 
-    async def work() -> str | None:
+    async def work() -> str:
         engine = create_engine(settings.resolved_database_url)
         try:
             async with create_sessionmaker(engine)() as session, session.begin():
                 # The suite's hundreds of users share a few passwords: each is hashed once per
                 # process (argon2id, ~0.25 s of CPU) and its hash reused, salt and all.
                 with mock.patch("dubhe.accounts.service.hash_password", _password_hash):
-                    await create_user(session, email, password, catalog=catalog, plan=plan,
-                                      is_admin=admin)
-                if not key:
-                    return None
+                    await create_user(session, email, password, catalog=catalog, plan=plan)
                 created = await create_key(session, email, secret=settings.resolved_secret)
                 return created.secret
         finally:
