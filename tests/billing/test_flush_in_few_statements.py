@@ -3,10 +3,11 @@ and on SQLite in a statement whose text does not depend on the number of rows.
 
 On SQLite each step runs in aiosqlite's thread and gives the GIL back; with the event loop busy
 serving requests each step then waited for it, and under load the database fell tens of
-thousands of rows behind the spool (`make bench`, README "Billing"). A multi-row VALUES list
-fixed that but compiled to a new ~700 KB program for each number of rows, which SQLite's statement
-cache kept (128 of them): a worker grew by megabytes. So on SQLite the rows go as one JSON
-parameter (``json_each``), and on PostgreSQL in one executemany (asyncpg pipelines it, with no
+thousands of rows behind the spool (`make bench`, README "Billing"). A multi-row VALUES list as
+long as the rows compiled to a new program for each number of rows, which SQLite's statement
+cache kept (128 of them): a worker grew by megabytes. So on SQLite the rows go through one
+statement of a fixed number of rows, one step per that many (the last step's unused rows bound
+to NULL and filtered out), and on PostgreSQL in one executemany (asyncpg pipelines it, with no
 thread). Real database, both dialects; no timing is asserted."""
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ from sqlalchemy import event as sqlalchemy_event
 from sqlalchemy import insert, text
 
 from dubhe.billing import meter as meter_module
+from dubhe.billing import repository as repository_module
 from dubhe.billing.meter import Meter, Reserved
 from dubhe.billing.repository import BillingRepository
 from dubhe.models import LedgerEntry, UsageRecord
 from tests.billing.conftest import Ledger, admit, event
 
 REQUESTS = 1200
+ROWS_PER_STEP = repository_module._SQLITE_ROWS_PER_INSERT
 
 
 async def test_a_flush_writes_its_rows_in_one_statement_per_table(
@@ -64,10 +67,11 @@ async def test_a_flush_writes_its_rows_in_one_statement_per_table(
         calls = [call for call in inserts if call[0].startswith(f"INSERT INTO {table}")]
         assert len(calls) == 2, (table, len(calls))  # one per flush
         if sqlite:
-            # One statement, the rows as one JSON parameter: the same text for 1,200 rows and
-            # for 7, so SQLite compiles and caches it once.
-            assert calls[0][0] == calls[1][0] and "json_each(?)" in calls[0][0], table
-            assert [len(call[2]) for call in calls] == [1, 1], table
+            # One statement: the same text for 1,200 rows and for 7, so SQLite compiles and
+            # caches it once; a step per 128 rows.
+            assert calls[0][0] == calls[1][0] and "FROM (VALUES (?" in calls[0][0], table
+            steps = [len(call[2]) if call[1] else 1 for call in calls]
+            assert steps == [-(-REQUESTS // ROWS_PER_STEP), 1], table
         else:
             assert [len(call[2]) for call in calls] == [REQUESTS, 7], table
             assert all(call[1] for call in calls), table  # one executemany, pipelined by asyncpg
@@ -82,9 +86,9 @@ async def test_a_flush_writes_its_rows_in_one_statement_per_table(
 
 
 async def test_the_rows_written_are_those_sqlalchemy_writes(ledger: Ledger) -> None:
-    """The JSON path binds every value as SQLAlchemy would (a datetime in SQLite's text form,
+    """The SQLite path binds every value as SQLAlchemy would (a datetime in SQLite's text form,
     a bool as 0/1): the same values, of the same storage type, as SQLAlchemy's own INSERT. A
-    string with a NUL (SQLite's JSON functions would end it there) is written whole too."""
+    string with a NUL is written whole too."""
     user_id = await ledger.user("metered")
     when = datetime(2026, 12, 2, 10, 0, 0, 123456, tzinfo=timezone(timedelta(hours=2)))
     descriptions = ['dubhe-fast: ü "quoted" \\ 1']
