@@ -6,20 +6,24 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import event
+from sqlalchemy import event, update
 
 from dubhe.accounts.service import create_user
 from dubhe.catalog import load_catalog
 from dubhe.database import create_engine, create_sessionmaker
 from dubhe.errors import AuthenticationFailed
+from dubhe.keys import cache as cache_module
 from dubhe.keys.cache import KeyCache
-from dubhe.keys.format import generate_key
+from dubhe.keys.format import generate_key, hash_key
 from dubhe.keys.service import create_key
 from dubhe.migrations import upgrade
+from dubhe.models import ApiKey
+from dubhe.models.base import utcnow
 from tests.conftest import fresh_database
 
 SECRET = b"k" * 48
@@ -74,6 +78,51 @@ async def test_guessed_keys_cost_no_query_and_new_keys_still_work(database: str)
         created = await new_key()
         identity = await cache.authenticate(b"Bearer " + created.encode())
         assert identity.key_id > 0
+    finally:
+        await cache.stop()
+        await engine.dispose()
+
+
+async def test_a_warm_header_skips_the_hmac_but_never_an_expiry_or_a_revocation(
+        database: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A header that authenticated before is found by a keyed BLAKE2b of it, without the
+    HMAC; what it finds is the cached identity, so an expiry or a revocation the refresh
+    brings in refuses it as it refuses a cold one."""
+    engine = create_engine(database)
+    sessionmaker = create_sessionmaker(engine)
+    catalog = load_catalog(Path("/nonexistent/dubhe.toml"))
+    async with sessionmaker() as session, session.begin():
+        email = f"{secrets.token_hex(4)}@example.com"
+        await create_user(session, email, "a long password", catalog=catalog)
+        created = await create_key(session, email, secret=SECRET)
+    hmacs = []
+
+    def counted(secret: bytes, key: str) -> str:
+        hmacs.append(key)
+        return hash_key(secret, key)
+
+    monkeypatch.setattr(cache_module, "hash_key", counted)
+    header = b"Bearer " + created.secret.encode()
+    cache = KeyCache(sessionmaker, SECRET, refresh_seconds=3600)
+    try:
+        await cache.load()
+        first = await cache.authenticate(header)
+        assert (await cache.authenticate(header)) == first
+        assert hmacs == [created.secret]  # the second call found the header warm
+        # Another spelling of the same key is its own header: one HMAC more, then warm too.
+        assert (await cache.authenticate(b"Bearer  " + created.secret.encode())) == first
+        assert len(hmacs) == 2
+
+        for change, code in (({"expires_at": utcnow() - timedelta(seconds=1)}, "expired_api_key"),
+                             ({"expires_at": None, "revoked_at": utcnow()}, "invalid_api_key")):
+            async with sessionmaker() as session, session.begin():
+                await session.execute(update(ApiKey).where(ApiKey.id == first.key_id)
+                                      .values(**change, updated_at=utcnow()))
+            await cache.refresh()
+            with pytest.raises(AuthenticationFailed) as refused:
+                await cache.authenticate(header)
+            assert refused.value.code == code
+        assert len(hmacs) == 2
     finally:
         await cache.stop()
         await engine.dispose()
