@@ -71,7 +71,7 @@ class Spool:
         return path
 
     def append(self, record: dict[str, Any]) -> None:
-        os.write(self._fd, orjson.dumps(record) + b"\n")
+        os.write(self._fd, orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
 
     def rotate(self) -> Path:
         """Start a new file; return the finished one (delete it once its records are committed)."""

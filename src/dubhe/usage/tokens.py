@@ -172,7 +172,11 @@ def visible_output_bytes(response: dict[str, Any]) -> int:
     for choice in _list(response.get("choices")):
         if isinstance(choice, dict):
             generated_texts(choice.get("message"), texts)
-    return sum(len(text.encode("utf-8", "surrogatepass")) for text in texts)
+    size = 0
+    for text in texts:
+        # An ASCII string's length is its size in bytes (CPython knows it is ASCII already).
+        size += len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+    return size
 
 
 def generated_texts(message: Any, texts: list[str]) -> None:
