@@ -115,33 +115,33 @@ class BillingRepository:
         assert self.session.bind is not None
         columns = tuple(rows[0])
         sql, processors = _values_insert(table, columns, self.session.bind.dialect)
-        # Each row's values in column order (one C call), then the few columns with a bind
-        # processor (datetimes) converted in place.
+        # One flat list: per row a 1 (kept) and its values in column order (one C call), then
+        # the few columns with a bind processor (datetimes) converted in place.
+        width = len(columns) + 1
         values = itemgetter(*columns)
-        listed = ([list(values(row)) for row in rows] if len(columns) > 1
-                  else [[values(row)] for row in rows])
-        converted = [(index, process) for index, process in enumerate(processors)
-                     if process is not None]
-        for index, process in converted:
+        flat: list[Any] = []
+        for row in rows:
+            flat.append(1)
+            if len(columns) > 1:
+                flat += values(row)
+            else:
+                flat.append(values(row))
+        for index, process in enumerate(processors):
+            if process is None:
+                continue
             # Runs of one value (a flush's ledger rows share their time) are converted once.
             last_value: Any = _NOTHING
             last_bound: Any = None
-            for row_values in listed:
-                value = row_values[index]
+            for position in range(index + 1, len(flat), width):
+                value = flat[position]
                 if value is not last_value:
                     last_value, last_bound = value, process(value)
-                row_values[index] = last_bound
-        # A step's parameters: per row a 1 (kept) and its values; the step's unused rows NULL.
-        per_step = _SQLITE_ROWS_PER_INSERT
-        steps: list[tuple[Any, ...]] = []
-        for start in range(0, len(listed), per_step):
-            bound: list[Any] = []
-            chunk = listed[start : start + per_step]
-            for row_values in chunk:
-                bound.append(1)
-                bound += row_values
-            bound += (None,) * ((per_step - len(chunk)) * (len(columns) + 1))
-            steps.append(tuple(bound))
+                flat[position] = last_bound
+        # A step's parameters: _SQLITE_ROWS_PER_INSERT rows, the last step's unused ones NULL.
+        step_size = _SQLITE_ROWS_PER_INSERT * width
+        steps = [tuple(flat[start : start + step_size]) for start in range(0, len(flat), step_size)]
+        if len(steps[-1]) < step_size:
+            steps[-1] += (None,) * (step_size - len(steps[-1]))
         connection = await self.session.connection()
         await connection.exec_driver_sql(sql, steps)
 
