@@ -92,3 +92,23 @@ async def test_a_header_uvicorn_refuses_is_refused(bad: list[tuple[bytes, bytes]
         with pytest.raises(RuntimeError, match="Invalid HTTP header"):
             await cycle.send({"type": "http.response.start", "status": 200, "headers": bad})
         assert cycle.transport.written == []
+
+
+async def test_every_byte_in_a_name_or_a_value_is_taken_as_uvicorn_takes_it() -> None:
+    """Each of the 256 bytes in a header's name and in its value: refused by both, or written
+    with the same bytes and state by both (the fast path hands anything unusual to uvicorn)."""
+    for byte in range(256):
+        for headers in ([(b"x-a" + bytes([byte]) + b"b", b"v")],
+                        [(b"x-ab", b"v" + bytes([byte]) + b"w")]):
+            outcomes = []
+            for cls in (RequestResponseCycle, _Cycle):
+                cycle = _cycle(cls, "POST", True)
+                try:
+                    await cycle.send({"type": "http.response.start", "status": 200,
+                                      "headers": [(b"content-length", b"0"), *headers]})
+                except RuntimeError as error:
+                    outcomes.append(("refused", str(error), cycle.transport.written))
+                else:
+                    outcomes.append(("sent", b"".join(cycle.transport.written),
+                                     cycle.chunked_encoding, cycle.expected_content_length))
+            assert outcomes[0] == outcomes[1], (byte, headers)
