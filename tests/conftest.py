@@ -63,6 +63,46 @@ for _transports in (httpx._transports.default, httpx2._transports.default):
     _transports.create_ssl_context = _one_default_ssl_context(  # type: ignore[attr-defined]
         _transports.create_ssl_context)  # type: ignore[attr-defined]
 
+# Async HTTP clients (httpx's, and the OpenAI SDK's on httpx2) a test body made, with the loop
+# they run on; any still open when the test ends is closed then (``pytest_runtest_call``).
+_made_in_test: list[tuple[asyncio.AbstractEventLoop, Any]] | None = None
+
+
+def _noted(init: Any) -> Any:
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        if _made_in_test is not None:
+            try:
+                _made_in_test.append((asyncio.get_running_loop(), self))
+            except RuntimeError:  # made outside any loop: whoever made it closes it
+                pass
+
+    return __init__
+
+
+for _module in (httpx, httpx2):
+    _module.AsyncClient.__init__ = _noted(_module.AsyncClient.__init__)  # type: ignore[method-assign]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """Close the async clients a test left open, on the loop they were made on. The tests share
+    one event loop (pyproject: session scope), and an earlier test's open clients once kept a
+    later test's client from ever reading 50 answers its kernel had received (the scale tests,
+    13 runs of 13 on a loaded machine; all passed once the clients were closed; how they did it
+    was not pinned down). A fixture's clients are its own to close."""
+    global _made_in_test
+    _made_in_test = []
+    try:
+        yield
+    finally:
+        made, _made_in_test = _made_in_test, None
+        for loop, client in made:
+            if not client.is_closed and not loop.is_closed() and not loop.is_running():
+                loop.run_until_complete(client.aclose())
+
+
 ALL_MODELS = ["dubhe-fast", "dubhe-vision", "dubhe-reasoning", "dubhe-code", "dubhe-agent", "dubhe-qwen"]
 
 

@@ -10,7 +10,7 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -27,27 +27,10 @@ from tests.scale.conftest import Cluster
 _DURATION = re.compile(r"^(\d+h)?(\d+m)?\d+(s|ms)$")
 
 
-_made: list[openai.AsyncOpenAI] = []
-
-
 def _sdk(server: Server, key: str, **options: Any) -> openai.AsyncOpenAI:
-    client = openai.AsyncOpenAI(base_url=server.base_url, api_key=key, max_retries=0, **options)
-    _made.append(client)
-    return client
-
-
-@pytest.fixture(autouse=True)
-async def _close_clients() -> AsyncIterator[None]:
-    """Every SDK client a test made is closed after it. Left open (as they were), one of the next
-    test's 50 parallel streams was never read by its client: a packet capture showed every
-    answer sent and acknowledged by the client's kernel, both servers logged all 50, and the
-    client (the SDK, and aiohttp alike) timed out after 60 s with the answer unread in its
-    socket. The tests share one event loop. The module failed 13 runs of 13 so (on a loaded
-    machine) and passed 7 of 7 with the clients closed; how an earlier test's open clients keep
-    the loop from reading a later socket was not pinned down."""
-    yield
-    while _made:
-        await _made.pop().close()
+    """An SDK client that reports every answer as it is (no retries). Left open, the suite
+    closes it after the test (tests/conftest.py: ``pytest_runtest_call``)."""
+    return openai.AsyncOpenAI(base_url=server.base_url, api_key=key, max_retries=0, **options)
 
 
 def _clients(cluster: Cluster, key: str) -> list[openai.AsyncOpenAI]:
