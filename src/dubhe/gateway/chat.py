@@ -1,6 +1,6 @@
 """``POST /v1/chat/completions`` over HTTP: JSON or SSE framing around ``ChatCompletion``.
 
-Per request: one HMAC and dict lookup for the key, one orjson parse, validation of the fields
+Per request: a BLAKE2b and two dict lookups for the key, one orjson parse, validation of the fields
 Dubhe owns, one upstream call on the worker's keep-alive client, and a byte-level relay (all in
 ``completion.py``, which no transport detail reaches). This module reads the body, watches for
 the client's disconnect, frames the answer and keeps a silent stream alive.
