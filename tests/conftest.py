@@ -299,6 +299,20 @@ def _password_hash(password: str) -> str:
     return hash_password(password)
 
 
+async def new_user_key(sessionmaker: Any, secret: bytes) -> Any:
+    """A new user on the default plan and one API key (the ``CreatedKey``: ``.secret`` is the
+    key itself), in one transaction on ``sessionmaker``'s database, keyed with ``secret``."""
+    from dubhe.accounts.service import create_user
+    from dubhe.catalog import load_catalog
+    from dubhe.keys.service import create_key
+
+    catalog = load_catalog(Path("/nonexistent/dubhe.toml"))
+    async with sessionmaker() as session, session.begin():
+        email = f"{secrets.token_hex(4)}@example.com"
+        await create_user(session, email, "a long password", catalog=catalog)
+        return await create_key(session, email, secret=secret)
+
+
 def create_account(env: Mapping[str, str], email: str, *, plan: str | None = None,
                    password: str = PASSWORD) -> str:
     """A user and one API key (returned) in one transaction, for the server whose environment

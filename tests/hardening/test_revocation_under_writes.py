@@ -7,7 +7,6 @@ tens of seconds)."""
 from __future__ import annotations
 
 import asyncio
-import secrets
 import sqlite3
 import time
 from pathlib import Path
@@ -15,8 +14,6 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from dubhe.accounts.service import create_user
-from dubhe.catalog import load_catalog
 from dubhe.database import (
     create_engine,
     create_read_engine,
@@ -26,10 +23,10 @@ from dubhe.database import (
 from dubhe.errors import AuthenticationFailed
 from dubhe.keys.cache import KeyCache
 from dubhe.keys.repository import ApiKeyRepository
-from dubhe.keys.service import create_key
 from dubhe.migrations import upgrade
 from dubhe.models import ApiKey
 from dubhe.models.base import utcnow
+from tests.conftest import new_user_key
 
 SECRET = b"r" * 48
 
@@ -47,11 +44,7 @@ async def test_a_revocation_reaches_the_cache_while_another_writer_holds_the_loc
     url = f"sqlite+aiosqlite:///{path}"
     engine = create_engine(url)
     sessionmaker = create_sessionmaker(engine)
-    catalog = load_catalog(Path("/nonexistent/dubhe.toml"))
-    async with sessionmaker() as session, session.begin():
-        email = f"{secrets.token_hex(4)}@example.com"
-        await create_user(session, email, "a long password", catalog=catalog)
-        secret = (await create_key(session, email, secret=SECRET)).secret
+    secret = (await new_user_key(sessionmaker, SECRET)).secret
     bearer = b"Bearer " + secret.encode()
 
     read_engine = create_read_engine(url)

@@ -4,7 +4,6 @@ key hash. A key created after the filter was loaded still works, within one refr
 from __future__ import annotations
 
 import asyncio
-import secrets
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -13,18 +12,15 @@ from typing import Any
 import pytest
 from sqlalchemy import event, update
 
-from dubhe.accounts.service import create_user
-from dubhe.catalog import load_catalog
 from dubhe.database import create_engine, create_sessionmaker
 from dubhe.errors import AuthenticationFailed
 from dubhe.keys import cache as cache_module
 from dubhe.keys.cache import KeyCache
 from dubhe.keys.format import generate_key, hash_key
-from dubhe.keys.service import create_key
 from dubhe.migrations import upgrade
 from dubhe.models import ApiKey
 from dubhe.models.base import utcnow
-from tests.conftest import fresh_database
+from tests.conftest import fresh_database, new_user_key
 
 SECRET = b"k" * 48
 
@@ -45,13 +41,9 @@ async def test_guessed_keys_cost_no_query_and_new_keys_still_work(database: str)
         statements.append(statement)
 
     sessionmaker = create_sessionmaker(engine)
-    catalog = load_catalog(Path("/nonexistent/dubhe.toml"))
 
     async def new_key() -> str:
-        async with sessionmaker() as session, session.begin():
-            email = f"{secrets.token_hex(4)}@example.com"
-            await create_user(session, email, "a long password", catalog=catalog)
-            return (await create_key(session, email, secret=SECRET)).secret
+        return str((await new_user_key(sessionmaker, SECRET)).secret)
 
     existing = await new_key()
     cache = KeyCache(sessionmaker, SECRET, refresh_seconds=1.0)
@@ -90,11 +82,7 @@ async def test_a_warm_header_skips_the_hmac_but_never_an_expiry_or_a_revocation(
     brings in refuses it as it refuses a cold one."""
     engine = create_engine(database)
     sessionmaker = create_sessionmaker(engine)
-    catalog = load_catalog(Path("/nonexistent/dubhe.toml"))
-    async with sessionmaker() as session, session.begin():
-        email = f"{secrets.token_hex(4)}@example.com"
-        await create_user(session, email, "a long password", catalog=catalog)
-        created = await create_key(session, email, secret=SECRET)
+    created = await new_user_key(sessionmaker, SECRET)
     hmacs = []
 
     def counted(secret: bytes, key: str) -> str:

@@ -4,7 +4,6 @@ database connection each (50 at once exhausted PostgreSQL's connections)."""
 from __future__ import annotations
 
 import asyncio
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,13 +11,10 @@ from typing import Any
 import pytest
 from sqlalchemy import event
 
-from dubhe.accounts.service import create_user
-from dubhe.catalog import load_catalog
 from dubhe.database import create_engine, create_sessionmaker
 from dubhe.keys.cache import KeyCache
-from dubhe.keys.service import create_key
 from dubhe.migrations import upgrade
-from tests.conftest import fresh_database
+from tests.conftest import fresh_database, new_user_key
 
 SECRET = b"k" * 48
 
@@ -33,11 +29,7 @@ def database(tmp_path: Path) -> Iterator[str]:
 async def test_a_burst_with_a_new_key_makes_one_query(database: str) -> None:
     engine = create_engine(database)
     sessionmaker = create_sessionmaker(engine)
-    catalog = load_catalog(Path("/nonexistent/dubhe.toml"))
-    async with sessionmaker() as session, session.begin():
-        email = f"{secrets.token_hex(4)}@example.com"
-        await create_user(session, email, "a long password", catalog=catalog)
-        key = (await create_key(session, email, secret=SECRET)).secret
+    key = (await new_user_key(sessionmaker, SECRET)).secret
     cache = KeyCache(sessionmaker, SECRET, refresh_seconds=60)
     await cache.load()  # the key is in the filter, not yet in the map: its first use loads it
     lookups: list[str] = []
