@@ -82,7 +82,8 @@ def _noted(init: Any) -> Any:
 
 
 for _module in (httpx, httpx2):
-    _module.AsyncClient.__init__ = _noted(_module.AsyncClient.__init__)  # type: ignore[method-assign]
+    _module.AsyncClient.__init__ = _noted(  # type: ignore[method-assign]
+        _module.AsyncClient.__init__)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -299,17 +300,23 @@ def _password_hash(password: str) -> str:
     return hash_password(password)
 
 
-async def new_user_key(sessionmaker: Any, secret: bytes) -> Any:
-    """A new user on the default plan and one API key (the ``CreatedKey``: ``.secret`` is the
-    key itself), in one transaction on ``sessionmaker``'s database, keyed with ``secret``."""
+async def new_user_key(sessionmaker: Any, secret: bytes, *, email: str | None = None,
+                       catalog: Any = None, plan: str | None = None,
+                       password: str = "a long password") -> Any:
+    """A new user (a random e-mail, the default catalog and plan unless given) and one API key
+    keyed with ``secret`` (the ``CreatedKey``: ``.secret`` is the key itself), in one
+    transaction on ``sessionmaker``'s database."""
     from dubhe.accounts.service import create_user
     from dubhe.catalog import load_catalog
     from dubhe.keys.service import create_key
 
-    catalog = load_catalog(Path("/nonexistent/dubhe.toml"))
+    email = email or f"{secrets.token_hex(4)}@example.com"
+    catalog = catalog or load_catalog(Path("/nonexistent/dubhe.toml"))
     async with sessionmaker() as session, session.begin():
-        email = f"{secrets.token_hex(4)}@example.com"
-        await create_user(session, email, "a long password", catalog=catalog)
+        # The suite's hundreds of users share a few passwords: each is hashed once per process
+        # (argon2id, ~0.25 s of CPU) and its hash reused, salt and all.
+        with mock.patch("dubhe.accounts.service.hash_password", _password_hash):
+            await create_user(session, email, password, catalog=catalog, plan=plan)
         return await create_key(session, email, secret=secret)
 
 
@@ -317,10 +324,8 @@ def create_account(env: Mapping[str, str], email: str, *, plan: str | None = Non
                    password: str = PASSWORD) -> str:
     """A user and one API key (returned) in one transaction, for the server whose environment
     is ``env``: its database, catalog and secret."""
-    from dubhe.accounts.service import create_user
     from dubhe.catalog import load_catalog
     from dubhe.database import create_sessionmaker
-    from dubhe.keys.service import create_key
     from dubhe.settings import Settings
 
     prefix = "DUBHE_"
@@ -332,13 +337,10 @@ def create_account(env: Mapping[str, str], email: str, *, plan: str | None = Non
     async def work() -> str:
         engine = create_engine(settings.resolved_database_url)
         try:
-            async with create_sessionmaker(engine)() as session, session.begin():
-                # The suite's hundreds of users share a few passwords: each is hashed once per
-                # process (argon2id, ~0.25 s of CPU) and its hash reused, salt and all.
-                with mock.patch("dubhe.accounts.service.hash_password", _password_hash):
-                    await create_user(session, email, password, catalog=catalog, plan=plan)
-                created = await create_key(session, email, secret=settings.resolved_secret)
-                return created.secret
+            created = await new_user_key(create_sessionmaker(engine), settings.resolved_secret,
+                                         email=email, catalog=catalog, plan=plan,
+                                         password=password)
+            return str(created.secret)
         finally:
             await engine.dispose()
 

@@ -118,14 +118,11 @@ class BillingRepository:
         # One flat list: per row a 1 (kept) and its values in column order (one C call), then
         # the few columns with a bind processor (datetimes) converted in place.
         width = len(columns) + 1
-        values = itemgetter(*columns)
+        values = itemgetter(*columns) if len(columns) > 1 else lambda row: (row[columns[0]],)
         flat: list[Any] = []
         for row in rows:
             flat.append(1)
-            if len(columns) > 1:
-                flat += values(row)
-            else:
-                flat.append(values(row))
+            flat += values(row)
         for index, process in enumerate(processors):
             if process is None:
                 continue

@@ -1,9 +1,10 @@
 """The hot path's view of API keys: a per-worker map from key HMAC to who is calling.
 
 A warm key costs one BLAKE2b of its Authorization header and two dict lookups (the HMAC stored
-in the database, ~4 µs, is computed once per header a worker sees succeed). Every second a refresh reads the keys and users
-changed since the last refresh, so a revocation or a plan change made on any instance reaches
-every worker within about a second without a query per request.
+in the database, ~4 µs, is computed once per header a worker sees succeed). Every second a
+refresh reads the keys and users changed since the last refresh, so a revocation or a plan
+change made on any instance reaches every worker within about a second without a query per
+request.
 
 Unknown keys cost no query either: the worker holds a filter of every key hash in the database
 (loaded at start, extended by each refresh). A key whose hash is in the filter but not yet in the
